@@ -1,0 +1,128 @@
+"""The ``native`` backend: plain PyTorch forward hooks on the Hugging Face model.
+
+Hooks are registered for the duration of one call and removed in a ``finally`` block, so the
+model never keeps them, even when the call raises.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from workbench.backends.base import Backend, RunOutput, SiteFn
+from workbench.chat import Batch
+from workbench.interventions import HookContext, Intervention
+from workbench.sites import Site
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_first(out: Any, new: torch.Tensor) -> Any:
+    if isinstance(out, tuple):
+        return (new,) + tuple(out[1:])
+    return new
+
+
+class NativeBackend(Backend):
+    """Plain PyTorch hooks (the default and fastest backend)."""
+
+    name = "native"
+
+    @contextmanager
+    def hooked(self, ctx: HookContext, fns: dict[Site, SiteFn]) -> Iterator[None]:
+        """Register the site functions (and the position tracker) for the duration of the block."""
+        handles = []
+        seen = {"n": 0}
+
+        def track(module: Any, args: tuple, kwargs: dict) -> None:
+            h = args[0] if args else kwargs["hidden_states"]
+            ctx.offset = seen["n"]
+            seen["n"] += int(h.shape[1])
+
+        try:
+            handles.append(self.arch.layers[0].register_forward_pre_hook(track, with_kwargs=True))
+            for site, fn in fns.items():
+                layer = self.arch.layers[site.layer]
+                if site.component == "resid_pre":
+
+                    def pre(module: Any, args: tuple, kwargs: dict, _fn: SiteFn = fn) -> Any:
+                        if args:
+                            return (_fn(args[0]),) + tuple(args[1:]), kwargs
+                        kwargs = dict(kwargs)
+                        kwargs["hidden_states"] = _fn(kwargs["hidden_states"])
+                        return args, kwargs
+
+                    handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+                else:
+                    module = {
+                        "resid_post": layer,
+                        "attn_out": self.arch.attn(site.layer),
+                        "mlp_out": self.arch.mlp(site.layer),
+                    }[site.component]
+
+                    def post(module: Any, args: tuple, out: Any, _fn: SiteFn = fn) -> Any:
+                        return _replace_first(out, _fn(_first(out)))
+
+                    handles.append(module.register_forward_hook(post))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def run(
+        self,
+        batch: Batch,
+        *,
+        capture: Sequence[Site] = (),
+        interventions: Sequence[Intervention] = (),
+        logits: bool = True,
+    ) -> RunOutput:
+        model = self.lm.model
+        batch = batch.to(self.lm.device)
+        ctx = self.context(batch)
+        store: dict[Site, torch.Tensor] = {}
+        fns = self.site_functions(capture, interventions, ctx, store)
+        with torch.no_grad(), self.hooked(ctx, fns):
+            target = model if logits else model.base_model
+            out = target(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            )
+        return RunOutput(out.logits if logits else None, self._remap(store, capture, self.n_layers))
+
+    def generate(
+        self,
+        batch: Batch,
+        *,
+        max_new_tokens: int = 32,
+        interventions: Sequence[Intervention] = (),
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> torch.Tensor:
+        model = self.lm.model
+        batch = batch.to(self.lm.device)
+        ctx = self.context(batch)
+        fns = self.site_functions((), interventions, ctx, None)
+        kw: dict[str, Any] = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, min_new_tokens=0,
+                                  pad_token_id=self.pad_id(), eos_token_id=self.eos_ids() or None)
+        if do_sample:
+            kw.update(temperature=temperature, top_p=top_p, top_k=0)
+            torch.manual_seed(seed)
+        else:
+            kw.update(temperature=None, top_p=None, top_k=None)
+        with torch.no_grad(), self.hooked(ctx, fns):
+            out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True, **kw)
+        new = out[:, batch.width:]
+        if new.shape[1] < max_new_tokens:  # every row stopped early
+            pad = torch.full((new.shape[0], max_new_tokens - new.shape[1]), self.pad_id(), dtype=new.dtype,
+                             device=new.device)
+            new = torch.cat([new, pad], dim=1)
+        return new.cpu()

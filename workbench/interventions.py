@@ -1,0 +1,179 @@
+"""Interventions: functions applied to the activation at a site, on a chosen set of positions.
+
+Interventions are plain Python objects, independent of the hooking backend: every backend calls
+``intervention(act, ctx)`` with the activation ``[batch, tokens, d]`` of the current forward chunk
+and a :class:`HookContext` that knows which of those tokens are padding, prompt or generated.
+
+>>> import torch
+>>> from workbench.sites import Site
+>>> v = torch.zeros(4); v[0] = 1.0
+>>> iv = Addition(Site(0, "resid_post"), v, alpha=2.0)
+>>> ctx = HookContext(pads=torch.tensor([0]), prompt_width=3, n_post=1, offset=0)
+>>> iv(torch.zeros(1, 3, 4), ctx)[0, :, 0].tolist()
+[2.0, 2.0, 2.0]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, Union
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.sites import Site
+
+# Where an intervention writes: a keyword or explicit prompt positions (negative = from the prompt's end).
+ApplyTo = Union[str, Sequence[int]]
+APPLY_TO = ("all", "prompt", "generated", "last", "post_instruction")
+
+
+@dataclass
+class HookContext:
+    """What a hook needs to know about the current forward chunk.
+
+    ``offset`` is the absolute (padded) index of the chunk's first token: 0 for a full forward or a
+    generation prefill, then prompt_width, prompt_width+1, ... for cached decoding steps.
+    """
+
+    pads: torch.Tensor  # [B] left pads per row
+    prompt_width: int  # padded prompt length T0
+    n_post: int
+    offset: int = 0
+
+    def mask(self, apply_to: ApplyTo, chunk_len: int, device: torch.device) -> torch.Tensor:
+        """Boolean [B, chunk_len] of the positions to touch."""
+        b = self.pads.shape[0]
+        idx = torch.arange(self.offset, self.offset + chunk_len, device=device).unsqueeze(0).expand(b, -1)
+        pads = self.pads.to(device).unsqueeze(1)
+        real = idx >= pads
+        t0 = self.prompt_width
+        if isinstance(apply_to, str):
+            if apply_to == "all":
+                return real
+            if apply_to == "prompt":
+                return real & (idx < t0)
+            if apply_to == "generated":
+                return idx >= t0
+            if apply_to == "last":
+                return idx == t0 - 1
+            if apply_to == "post_instruction":
+                return (idx >= t0 - self.n_post) & (idx < t0)
+            raise WorkbenchError(f"unknown position set '{apply_to}'. Valid: {', '.join(APPLY_TO)} or a list of indices")
+        m = torch.zeros_like(real)
+        for p in apply_to:
+            p = int(p)
+            absolute = (t0 + p) * torch.ones_like(pads) if p < 0 else pads + p
+            m |= idx == absolute
+        return m & real & (idx < t0)
+
+
+class Intervention:
+    """Base class: ``site``, ``apply_to`` and ``edit(act) -> new act`` on the selected positions."""
+
+    site: Site
+    apply_to: ApplyTo = "all"
+
+    def edit(self, act: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, act: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+        m = ctx.mask(self.apply_to, act.shape[1], act.device)
+        if not bool(m.any()):
+            return act
+        new = self.edit(act)
+        return torch.where(m.unsqueeze(-1), new, act)
+
+
+def _unit(v: torch.Tensor, what: str = "direction") -> torch.Tensor:
+    v = v.detach().reshape(-1).float()
+    if not torch.isfinite(v).all():
+        raise WorkbenchError(f"the {what} has non-finite values")
+    n = v.norm()
+    if n == 0:
+        raise WorkbenchError(f"the {what} is the zero vector")
+    return v / n
+
+
+def _check_width(v: torch.Tensor, act: torch.Tensor, what: str) -> None:
+    if v.shape[-1] != act.shape[-1]:
+        raise WorkbenchError(f"{what} has size {v.shape[-1]} but the model's activations have size {act.shape[-1]}")
+
+
+@dataclass
+class Addition(Intervention):
+    """Activation addition: ``act + alpha * vector`` (the vector is used as given, not normalised)."""
+
+    site: Site
+    vector: torch.Tensor
+    alpha: float = 1.0
+    apply_to: ApplyTo = "all"
+
+    def __post_init__(self) -> None:
+        if not torch.isfinite(self.vector).all():
+            raise WorkbenchError("the steering vector has non-finite values")
+
+    def edit(self, act: torch.Tensor) -> torch.Tensor:
+        _check_width(self.vector, act, "the steering vector")
+        return act + self.alpha * self.vector.to(device=act.device, dtype=act.dtype)
+
+
+@dataclass
+class Ablation(Intervention):
+    """Directional ablation: ``act - (act . r) r`` with ``r`` the unit direction."""
+
+    site: Site
+    direction: torch.Tensor
+    apply_to: ApplyTo = "all"
+    _unit_dir: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._unit_dir = _unit(self.direction)
+
+    def edit(self, act: torch.Tensor) -> torch.Tensor:
+        _check_width(self._unit_dir, act, "the direction")
+        r = self._unit_dir.to(device=act.device, dtype=act.dtype)
+        return act - (act @ r).unsqueeze(-1) * r
+
+
+@dataclass
+class Clamp(Intervention):
+    """Set the projection on a unit direction to ``value``: ``act + (value - act . r) r``."""
+
+    site: Site
+    direction: torch.Tensor
+    value: float = 0.0
+    apply_to: ApplyTo = "all"
+    _unit_dir: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._unit_dir = _unit(self.direction)
+
+    def edit(self, act: torch.Tensor) -> torch.Tensor:
+        _check_width(self._unit_dir, act, "the direction")
+        r = self._unit_dir.to(device=act.device, dtype=act.dtype)
+        return act + (self.value - act @ r).unsqueeze(-1) * r
+
+
+@dataclass
+class FunctionIntervention(Intervention):
+    """Any function of the activation, e.g. ``lambda a: a * 0.5`` (positions chosen by ``apply_to``)."""
+
+    site: Site
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    apply_to: ApplyTo = "all"
+
+    def edit(self, act: torch.Tensor) -> torch.Tensor:
+        out = self.fn(act)
+        if not isinstance(out, torch.Tensor) or out.shape != act.shape:
+            raise WorkbenchError(f"an intervention function must return a tensor of shape {tuple(act.shape)}")
+        return out
+
+
+def ablation_everywhere(direction: torch.Tensor, n_layers: int) -> list[Intervention]:
+    """Arditi et al.'s directional ablation: residual input of every layer and every attention / MLP output."""
+    out: list[Intervention] = []
+    for i in range(n_layers):
+        for comp in ("resid_pre", "attn_out", "mlp_out"):
+            out.append(Ablation(Site(i, comp), direction))
+    return out
