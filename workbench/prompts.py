@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from workbench.errors import WorkbenchError
 from workbench.tasks import make_arithmetic_tasks
 
 __all__ = [
@@ -44,6 +45,7 @@ SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_FIELDS: tuple[str, ...] = ("instruction", "prompt", "text")
 EXTENSIONS: tuple[str, ...] = (".csv", ".json", ".jsonl", ".txt")
 UTILITY_SIZE = 400
+_EXTRA = "\x00extra"
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class PromptSet:
         if not isinstance(self.prompts, tuple):
             object.__setattr__(self, "prompts", tuple(self.prompts))
         if not self.prompts:
-            raise ValueError(f"prompt set {self.name!r} is empty; at least one prompt is required")
+            raise WorkbenchError(f"prompt set {self.name!r} is empty; at least one prompt is required")
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -103,7 +105,7 @@ class PromptSet:
         """One of the seeded "train"/"val"/"test" splits (see :func:`split_prompts`)."""
         splits = split_prompts(self, fractions=fractions, seed=seed)
         if name not in splits:
-            raise ValueError(f"unknown split {name!r}; valid splits: {', '.join(SPLIT_NAMES)}")
+            raise WorkbenchError(f"unknown split {name!r}; valid splits: {', '.join(SPLIT_NAMES)}")
         return splits[name]
 
 
@@ -115,9 +117,9 @@ def _read_jsonl_text(text: str, source: str) -> list[dict[str, Any]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{source}: line {lineno} is not valid JSON ({e.msg})") from None
+            raise WorkbenchError(f"{source}: line {lineno} is not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
-            raise ValueError(f"{source}: line {lineno} must be a JSON object, got {type(obj).__name__}")
+            raise WorkbenchError(f"{source}: line {lineno} must be a JSON object, got {type(obj).__name__}")
         rows.append(obj)
     return rows
 
@@ -132,7 +134,7 @@ def builtin(name: str) -> PromptSet:
         True
     """
     if name not in BUILTIN_NAMES:
-        raise ValueError(f"unknown built-in prompt set {name!r}; valid names: {', '.join(BUILTIN_NAMES)}")
+        raise WorkbenchError(f"unknown built-in prompt set {name!r}; valid names: {', '.join(BUILTIN_NAMES)}")
     if name == "utility":
         tasks = make_arithmetic_tasks(UTILITY_SIZE, seed=0)
         return PromptSet(name, tuple(Prompt(t.id, t.question, "arithmetic", t.answer) for t in tasks))
@@ -156,7 +158,7 @@ def split_prompts(
         True
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise ValueError(f"fractions must be three non-negative numbers with a positive sum, got {tuple(fractions)}")
+        raise WorkbenchError(f"fractions must be three non-negative numbers with a positive sum, got {tuple(fractions)}")
     total = float(sum(fractions))
     n = len(ps)
     perm = np.random.default_rng(seed).permutation(n)
@@ -167,7 +169,7 @@ def split_prompts(
     out: dict[str, PromptSet] = {}
     for key, (lo, hi) in bounds.items():
         if hi <= lo:
-            raise ValueError(
+            raise WorkbenchError(
                 f"split {key!r} of {ps.name!r} would be empty ({n} prompts, fractions {tuple(fractions)}); "
                 "use more prompts or larger fractions"
             )
@@ -183,14 +185,14 @@ def builtin_split(name: str, split: str) -> PromptSet:
 def _pick_field(available: Sequence[str], requested: str | None, source: str, what: str) -> str:
     if requested is not None:
         if requested not in available:
-            raise ValueError(
+            raise WorkbenchError(
                 f"{source}: {what} {requested!r} not found; available {what}s: {', '.join(map(repr, available)) or '(none)'}"
             )
         return requested
     for cand in DEFAULT_FIELDS:
         if cand in available:
             return cand
-    raise ValueError(
+    raise WorkbenchError(
         f"{source}: no default {what} ({', '.join(DEFAULT_FIELDS)}) found; choose one of the available {what}s: "
         f"{', '.join(map(repr, available)) or '(none)'}"
     )
@@ -198,7 +200,7 @@ def _pick_field(available: Sequence[str], requested: str | None, source: str, wh
 
 def _check_text(value: Any, source: str, where: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{source}: {where} must be a string, got {type(value).__name__} ({value!r:.60})")
+        raise WorkbenchError(f"{source}: {where} must be a string, got {type(value).__name__} ({value!r:.60})")
     return value
 
 
@@ -212,7 +214,7 @@ def _texts_from_objects(rows: list[dict[str, Any]], key: str | None, source: str
     texts, cats = [], []
     for i, r in enumerate(rows, start=1):
         if chosen not in r:
-            raise ValueError(f"{source}: record {i} has no field {chosen!r}; its fields: {', '.join(map(repr, r))}")
+            raise WorkbenchError(f"{source}: record {i} has no field {chosen!r}; its fields: {', '.join(map(repr, r))}")
         texts.append(_check_text(r[chosen], source, f"record {i} field {chosen!r}"))
         cats.append(r.get("category"))
     return texts, cats
@@ -228,13 +230,15 @@ def load_prompts(
     """Load prompts from a .csv, .json, .jsonl or .txt file.
 
     - CSV: read with the ``csv`` module (quoted commas stay inside the field);
-      ``column`` defaults to "instruction", "prompt" or "text".
+      ``column`` defaults to "instruction", "prompt" or "text". In a
+      one-column file unquoted commas are kept as part of the prompt; in a
+      multi-column file a row with extra fields is an error.
     - JSON: a list of strings, or a list of objects (``field`` picks the key).
     - JSONL: one object per line (``field`` picks the key).
     - TXT: one prompt per line; blank lines are skipped.
 
     ``column`` and ``field`` are synonyms. Blank prompts are dropped; an empty
-    result raises ValueError. A "category" key/column, if present, is kept.
+    result raises WorkbenchError (a ValueError). A "category" key/column, if present, is kept.
 
     Example:
         >>> ps = load_prompts("prompts.csv", column="question")  # doctest: +SKIP
@@ -242,45 +246,57 @@ def load_prompts(
     p = Path(path)
     source = str(p)
     if column is not None and field is not None and column != field:
-        raise ValueError(f"pass either column={column!r} or field={field!r}, not both")
+        raise WorkbenchError(f"pass either column={column!r} or field={field!r}, not both")
     key = column if column is not None else field
     ext = p.suffix.lower()
     if ext not in EXTENSIONS:
-        raise ValueError(f"{source}: unknown file extension {ext or '(none)'!r}; supported: {', '.join(EXTENSIONS)}")
+        raise WorkbenchError(f"{source}: unknown file extension {ext or '(none)'!r}; supported: {', '.join(EXTENSIONS)}")
     if not p.is_file():
-        raise ValueError(f"prompt file not found: {source}")
-    raw = p.read_text(encoding="utf-8-sig")
+        raise WorkbenchError(f"prompt file not found: {source}")
+    try:
+        raw = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise WorkbenchError(f"{source}: not UTF-8 text; save the prompt file as UTF-8") from None
 
     cats: list[Any]
     if ext == ".csv":
-        reader = csv.DictReader(io.StringIO(raw, newline=""))
+        reader = csv.DictReader(io.StringIO(raw, newline=""), restkey=_EXTRA)
         columns = list(reader.fieldnames or [])
         if not columns:
-            raise ValueError(f"{source}: CSV file has no header row; the first row must name the columns")
+            raise WorkbenchError(f"{source}: CSV file has no header row; the first row must name the columns")
         chosen = _pick_field(columns, key, source, "column")
-        rows = list(reader)
-        texts = [r.get(chosen) or "" for r in rows]
-        cats = [r.get("category") for r in rows]
+        texts, cats = [], []
+        for r in reader:
+            text = r.get(chosen) or ""
+            if _EXTRA in r:
+                if len(columns) > 1:
+                    raise WorkbenchError(
+                        f"{source}: line {reader.line_num} has more fields than the {len(columns)} header columns; "
+                        'put double quotes around values that contain commas, e.g. "Write a poem, please"'
+                    )
+                text = ",".join([text, *r[_EXTRA]])  # one-column file: an unquoted comma is part of the prompt
+            texts.append(text)
+            cats.append(r.get("category"))
     elif ext == ".json":
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            raise WorkbenchError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(data, list):
-            raise ValueError(f"{source}: JSON must be a list of strings or a list of objects, got {type(data).__name__}")
+            raise WorkbenchError(f"{source}: JSON must be a list of strings or a list of objects, got {type(data).__name__}")
         if data and all(isinstance(x, dict) for x in data):
             texts, cats = _texts_from_objects(data, key, source)
         elif all(isinstance(x, str) for x in data):
             if key is not None:
-                raise ValueError(f"{source}: field {key!r} given but the JSON is a list of strings")
+                raise WorkbenchError(f"{source}: field {key!r} given but the JSON is a list of strings")
             texts, cats = list(data), [None] * len(data)
         else:
-            raise ValueError(f"{source}: JSON list must hold only strings or only objects")
+            raise WorkbenchError(f"{source}: JSON list must hold only strings or only objects")
     elif ext == ".jsonl":
         texts, cats = _texts_from_objects(_read_jsonl_text(raw, source), key, source)
     else:
         if key is not None:
-            raise ValueError(f"{source}: column/field {key!r} given but .txt files have no columns")
+            raise WorkbenchError(f"{source}: column/field {key!r} given but .txt files have no columns")
         texts = raw.splitlines()
         cats = [None] * len(texts)
 
@@ -291,7 +307,7 @@ def load_prompts(
         cat = cat if isinstance(cat, str) and cat else None
         prompts.append(Prompt(f"{p.stem}-{len(prompts) + 1:04d}", text.strip(), cat))
     if not prompts:
-        raise ValueError(f"{source}: no prompts found (file is empty or all values are blank)")
+        raise WorkbenchError(f"{source}: no prompts found (file is empty or all values are blank)")
     return PromptSet(name or p.stem, tuple(prompts))
 
 
@@ -310,12 +326,12 @@ def resolve_prompts(spec: str) -> PromptSet:
         if not split:
             return builtin(base)
         if split not in SPLIT_NAMES:
-            raise ValueError(f"unknown split {split!r} in {spec!r}; valid splits: {', '.join(SPLIT_NAMES)}")
+            raise WorkbenchError(f"unknown split {split!r} in {spec!r}; valid splits: {', '.join(SPLIT_NAMES)}")
         return builtin_split(base, split)
     path, _, col = spec.partition("#")
     p = Path(path)
     if p.suffix.lower() not in EXTENSIONS and not p.exists():
-        raise ValueError(
+        raise WorkbenchError(
             f"{spec!r} is neither a built-in prompt set ({', '.join(BUILTIN_NAMES)}, optionally with "
             f":{'/:'.join(SPLIT_NAMES)}) nor a prompt file ({', '.join(EXTENSIONS)})"
         )

@@ -522,7 +522,7 @@ def orthonormalize(
     Example::
 
         >>> r = torch.tensor([3., 4., 0.])
-        >>> orthonormalize(r).vectors.squeeze(1).tolist()
+        >>> [round(x, 6) for x in orthonormalize(r).vectors.squeeze(1).tolist()]
         [0.6, 0.8, 0.0]
     """
     v = vectors if isinstance(vectors, torch.Tensor) else torch.as_tensor(vectors)

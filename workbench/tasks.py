@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from workbench.errors import WorkbenchError
+
 __all__ = ["TaskItem", "make_arithmetic_tasks", "extract_number", "exact_match"]
 
 SUFFIX = " Answer with just the number."
@@ -170,7 +172,7 @@ def make_arithmetic_tasks(n: int, seed: int = 0) -> list[TaskItem]:
         'task-00005'
     """
     if n < 0:
-        raise ValueError(f"n must be non-negative, got {n}")
+        raise WorkbenchError(f"n must be non-negative, got {n}")
     rng = random.Random(seed)
     items: list[TaskItem] = []
     seen: set[str] = set()

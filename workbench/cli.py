@@ -1,0 +1,185 @@
+"""The ``workbench`` command line.
+
+Core commands live here (``models``, ``capture``, ``main``); the probes, steering, weight-space and
+app packages add theirs through the ``workbench.plugins`` entry-point group, so this core package
+imports none of them. Each plugin module exposes ``register(subparsers)`` and may expose
+``MAIN_STAGE = (order, function)`` to add a stage to the main job.
+
+    workbench models
+    workbench capture --model smollm2-135m-instruct --prompts harmful --layers all --position last --out runs/cap
+    workbench main --out runs/main
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from importlib import metadata
+from typing import Any, Callable
+
+from workbench.errors import WorkbenchError
+
+
+def add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """Model options shared by every command that loads a model."""
+    from workbench.zoo import DEFAULT_MODEL
+
+    p.add_argument("--model", default=default or DEFAULT_MODEL,
+                   help="zoo key, local HF folder, .gguf file, or hub id (online only)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps")
+    p.add_argument("--device-map", default=None, help="passed to transformers (e.g. 'auto')")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
+    p.add_argument("--system-prompt", default=None,
+                   help="system prompt for the chat template ('default' = the zoo's recommended one, if any)")
+    p.add_argument("--raw", action="store_true", help="no chat template: feed prompts as raw text")
+    p.add_argument("--backend", default="native", help="native (default), transformer_lens, nnsight")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def load_from_args(args: argparse.Namespace) -> Any:
+    from workbench.loading import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                      trust_remote_code=args.trust_remote_code)
+
+
+def format_from_args(args: argparse.Namespace, lm: Any) -> Any:
+    from workbench.chat import ChatFormat
+
+    sp = args.system_prompt
+    if sp == "default":
+        sp = lm.default_system_prompt
+    return ChatFormat(system_prompt=sp, raw=args.raw)
+
+
+# -- core commands ------------------------------------------------------------------------------
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from workbench.loading import zoo_cache_dir, zoo_cached
+    from workbench.zoo import DEFAULT_MODEL, ZOO, package_dir
+
+    print(f"{'model':32} {'arch':7} {'layers':>6} {'d':>5} {'cache':>10}  license / notes")
+    for key, e in ZOO.items():
+        installed = all(package_dir(m) is not None for m, _ in e.parts)
+        if zoo_cached(key):
+            size = sum(f.stat().st_size for f in zoo_cache_dir(key).glob("*.safetensors")) / 1e9
+            cache = f"{size:.2f} GB"
+        else:
+            cache = "not cached" if installed else "not installed"
+        star = "*" if key == DEFAULT_MODEL else " "
+        print(f"{star}{key:31} {e.arch:7} {e.n_layers:>6} {e.d_model:>5} {cache:>10}  {e.license}; {e.notes}")
+        print(f"{'':33}packages: {' '.join(e.packages)}  sha256 {e.sha256[:16]}...")
+    print("* default. Also accepted: a local HF folder, a .gguf file, or a hub id when online.")
+    return 0
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from workbench.capture import capture
+    from workbench.prompts import resolve_prompts
+    from workbench.runs import RunFolder, seed_everything
+
+    seed_everything(args.seed)
+    ps = resolve_prompts(args.prompts)
+    lm = load_from_args(args)
+    fmt = format_from_args(args, lm)
+    positions = [p.strip() for p in args.position.split(",")]
+    run = RunFolder(args.out, config=vars(args) | {"command": "capture"}, overwrite=args.overwrite)
+    run.record_model(lm)
+    acts = capture(lm, ps, layers=args.layers, components=args.components.split(","), positions=positions,
+                   fmt=fmt, backend=args.backend, batch_size=args.batch_size, cache=not args.no_cache)
+    acts.save(run.path)
+    run.write_csv("prompts.csv", [{"index": i, "id": p.id, "text": p.text, "category": p.category}
+                                  for i, p in enumerate(ps)])
+    print(f"captured {acts.n_prompts} prompts x {len(acts.sites)} sites x {list(acts.data)} -> {run.path}")
+    return 0
+
+
+def cmd_main(args: argparse.Namespace) -> int:
+    from workbench.mainjob import run_main
+
+    return run_main(args, plugin_stages())
+
+
+# -- plugins ------------------------------------------------------------------------------------
+
+def _plugins() -> list[Any]:
+    mods = []
+    try:
+        eps = metadata.entry_points(group="workbench.plugins")
+    except TypeError:  # pragma: no cover - very old Pythons
+        eps = metadata.entry_points().get("workbench.plugins", [])  # type: ignore[attr-defined]
+    for ep in sorted(eps, key=lambda e: e.name):
+        try:
+            mods.append(ep.load())
+        except ImportError as e:  # a plugin whose optional dependency is missing
+            print(f"[workbench] plugin '{ep.name}' unavailable: {e}", file=sys.stderr)
+    return mods
+
+
+def plugin_stages() -> list[tuple[int, str, Callable[..., Any]]]:
+    stages = []
+    for m in _plugins():
+        st = getattr(m, "MAIN_STAGE", None)
+        if st is not None:
+            order, fn = st
+            stages.append((order, m.__name__, fn))
+    return sorted(stages, key=lambda s: s[0])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="workbench", description="safety-subspace workbench")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the model zoo, sizes, licenses and cache state")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("capture", help="capture activations of a prompt set")
+    add_model_args(p)
+    p.add_argument("--prompts", required=True, help="builtin name (harmful, harmless, utility[:split]) or a file")
+    p.add_argument("--layers", default="all", help="'all', '5', '0,3,-1', '4-10'")
+    p.add_argument("--components", default="resid_post", help="comma list of resid_pre,resid_post,attn_out,mlp_out")
+    p.add_argument("--position", default="last", help="comma list: last, post_instruction, mean, all, or indices")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_capture)
+
+    p = sub.add_parser("main", help="the main job on the default model (see README)")
+    add_model_args(p)
+    p.add_argument("--out", default="runs/main")
+    p.add_argument("--overwrite", action="store_true", default=True)
+    p.add_argument("--quick", action="store_true", help="fewer prompts (smoke test)")
+    p.add_argument("--skip", default="", help="comma list of stage names to skip")
+    p.set_defaults(func=cmd_main)
+
+    for m in _plugins():
+        reg = getattr(m, "register", None)
+        if reg is not None:
+            reg(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        rc = int(args.func(args) or 0)
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.command not in ("models",):
+        print(f"[workbench] {args.command} finished in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
