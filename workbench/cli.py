@@ -86,6 +86,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
     lm = load_from_args(args)
     fmt = format_from_args(args, lm)
     positions = [p.strip() for p in args.position.split(",")]
+    from workbench.sites import parse_sites
+
+    parse_sites(args.layers, lm.n_layers, args.components.split(","))  # bad layers fail before the run folder exists
     run = RunFolder(args.out, config=vars(args) | {"command": "capture"}, overwrite=args.overwrite)
     run.record_model(lm)
     acts = capture(lm, ps, layers=args.layers, components=args.components.split(","), positions=positions,

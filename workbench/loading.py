@@ -207,7 +207,11 @@ def zoo_cache_dir(key: str) -> Path:
 def zoo_cached(key: str) -> bool:
     d = zoo_cache_dir(key)
     prov = d / "provenance.json"
-    return prov.exists() and read_json(prov).get("conversion_version") == CONVERSION_VERSION
+    if not prov.exists():
+        return False
+    info = read_json(prov)
+    # A cache converted from other bytes than the zoo entry's verified GGUF is not a valid cache.
+    return info.get("conversion_version") == CONVERSION_VERSION and info.get("gguf_sha256") == get_entry(key).sha256
 
 
 def ensure_zoo_cache(key: str, progress: bool = True) -> Path:

@@ -1,0 +1,84 @@
+"""Shared fixtures: the real embedded SmolLM2 (loaded once per session), tiny in-code models and an
+isolated workbench cache.
+
+Fixtures only; nothing here is autouse, so other test modules are unaffected unless they ask.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+SMOLLM2 = "smollm2-135m-instruct"
+QWEN = "qwen2.5-coder-0.5b-instruct"
+
+
+def _real_models_root() -> Path:
+    """The models cache the user actually has (read before any test redirects WORKBENCH_CACHE)."""
+    from workbench.paths import models_cache
+
+    return models_cache()
+
+
+_REAL_MODELS_ROOT = _real_models_root()
+
+
+def load_zoo_or_skip(key: str):
+    """Load a zoo model; skip (not fail) only when its PyPI package is not installed."""
+    from workbench.errors import WorkbenchError
+    from workbench.loading import load_model
+
+    try:
+        return load_model(key)
+    except WorkbenchError as e:
+        if "needs the PyPI package" in str(e):
+            pytest.skip(f"zoo model {key} is not installed: {e}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct as a LoadedModel, shared by the whole session (read-only use!)."""
+    return load_zoo_or_skip(SMOLLM2)
+
+
+@pytest.fixture
+def make_tiny():
+    """Factory: ``make_tiny("llama"|"qwen2"|"gemma3"|"gpt2", seed=0)`` -> a fresh in-memory LoadedModel."""
+    from workbench.loading import from_memory
+    from workbench.tiny import build_tiny
+
+    def make(arch: str = "llama", seed: int = 0):
+        return from_memory(*build_tiny(arch, seed=seed), model_id=f"tiny-{arch}-{seed}")
+
+    return make
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch) -> Path:
+    """Point WORKBENCH_CACHE at a fresh folder; the already-converted zoo models are linked in (read-only
+    use) so loading them does not re-convert from GGUF."""
+    root = tmp_path / "wb-cache"
+    (root / "models").mkdir(parents=True)
+    if _REAL_MODELS_ROOT.exists():
+        for d in _REAL_MODELS_ROOT.iterdir():
+            if d.is_dir() and not d.name.startswith(".") and (d / "provenance.json").exists():
+                (root / "models" / d.name).symlink_to(d, target_is_directory=True)
+    monkeypatch.setenv("WORKBENCH_CACHE", str(root))
+    return root
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch) -> Path:
+    """Point WORKBENCH_CACHE at a fresh, truly empty folder (no models at all)."""
+    root = tmp_path / "wb-empty-cache"
+    root.mkdir()
+    monkeypatch.setenv("WORKBENCH_CACHE", str(root))
+    return root
