@@ -1,7 +1,8 @@
 """Shared fixtures: the real embedded SmolLM2 (loaded once per session), tiny in-code models and an
 isolated workbench cache.
 
-Fixtures only; nothing here is autouse, so other test modules are unaffected unless they ask.
+No fixture here is autouse. Side effects at import: offline hub env defaults and one torch thread per
+test process (see below).
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The test machines have 2 cores shared by several jobs: two OpenMP threads per process thrash
+# (measured 6x slower under load), one thread per process does not. Override with WORKBENCH_TEST_THREADS.
+torch.set_num_threads(int(os.environ.get("WORKBENCH_TEST_THREADS", "1")))
 
 SMOLLM2 = "smollm2-135m-instruct"
 QWEN = "qwen2.5-coder-0.5b-instruct"
@@ -82,3 +88,10 @@ def empty_cache(tmp_path, monkeypatch) -> Path:
     root.mkdir()
     monkeypatch.setenv("WORKBENCH_CACHE", str(root))
     return root
+
+
+def pytest_configure(config) -> None:
+    """Register the markers used across the suite (so ``-m "not real_model"`` works without warnings)."""
+    config.addinivalue_line(
+        "markers", "real_model: uses a real embedded zoo model (e.g. SmolLM2-135M) from the workbench cache"
+    )

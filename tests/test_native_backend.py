@@ -197,7 +197,9 @@ def test_batched_generation_equals_alone(arch, make_tiny):
 def test_cached_generation_with_addition_equals_no_cache_loop(arch, make_tiny):
     be = NativeBackend(make_tiny(arch))
     batch = encode(be.lm.tokenizer, PROMPTS[:2])
-    iv = Addition(Site(0), _vec(be.lm.d_model, 3), alpha=2.0, apply_to="all")
+    site = Site(0, "resid_pre")
+    scale = float(be.run(batch, capture=[site]).acts[site].norm(dim=-1).mean())  # as large as the stream
+    iv = Addition(site, _vec(be.lm.d_model, 3), alpha=scale, apply_to="all")
     cached = be.generate(batch, max_new_tokens=8, interventions=[iv])
     manual = _manual_greedy(be, batch, 8, [iv])
     eos, pad = set(be.eos_ids()), be.pad_id()
@@ -206,21 +208,24 @@ def test_cached_generation_with_addition_equals_no_cache_loop(arch, make_tiny):
     assert not torch.equal(cached, be.generate(batch, max_new_tokens=8))  # the addition matters
 
 
-def test_generate_rows_that_stop_are_padded(make_tiny):
+def test_generate_row_that_stops_early_is_padded(make_tiny):
     lm = make_tiny("llama")
     be = NativeBackend(lm)
     batch = encode(lm.tokenizer, PROMPTS[:2])
-    plain = be.generate(batch, max_new_tokens=3)
-    # make the first generated token an end-of-sequence token by steering the final norm output
+    plain = be.generate(batch, max_new_tokens=5)
+    # push only row 0 towards end-of-sequence at the last prompt token (before the final norm)
     stop = lm.tokenizer.eos_token_id
     head = lm.model.get_output_embeddings().weight[stop].detach()
-    iv = Addition(Site(-1), head / head.norm(), alpha=500.0, apply_to="all")
+    push = torch.zeros(2, 1, 64)
+    push[0, 0] = 500.0 * head / head.norm()
+    iv = FunctionIntervention(Site(-1), lambda a: a + push, apply_to="last")
     gen = be.generate(batch, max_new_tokens=5, interventions=[iv])
     assert gen.shape == (2, 5)
-    if (gen[:, 0] == stop).all():  # every row stopped at once: the rest is padding
-        assert (gen[:, 1:] == be.pad_id()).all()
-    assert plain.shape == (2, 3)
-    assert be.decode(torch.tensor([[stop, 50, 60]])) == [""]
+    assert gen[0].tolist() == [stop] + [be.pad_id()] * 4
+    assert gen[1].tolist() == plain[1].tolist()  # the other row is unaffected and keeps going
+    assert plain[1, 0].item() != stop
+    texts = be.decode(gen)
+    assert texts[0] == "" and texts[1] == be.decode(plain[1:])[0] != ""
 
 
 # -- hooks never leak ------------------------------------------------------------------------------
