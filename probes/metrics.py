@@ -44,10 +44,4 @@ def scored_metrics(y: np.ndarray, scores: np.ndarray, *, threshold: float, n_boo
     return out
 
 
-def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Percentile 95 % interval of a mean."""
-    v = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = [v[rng.integers(0, len(v), len(v))].mean() for _ in range(n_boot)]
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
+from workbench.stats import bootstrap_mean_ci  # noqa: E402,F401  (re-exported)

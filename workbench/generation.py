@@ -63,7 +63,7 @@ def map_last_logits(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | 
     """Apply ``fn`` to the next-token logits at the last prompt position ``[B, V]``; concatenate in prompt order."""
     results: list[Any] = [None] * len(prompts)
     for idx, b in batches(backend, prompts, fmt, batch_size, progress):
-        out = backend.run(b, interventions=interventions)
+        out = backend.run(b, interventions=interventions, logits="last")
         vals = fn(out.logits[:, -1].float())
         for j, i in enumerate(idx):
             results[i] = vals[j]

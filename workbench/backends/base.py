@@ -120,9 +120,12 @@ class Backend(ABC):
         *,
         capture: Sequence[Site] = (),
         interventions: Sequence[Intervention] = (),
-        logits: bool = True,
+        logits: bool | str = True,
     ) -> RunOutput:
-        """One forward pass over a left-padded batch (position ids from the attention mask)."""
+        """One forward pass over a left-padded batch (position ids from the attention mask).
+
+        ``logits``: True for ``[B, T, V]``, ``"last"`` for the last position only ``[B, 1, V]`` (cheap
+        next-token scoring), False to skip the unembedding (captures only)."""
 
     @abstractmethod
     def generate(

@@ -79,7 +79,7 @@ class NativeBackend(Backend):
         *,
         capture: Sequence[Site] = (),
         interventions: Sequence[Intervention] = (),
-        logits: bool = True,
+        logits: bool | str = True,
     ) -> RunOutput:
         model = self.lm.model
         batch = batch.to(self.lm.device)
@@ -88,11 +88,13 @@ class NativeBackend(Backend):
         fns = self.site_functions(capture, interventions, ctx, store)
         with torch.no_grad(), self.hooked(ctx, fns):
             target = model if logits else model.base_model
+            extra = {"logits_to_keep": 1} if logits == "last" else {}
             out = target(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids,
                 use_cache=False,
+                **extra,
             )
         return RunOutput(out.logits if logits else None, self._remap(store, capture, self.n_layers))
 

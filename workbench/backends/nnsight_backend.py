@@ -16,8 +16,14 @@ and the result is assigned back into the trace only when it differs from what th
 
 Notes on nnsight 0.8.1 that shaped this file:
 
-* nnsight installs a controller as each module's instance ``forward`` (no hooks; inert outside a
-  trace), so ``count_hooks`` is unchanged and plain ``model(...)`` calls keep working.
+* nnsight installs a controller as each module's instance ``forward`` and leaves it there for the
+  life of the model (no hooks; inert outside a trace, a few microseconds per module call), so
+  ``count_hooks`` is unchanged and plain ``model(...)`` calls give the same logits.
+* ``TransformersModel`` builds a ``transformers.pipeline`` around the model: ``device`` is passed
+  so the pipeline never moves the model, and the tokenizer's pad token / padding side, which
+  nnsight reconfigures, are restored.
+* Inputs are passed as ``input_ids`` / ``attention_mask`` / ``position_ids`` (from the mask), so
+  nnsight's own batching re-stacks them unchanged and adds nothing.
 * Traced code must live in a file and, on Python 3.11, a comprehension inside a ``with
   model.trace(...)`` block raises ``UnboundLocalError``: the blocks below only call module-level
   helpers with plain loops.
@@ -95,7 +101,8 @@ class NNsightBackend(Backend):
     def __init__(self, lm: LoadedModel) -> None:
         super().__init__(lm)
         self._nn: Any = None
-        self._envoys: dict[int, Any] = {}
+        self._names: dict[int, str] = {}  # id(module) -> dotted path in lm.model
+        self._envoys: dict[int, Any] = {}  # id(module) -> its nnsight envoy
 
     # -- the wrapper ------------------------------------------------------------------------------
 
@@ -123,8 +130,7 @@ class NNsightBackend(Backend):
                         tok.pad_token = None
                     except Exception:  # pragma: no cover - tokenizers that refuse None
                         pass
-            names = {id(m): n for n, m in model.named_modules()}
-            self._names = names
+            self._names = {id(m): n for n, m in model.named_modules()}
         return self._nn
 
     def _envoy(self, module: torch.nn.Module) -> Any:
@@ -161,7 +167,7 @@ class NNsightBackend(Backend):
         *,
         capture: Sequence[Site] = (),
         interventions: Sequence[Intervention] = (),
-        logits: bool = True,
+        logits: bool | str = True,
     ) -> RunOutput:
         nn = self.wrapper()
         batch = batch.to(self.lm.device)
@@ -172,9 +178,10 @@ class NNsightBackend(Backend):
         seen = [0]
         target = self.lm.model if logits else self.lm.model.base_model
         result = None
+        extra = {"logits_to_keep": 1} if logits == "last" else {}
         with torch.no_grad():
             with nn.trace(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          position_ids=batch.position_ids, use_cache=False, fn=target) as tracer:
+                          position_ids=batch.position_ids, use_cache=False, fn=target, **extra) as tracer:
                 _apply_plan(plan, ctx, seen)
                 if logits:
                     result = tracer.result.save()

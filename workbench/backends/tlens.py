@@ -232,10 +232,10 @@ class TransformerLensBackend(Backend):
             ) from e
         self.close()
         model = self.lm.model
-        if not getattr(model.config, "architectures", None):
-            model.config.architectures = [type(model).__name__]
         label = str(self.lm.model_id or type(model).__name__)
         twin = _structural_twin(model)
+        if not getattr(twin.config, "architectures", None):  # the bridge picks its adapter from this
+            twin.config.architectures = [type(model).__name__]
         try:
             bridge = TransformerBridge.boot_transformers(
                 label,
@@ -325,7 +325,7 @@ class TransformerLensBackend(Backend):
         *,
         capture: Sequence[Site] = (),
         interventions: Sequence[Intervention] = (),
-        logits: bool = True,
+        logits: bool | str = True,
     ) -> RunOutput:
         batch = batch.to(self.lm.device)
         ctx = self.context(batch)
@@ -333,7 +333,7 @@ class TransformerLensBackend(Backend):
         fns = self.site_functions(capture, interventions, ctx, store)
         with torch.no_grad(), self.hooked(ctx, fns) as bridge:
             # logits=False: unembed one position only (the captures do not depend on it)
-            extra = {"logits_to_keep": 1} if not logits and self._keep_last else {}
+            extra = {"logits_to_keep": 1} if (not logits or logits == "last") and self._keep_last else {}
             out = bridge.forward(
                 batch.input_ids,
                 return_type="logits",
@@ -342,6 +342,8 @@ class TransformerLensBackend(Backend):
                 use_cache=False,
                 **extra,
             )
+        if logits == "last":
+            out = out[:, -1:]
         return RunOutput(out if logits else None, self._remap(store, capture, self.n_layers))
 
     def generate(

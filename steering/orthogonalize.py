@@ -1,0 +1,121 @@
+"""Weight orthogonalisation: remove a direction from every matrix that writes to the residual stream.
+
+``W_out <- W_out - r r^T W_out`` for the token (and position) embeddings, every attention output
+projection and every MLP output projection (biases too). The result is a plain Hugging Face
+checkpoint whose logits equal runtime directional ablation. Tied input/output embeddings are
+untied first so the unembedding is left unchanged.
+
+Not exact for architectures that normalise a block's output before adding it to the residual
+stream (Gemma 2/3 "post" norms): there the elementwise norm scale re-introduces the direction.
+Such models are refused unless ``allow_post_norm=True``.
+
+>>> from workbench.tiny import build_tiny
+>>> from workbench.loading import from_memory
+>>> import torch
+>>> lm = from_memory(*build_tiny("llama"))
+>>> r = torch.randn(64)
+>>> edited = orthogonalize_model(lm.model, r)
+>>> float((lm.model.model.embed_tokens.weight.detach() @ (r / r.norm())).abs().max()) < 1e-5
+True
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from workbench.arch import get_arch
+from workbench.errors import WorkbenchError
+from workbench.io import write_json
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D"  # GPT-2 style: weight is [in, out]
+
+
+def _project_out_rows(W: torch.Tensor, r: torch.Tensor) -> None:
+    """In place: rows are d-vectors (embeddings, Conv1D weights [in, d])."""
+    W.sub_(torch.outer(W @ r, r))
+
+
+def _project_out_cols(W: torch.Tensor, r: torch.Tensor) -> None:
+    """In place: nn.Linear weight [d, in] writes W x; remove r from its output space."""
+    W.sub_(torch.outer(r, r @ W))
+
+
+def _has_post_norms(model: nn.Module) -> bool:
+    layer = get_arch(model).layers[0]
+    return any(hasattr(layer, n) for n in ("post_attention_norm", "post_feedforward_layernorm", "post_mlp_layernorm")) or (
+        hasattr(layer, "pre_feedforward_layernorm") and hasattr(layer, "post_attention_layernorm"))
+
+
+def orthogonalize_model(model: nn.Module, direction: torch.Tensor, *, allow_post_norm: bool = False) -> list[str]:
+    """Orthogonalise ``model``'s residual-writing weights to ``direction`` in place; return the edited names."""
+    arch = get_arch(model)
+    if direction.numel() != arch.d_model:
+        raise WorkbenchError(f"direction has size {direction.numel()} but the model's d_model is {arch.d_model}")
+    if not torch.isfinite(direction).all() or float(direction.norm()) == 0:
+        raise WorkbenchError("direction must be finite and non-zero")
+    if _has_post_norms(model) and not allow_post_norm:
+        raise WorkbenchError(
+            f"{type(model).__name__} normalises block outputs before the residual add; weight orthogonalisation "
+            "would not equal runtime ablation there. Pass allow_post_norm=True to do it anyway."
+        )
+    out_emb = model.get_output_embeddings()
+    if out_emb is not None and out_emb.weight is arch.embed.weight:
+        # untie: the unembedding keeps the original weights
+        out_emb.weight = nn.Parameter(arch.embed.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+    edited = []
+    with torch.no_grad():
+        for name, module in arch.writes_to_residual():
+            W = module.weight
+            r = (direction / direction.norm()).to(device=W.device, dtype=torch.float32)
+            W32 = W.detach().float()
+            if isinstance(module, nn.Embedding) or _is_conv1d(module):
+                _project_out_rows(W32, r)
+            else:
+                _project_out_cols(W32, r)
+            W.copy_(W32.to(W.dtype))
+            b = getattr(module, "bias", None)
+            if isinstance(b, torch.Tensor):
+                b32 = b.detach().float()
+                b.copy_((b32 - (b32 @ r) * r).to(b.dtype))
+            edited.append(name)
+    return edited
+
+
+def write_orthogonalized(lm: Any, direction: torch.Tensor, out: str | Path, *, overwrite: bool = False,
+                         allow_post_norm: bool = False, report: dict[str, Any] | None = None) -> Path:
+    """Write an orthogonalised copy of ``lm`` as a plain HF checkpoint (safetensors) to ``out``."""
+    import copy
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise WorkbenchError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
+    model = copy.deepcopy(lm.model)
+    edited = orthogonalize_model(model, direction, allow_post_norm=allow_post_norm)
+    model.hf_quantizer = None
+    tmp = Path(tempfile.mkdtemp(prefix=".ortho.", dir=out.parent if out.parent.exists() else None))
+    try:
+        model.save_pretrained(str(tmp))
+        lm.tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / "orthogonalization.json", {
+            "source_model": lm.model_id, "source_checksum": lm.checksum, "edited": edited,
+            "direction_norm": float(direction.norm()), **(report or {})})
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,109 @@
+"""Direction selection as in Arditi et al.: score every candidate (layer x post-instruction
+position) on validation prompts, filter, pick the one whose ablation most lowers refusal.
+
+Scores per candidate r (refusal logit score, no generation):
+- ``ablation_score``: mean refusal score on harmful validation prompts with r ablated everywhere;
+- ``steering_score``: mean refusal score on harmless validation prompts with r added at its layer;
+- ``kl``: mean KL on harmless validation prompts under ablation.
+Filters: KL > ``kl_max``; steering score not above the harmless baseline (no induced refusal);
+layer in the last ``1 - max_layer_frac`` of the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from workbench.backends.base import Backend
+from workbench.chat import ChatFormat
+from workbench.errors import WorkbenchError
+from workbench.scoring import kl_divergence, next_token_logprobs, refusal_scores
+from workbench.vectors import Direction
+
+from steering.interventions import ablation, addition
+
+
+@dataclass
+class SelectionResult:
+    rows: list[dict[str, Any]]
+    best: Direction
+    baseline: dict[str, float]
+
+
+def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Sequence[Direction], *,
+                     harmful_val: Sequence[str], harmless_val: Sequence[str], kl_max: float = 0.1,
+                     max_layer_frac: float = 0.8, alpha: float = 1.0, batch_size: int = 16,
+                     progress: bool = True) -> SelectionResult:
+    if not candidates:
+        raise WorkbenchError("no candidate directions to select from")
+    n_layers = backend.n_layers
+    base_h = refusal_scores(backend, harmful_val, fmt, batch_size=batch_size)
+    base_b = refusal_scores(backend, harmless_val, fmt, batch_size=batch_size)
+    ref = next_token_logprobs(backend, harmless_val, fmt, batch_size=batch_size)
+    baseline = {"harmful_refusal_score": float(base_h.mean()), "harmless_refusal_score": float(base_b.mean())}
+    it: Any = candidates
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(candidates, desc="select", unit="candidate")
+    rows = []
+    for i, d in enumerate(it):
+        row: dict[str, Any] = {"candidate": i, "layer": d.layer, "position": d.position, "method": d.method,
+                               "norm": d.norm}
+        reasons = []
+        if d.layer >= max_layer_frac * n_layers:
+            reasons.append(f"layer >= {max_layer_frac:.0%} of depth")
+        abl = ablation(d, n_layers)
+        row["ablation_score"] = float(refusal_scores(backend, harmful_val, fmt, interventions=abl,
+                                                     batch_size=batch_size).mean())
+        row["kl"] = float(kl_divergence(backend, harmless_val, fmt, interventions=abl, reference=ref,
+                                        batch_size=batch_size).mean())
+        row["steering_score"] = float(refusal_scores(backend, harmless_val, fmt,
+                                                     interventions=addition(d, alpha), batch_size=batch_size).mean())
+        if row["kl"] > kl_max:
+            reasons.append(f"KL {row['kl']:.3f} > {kl_max}")
+        if row["steering_score"] <= baseline["harmless_refusal_score"]:
+            reasons.append("no induced refusal")
+        row["filtered"] = "; ".join(reasons)
+        rows.append(row)
+    kept = [r for r in rows if not r["filtered"]]
+    if not kept:
+        raise WorkbenchError(
+            f"every one of the {len(rows)} candidates was filtered out (see the selection table); relax --kl-max "
+            f"or widen the layers"
+        )
+    best_row = min(kept, key=lambda r: r["ablation_score"])
+    for r in rows:
+        r["selected"] = r is best_row
+    return SelectionResult(rows, candidates[best_row["candidate"]], baseline)
+
+
+def selection_heatmaps(rows: list[dict[str, Any]], title: str) -> Any:
+    """Three panels over layer x position: ablation score, steering score, KL (selected marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = sorted({r["layer"] for r in rows})
+    positions = sorted({r["position"] for r in rows}, key=lambda p: int(p[3:]) if p.startswith("pos") else 0)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.2 + 0.25 * len(positions)))
+    for ax, key, cmap in zip(axes, ("ablation_score", "steering_score", "kl"), ("viridis_r", "viridis", "magma")):
+        M = np.full((len(positions), len(layers)), np.nan)
+        for r in rows:
+            M[positions.index(r["position"]), layers.index(r["layer"])] = r[key]
+        im = ax.imshow(M, aspect="auto", cmap=cmap, origin="lower")
+        fig.colorbar(im, ax=ax)
+        ax.set(title=key, xlabel="layer", ylabel="position")
+        ax.set_xticks(range(len(layers)), layers, fontsize=7)
+        ax.set_yticks(range(len(positions)), positions, fontsize=7)
+        for r in rows:
+            if r.get("selected"):
+                ax.scatter([layers.index(r["layer"])], [positions.index(r["position"])], marker="*", s=200,
+                           color="red")
+            elif r.get("filtered"):
+                ax.scatter([layers.index(r["layer"])], [positions.index(r["position"])], marker="x", s=20,
+                           color="white")
+    fig.suptitle(title + "  (★ selected, × filtered)")
+    return fig
