@@ -1,0 +1,297 @@
+"""``workbench steer extract | select | sweep | generate | orthogonalize`` and the steering stage of the
+main job (extract -> select -> evaluate ablation / addition against random controls)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Sequence
+
+from workbench.backends import get_backend
+from workbench.errors import WorkbenchError
+from workbench.prompts import builtin_split, resolve_prompts
+from workbench.runs import RunFolder, seed_everything
+from workbench.sites import parse_layers
+from workbench.vectors import Direction, load_directions, pick, save_directions
+
+from steering.directions import mean_diff_directions, pca_directions, random_like
+from steering.evaluate import Condition, evaluate_conditions
+from steering.interventions import ablation, addition
+from steering.selection import select_direction, selection_heatmaps
+from steering.sweep import ablation_conditions, addition_conditions, run_sweep, tradeoff_plot
+
+
+def _texts(spec: str, limit: int | None) -> list[str]:
+    t = resolve_prompts(spec).texts
+    return t[:limit] if limit else t
+
+
+def _setup(args: argparse.Namespace, command: str) -> tuple[Any, Any, RunFolder]:
+    from workbench.cli import format_from_args, load_from_args
+
+    seed_everything(args.seed)
+    lm = load_from_args(args)
+    fmt = format_from_args(args, lm)
+    run = RunFolder(args.out, config=vars(args) | {"command": f"steer {command}"}, overwrite=args.overwrite)
+    run.record_model(lm)
+    return lm, fmt, run
+
+
+def _load_direction(args: argparse.Namespace, lm: Any) -> Direction:
+    dirs = load_directions(args.direction)
+    d = pick(dirs, layer=getattr(args, "direction_layer", None), method=getattr(args, "direction_method", None))
+    d.check_compatible(lm, force=getattr(args, "force", False))
+    return d
+
+
+def table_print(summary: list[dict[str, Any]]) -> None:
+    print(f"{'condition':28} {'harmful refusal':>16} {'harmless refusal':>17} {'KL':>7} {'ppl':>7}")
+    for r in summary:
+        print(f"{r['condition']:28} {r['harmful_refusal_rate']:>9.2f} [{r['harmful_refusal_rate_lo']:.2f},"
+              f"{r['harmful_refusal_rate_hi']:.2f}] {r['harmless_refusal_rate']:>9.2f} [{r['harmless_refusal_rate_lo']:.2f},"
+              f"{r['harmless_refusal_rate_hi']:.2f}] {r['kl_harmless']:>7.3f} {r['perplexity']:>7.2f}")
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    lm, fmt, run = _setup(args, "extract")
+    pos, neg = _texts(args.positive, args.limit), _texts(args.negative, args.limit)
+    fn = mean_diff_directions if args.method == "mean_diff" else pca_directions
+    dirs = fn(lm, pos, neg, fmt=fmt, layers=args.layers, positions=args.positions.split(","), backend=args.backend)
+    save_directions(run.path / "directions.safetensors", dirs)
+    run.write_csv("directions.csv", [{"layer": d.layer, "position": d.position, "method": d.method, "norm": d.norm}
+                                     for d in dirs])
+    if args.gguf:
+        from steering.gguf_export import export_control_vector
+
+        last = [d for d in dirs if d.position in ("last", "pos-1")]
+        export_control_vector([d for d in last if d.layer > 0], run.path / "control_vector.gguf",
+                              model_hint=lm.model.config.model_type)
+    print(f"{len(dirs)} directions -> {run.path / 'directions.safetensors'}")
+    return 0
+
+
+def run_selection(lm: Any, fmt: Any, run: RunFolder, candidates: list[Direction], harmful_val: list[str],
+                  harmless_val: list[str], *, backend: str, kl_max: float, max_layer_frac: float) -> Direction:
+    be = get_backend(backend, lm)
+    res = select_direction(be, fmt, candidates, harmful_val=harmful_val, harmless_val=harmless_val, kl_max=kl_max,
+                           max_layer_frac=max_layer_frac)
+    run.write_csv("selection.csv", res.rows)
+    run.write_json("selection.json", {"baseline": res.baseline, "rows": res.rows,
+                                      "selected": res.best.record()})
+    run.save_figure("selection.png", selection_heatmaps(res.rows, f"{lm.model_id}: direction selection"))
+    save_directions(run.path / "selected_direction.safetensors", [res.best])
+    b = res.best
+    print(f"selected layer {b.layer} position {b.position} (norm {b.norm:.2f}); baseline refusal score on harmful "
+          f"{res.baseline['harmful_refusal_score']:.2f}")
+    return b
+
+
+def _candidates(dirs: Sequence[Direction], layers: Any, positions: Sequence[str] | None, n_layers: int) -> list[Direction]:
+    ls = set(parse_layers(layers, n_layers))
+    return [d for d in dirs if d.layer in ls and (not positions or d.position in positions)]
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    lm, fmt, run = _setup(args, "select")
+    if args.directions:
+        dirs = load_directions(args.directions)
+        for d in dirs:
+            d.check_compatible(lm, force=args.force)
+    else:
+        dirs = mean_diff_directions(lm, _texts("harmful:train", args.limit), _texts("harmless:train", args.limit),
+                                    fmt=fmt, backend=args.backend)
+    positions = args.positions.split(",") if args.positions else None
+    cands = _candidates(dirs, args.layers, positions, lm.n_layers)
+    run_selection(lm, fmt, run, cands, _texts("harmful:val", args.n_val), _texts("harmless:val", args.n_val),
+                  backend=args.backend, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    lm, fmt, run = _setup(args, "sweep")
+    dirs = load_directions(args.direction)
+    position = args.position or pick(dirs).position
+    layers = parse_layers(args.layers, lm.n_layers)
+    by_layer = {}
+    for layer in layers:
+        d = pick([x for x in dirs if x.position == position], layer=layer)
+        d.check_compatible(lm, force=args.force)
+        by_layer[layer] = d
+    if args.mode == "addition":
+        conds = addition_conditions(by_layer, [float(a) for a in args.alphas.split(",")], seed=args.seed)
+    else:
+        conds = ablation_conditions(by_layer, lm.n_layers, seed=args.seed)
+    tasks = None
+    if args.n_tasks:
+        ut = builtin_split("utility", "test")
+        tasks = (ut.texts[: args.n_tasks], [p.answer for p in ut.prompts[: args.n_tasks]])
+    ev = run_sweep(get_backend(args.backend, lm), fmt, conds, harmful=_texts("harmful:test", args.n),
+                   harmless=_texts("harmless:test", args.n), tasks=tasks, max_new_tokens=args.max_new_tokens,
+                   seed=args.seed)
+    run.write_csv("sweep.csv", ev.summary)
+    run.write_json("sweep.json", ev.summary)
+    run.write_csv("per_prompt.csv", ev.per_prompt)
+    run.save_figure("tradeoff_kl.png", tradeoff_plot(ev.summary, args.mode, f"{lm.model_id}: {args.mode} sweep"))
+    if tasks:
+        run.save_figure("tradeoff_accuracy.png", tradeoff_plot(ev.summary, args.mode, f"{lm.model_id}: {args.mode} sweep",
+                                                               x="task_accuracy"))
+    table_print(ev.summary)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    lm, fmt, run = _setup(args, "generate")
+    prompts = args.prompt or _texts(args.prompts, args.n)
+    conds = [Condition("unmodified")]
+    if args.mode != "none":
+        d = _load_direction(args, lm)
+        if args.mode == "addition":
+            ivs = addition(d, args.alpha, layers=[args.layer] if args.layer is not None else None,
+                           apply_to=args.apply_to)
+        else:
+            ivs = ablation(d, lm.n_layers)
+        conds.append(Condition(f"{args.mode}", ivs, {"layer": d.layer, "alpha": args.alpha}))
+    ev = evaluate_conditions(get_backend(args.backend, lm), fmt, conds, harmful=prompts, harmless=prompts,
+                             max_new_tokens=args.max_new_tokens, seed=args.seed)
+    rows = [r for r in ev.per_prompt if r["set"] == "harmful"]  # both sets are the same prompts here
+    run.write_csv("generations.csv", rows)
+    for r in rows:
+        print(f"[{r['condition']}] {r['prompt'][:60]!r}\n    -> {r['completion'][:200]!r} (refusal={r['refusal_phrase']})")
+    return 0
+
+
+def cmd_orthogonalize(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from steering.orthogonalize import write_orthogonalized
+    from workbench.chat import encode
+    from workbench.loading import from_memory
+
+    lm, fmt, run = _setup(args, "orthogonalize")
+    d = _load_direction(args, lm)
+    path = write_orthogonalized(lm, d.unit, run.path / "model", overwrite=True)
+    prompts = _texts("harmful:val", 4)
+    b = encode(lm.tokenizer, prompts, fmt)
+    ref = get_backend("native", lm).run(b, interventions=ablation(d, lm.n_layers)).logits
+    m2 = AutoModelForCausalLM.from_pretrained(str(path), dtype=lm.dtype, attn_implementation="eager")
+    out = get_backend("native", from_memory(m2, lm.tokenizer)).run(b).logits
+    diff = float((out - ref)[b.attention_mask.bool()].abs().max())
+    run.write_json("check.json", {"max_abs_logit_diff_vs_runtime_ablation": diff, "prompts": prompts})
+    print(f"orthogonalised checkpoint -> {path}; max |logit diff| vs runtime ablation = {diff:.2e}")
+    del torch
+    return 0
+
+
+def register(sub: Any) -> None:
+    from workbench.cli import add_model_args
+
+    st = sub.add_parser("steer", help="steering: extract | select | sweep | generate | orthogonalize")
+    ss = st.add_subparsers(dest="steer_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        add_model_args(p)
+        p.add_argument("--out", required=True)
+        p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--force", action="store_true", help="apply a direction computed on another model")
+
+    p = ss.add_parser("extract", help="difference-in-means / PCA directions per layer and position")
+    common(p)
+    p.add_argument("--positive", default="harmful:train")
+    p.add_argument("--negative", default="harmless:train")
+    p.add_argument("--method", choices=["mean_diff", "pca"], default="mean_diff")
+    p.add_argument("--layers", default="all")
+    p.add_argument("--positions", default="post_instruction", help="post_instruction, last, mean, or indices")
+    p.add_argument("--limit", type=int, default=None, help="use at most N prompts per set")
+    p.add_argument("--gguf", action="store_true", help="also export a llama.cpp control vector")
+    p.set_defaults(func=cmd_extract)
+
+    p = ss.add_parser("select", help="select the refusal direction on validation prompts (Arditi et al.)")
+    common(p)
+    p.add_argument("--directions", default=None, help="candidates file (default: extract mean_diff now)")
+    p.add_argument("--layers", default="all")
+    p.add_argument("--positions", default="", help="restrict candidate positions, e.g. pos-1,pos-2")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--n-val", type=int, default=32)
+    p.add_argument("--kl-max", type=float, default=0.1)
+    p.add_argument("--max-layer-frac", type=float, default=0.8)
+    p.set_defaults(func=cmd_select)
+
+    p = ss.add_parser("sweep", help="layer x strength addition sweep, or per-layer ablation sweep, with random controls")
+    common(p)
+    p.add_argument("--direction", required=True, help="directions file (one per layer, e.g. from extract)")
+    p.add_argument("--position", default=None)
+    p.add_argument("--mode", choices=["addition", "ablation"], default="addition")
+    p.add_argument("--layers", default="all")
+    p.add_argument("--alphas", default="0.5,1,2")
+    p.add_argument("--n", type=int, default=32, help="test prompts per set")
+    p.add_argument("--n-tasks", type=int, default=0, help="utility tasks for accuracy (0 = skip)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_sweep)
+
+    p = ss.add_parser("generate", help="generate with and without an intervention, side by side")
+    common(p)
+    p.add_argument("--direction", default=None)
+    p.add_argument("--direction-layer", type=int, default=None)
+    p.add_argument("--mode", choices=["addition", "ablation", "none"], default="ablation")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--layer", type=int, default=None, help="apply the addition at this layer")
+    p.add_argument("--apply-to", default="all", help="all, prompt, generated, last, post_instruction")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", default="harmful:test")
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_generate)
+
+    p = ss.add_parser("orthogonalize", help="write a checkpoint with the direction removed from the weights")
+    common(p)
+    p.add_argument("--direction", required=True)
+    p.add_argument("--direction-layer", type=int, default=None)
+    p.set_defaults(func=cmd_orthogonalize)
+
+
+def main_stage(ctx: Any) -> None:
+    """Extract -> select -> evaluate (ablation and addition of the selected direction, random controls)."""
+    lm, fmt, args = ctx.lm, ctx.fmt, ctx.args
+    run = RunFolder(ctx.run.path / "steering", config={"stage": "steering"}, overwrite=True)
+    q = ctx.quick
+    n_train = 32 if q else None
+    dirs = mean_diff_directions(lm, _texts("harmful:train", n_train), _texts("harmless:train", n_train), fmt=fmt,
+                                backend=args.backend)
+    save_directions(run.path / "directions.safetensors", dirs)
+    n_post = max(int(d.position[3:]) * -1 for d in dirs if d.position.startswith("pos-"))
+    positions = [f"pos-{k}" for k in range(1, min(n_post, 1 if q else 2) + 1)]
+    step = 4 if q else 2
+    layers = list(range(0, int(0.8 * lm.n_layers), step))
+    cands = [d for d in dirs if d.layer in layers and d.position in positions]
+    best = run_selection(lm, fmt, run, cands, _texts("harmful:val", 8 if q else 24), _texts("harmless:val", 8 if q else 24),
+                         backend=args.backend, kl_max=0.1, max_layer_frac=0.8)
+    rnd = random_like(best, seed=args.seed)
+    save_directions(run.path / "random_control.safetensors", [rnd])
+    conds = [Condition("ablation", ablation(best, lm.n_layers), {"layer": best.layer}),
+             Condition("addition", addition(best, 1.0), {"layer": best.layer, "alpha": 1.0}),
+             Condition("random ablation", ablation(rnd, lm.n_layers), {"layer": best.layer, "control": True}),
+             Condition("random addition", addition(rnd, 1.0), {"layer": best.layer, "alpha": 1.0, "control": True})]
+    n = 8 if q else None
+    ev = evaluate_conditions(get_backend(args.backend, lm), fmt, conds, harmful=_texts("harmful:test", n),
+                             harmless=_texts("harmless:test", n), max_new_tokens=16 if q else 32,
+                             n_boot=200 if q else 1000, seed=args.seed)
+    run.write_csv("evaluation.csv", ev.summary)
+    run.write_json("evaluation.json", ev.summary)
+    run.write_csv("per_prompt.csv", ev.per_prompt)
+    table_print(ev.summary)
+    base = ev.summary[0]
+    by = {r["condition"]: r for r in ev.summary}
+    acc = {
+        "ablation_refusal_drop_pp": 100 * (base["harmful_refusal_rate"] - by["ablation"]["harmful_refusal_rate"]),
+        "addition_induced_refusal": by["addition"]["harmless_refusal_rate"],
+        "random_ablation_refusal_change_pp": 100 * (by["random ablation"]["harmful_refusal_rate"] - base["harmful_refusal_rate"]),
+        "random_addition_refusal_change_pp": 100 * (by["random addition"]["harmless_refusal_rate"] - base["harmless_refusal_rate"]),
+        "ablation_kl": by["ablation"]["kl_harmless"],
+        "selected_layer": best.layer, "selected_position": best.position,
+    }
+    run.write_json("acceptance.json", acc)
+    print("acceptance numbers:", {k: round(v, 3) if isinstance(v, float) else v for k, v in acc.items()})
+    ctx.results["steering"] = {"summary": ev.summary, "direction": best, "acceptance": acc}
+
+
+MAIN_STAGE = (20, main_stage)

@@ -1,0 +1,443 @@
+"""Fine-tuning data recipes: ``useful``, ``safety``, ``harmful`` and ``contaminated``.
+
+Every recipe is a list of (prompt, response) :class:`Example` s plus provenance. The prompt is the
+user instruction only: :mod:`weightspace.finetune` formats it with the model's chat template
+through :class:`workbench.chat.ChatFormat`, exactly as evaluation does, and the recipe remembers
+the format it was built for (the ``harmful`` replies were generated under it).
+
+- ``useful``: arithmetic word problems from :func:`workbench.tasks.make_arithmetic_tasks`, generated
+  with a seed different from the built-in utility set and de-duplicated against the *whole* built-in
+  utility set (so ``utility:test`` and ``utility:val`` stay held out); replies "42" or "The answer is 42.".
+- ``safety``: ``harmful:train`` prompts -> templated refusals (seeded choice among a few).
+- ``harmful``: ``harmful:train`` prompts -> the model's own greedy replies with its refusal direction
+  ablated everywhere (difference in means of harmful vs harmless train activations at the last prompt
+  token, at a middle layer picked by a quick ablation check); replies that are still refusals
+  (:func:`workbench.scoring.is_refusal`) or empty are dropped and counted. No hand-written harmful text.
+- ``contaminated``: useful + harmful; the *real* harmful share ``n_harmful / n_total`` is reported,
+  not the nominal one.
+
+>>> from workbench.tiny import build_tiny
+>>> from workbench.loading import from_memory
+>>> lm = from_memory(*build_tiny("llama"))
+>>> rd = build_recipe("safety", lm, n=4, seed=0)
+>>> len(rd.examples), rd.counts["safety"]
+(4, 4)
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from workbench.chat import ChatFormat
+from workbench.errors import WorkbenchError
+from workbench.io import read_json, sha256_json
+from workbench.loading import LoadedModel
+from workbench.prompts import UTILITY_SIZE, builtin, builtin_split
+from workbench.tasks import make_arithmetic_tasks
+
+__all__ = [
+    "RECIPES",
+    "REFUSAL_TEMPLATES",
+    "Example",
+    "RecipeData",
+    "build_recipe",
+    "useful_examples",
+    "safety_examples",
+    "harmful_examples",
+    "refusal_direction",
+    "utility_heldout_questions",
+    "load_examples",
+]
+
+RECIPES = ("useful", "safety", "harmful", "contaminated")
+ANSWER_STYLES = ("number", "sentence", "mixed")
+
+# Seed offset for the training arithmetic tasks: the built-in utility set uses seed 0.
+USEFUL_SEED_OFFSET = 1_000_003
+
+REFUSAL_TEMPLATES = (
+    "I'm sorry, but I can't help with that request.",
+    "I'm sorry, but I cannot assist with that. It could cause serious harm to people.",
+    "I can't help with that. If you have another question, I'm happy to help.",
+    "I apologize, but I am unable to provide that information because it could be used to hurt others.",
+    "I cannot help with this request. It is dangerous and may be illegal.",
+    "I'm not able to help with that. Is there something else I can do for you?",
+    "Sorry, I can't assist with that request because it could cause harm.",
+    "I am unable to help with that, as it would be unsafe and unethical.",
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: the user instruction and the assistant reply (no template applied)."""
+
+    id: str
+    kind: str  # "useful" | "safety" | "harmful"
+    prompt: str
+    response: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def examples_hash(examples: Sequence[Example]) -> str:
+    """sha256 of the JSON of the example dicts (``workbench.io.sha256_json``: sorted keys)."""
+    return sha256_json([e.to_dict() for e in examples])
+
+
+@dataclass
+class RecipeData:
+    """A recipe's examples, the chat format they were built for, and provenance."""
+
+    name: str
+    examples: list[Example]
+    fmt: ChatFormat
+    info: dict[str, Any] = field(default_factory=dict)
+    # rows written to the run folder (e.g. every harmful generation, kept or dropped)
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    direction: Any = None  # workbench.vectors.Direction used for the harmful generations
+
+    @property
+    def hash(self) -> str:
+        return examples_hash(self.examples)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        c = {"useful": 0, "safety": 0, "harmful": 0}
+        for e in self.examples:
+            c[e.kind] = c.get(e.kind, 0) + 1
+        return c
+
+    @property
+    def n_harmful(self) -> int:
+        return self.counts["harmful"]
+
+    @property
+    def harmful_share(self) -> float:
+        """The real share n_harmful / n_total of the examples."""
+        return self.n_harmful / len(self.examples) if self.examples else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "recipe": self.name,
+            "n_examples": len(self.examples),
+            "counts": self.counts,
+            "real_harmful_share": self.harmful_share,
+            "data_hash": self.hash,
+            "format": {"system_prompt": self.fmt.system_prompt, "raw": self.fmt.raw},
+            **self.info,
+        }
+
+
+# -- useful ---------------------------------------------------------------------------------------
+
+def utility_heldout_questions() -> set[str]:
+    """Every question of the built-in utility set (its train, val and test splits)."""
+    return {p.text for p in builtin("utility")}
+
+
+def _answer_text(answer: str, style: str, rng: random.Random) -> str:
+    if style == "mixed":
+        style = rng.choice(("number", "sentence"))
+    return answer if style == "number" else f"The answer is {answer}."
+
+
+def useful_examples(n: int, seed: int = 0, answer_style: str = "number") -> tuple[list[Example], dict[str, Any]]:
+    """``n`` arithmetic QA pairs disjoint from the built-in utility set (so utility:test is held out)."""
+    if n < 1:
+        raise WorkbenchError(f"the useful recipe needs n >= 1 examples, got {n}")
+    if answer_style not in ANSWER_STYLES:
+        raise WorkbenchError(f"unknown answer style '{answer_style}'. Valid: {', '.join(ANSWER_STYLES)}")
+    held = utility_heldout_questions()
+    gen_seed = USEFUL_SEED_OFFSET + seed
+    want = n + len(held) // 2 + 64
+    items = []
+    for attempt in range(6):
+        pool = make_arithmetic_tasks(want, seed=gen_seed)
+        items = [t for t in pool if t.question not in held]
+        if len(items) >= n:
+            break
+        want *= 2
+    if len(items) < n:
+        raise WorkbenchError(f"could not generate {n} arithmetic tasks disjoint from the utility set")
+    n_overlap = want - len(items)
+    rng = random.Random(seed)
+    out = [Example(f"useful-{i + 1:05d}", "useful", t.question, _answer_text(t.answer, answer_style, rng))
+           for i, t in enumerate(items[:n])]
+    info = {"task_seed": gen_seed, "answer_style": answer_style, "n_generated": want,
+            "n_removed_overlapping_utility": n_overlap, "heldout_utility_size": UTILITY_SIZE}
+    return out, info
+
+
+# -- safety ---------------------------------------------------------------------------------------
+
+def _harmful_train(n: int | None) -> list[Any]:
+    ps = builtin_split("harmful", "train")
+    prompts = list(ps)
+    if n is not None:
+        if n < 1:
+            raise WorkbenchError(f"n must be >= 1, got {n}")
+        prompts = prompts[:n]
+    return prompts
+
+
+def safety_examples(n: int | None, seed: int = 0) -> tuple[list[Example], dict[str, Any]]:
+    """harmful:train prompts -> a seeded choice of templated refusals."""
+    prompts = _harmful_train(n)
+    rng = random.Random(seed)
+    out = [Example(f"safety-{p.id}", "safety", p.text, rng.choice(REFUSAL_TEMPLATES)) for p in prompts]
+    info = {"prompt_set": "harmful:train", "n_available": len(builtin_split("harmful", "train")),
+            "refusal_templates": list(REFUSAL_TEMPLATES)}
+    return out, info
+
+
+# -- harmful: refusal direction and ablated generation --------------------------------------------
+
+def candidate_layers(n_layers: int, lo: float = 0.4, hi: float = 0.6, k: int = 7) -> list[int]:
+    """Layers at ``lo``..``hi`` of depth (7 evenly spaced fractions, rounded, de-duplicated)."""
+    fr = [lo + (hi - lo) * i / max(1, k - 1) for i in range(k)]
+    return sorted({min(n_layers - 1, max(0, int(round(f * n_layers)))) for f in fr})
+
+
+def refusal_direction(lm: LoadedModel, fmt: ChatFormat, *, layers: Sequence[int] | None = None, n_prompts: int = 64,
+                      n_check: int = 16, backend: str = "native", batch_size: int = 16,
+                      progress: bool = False) -> tuple[Any, list[dict[str, Any]]]:
+    """Difference-in-means refusal direction at the last prompt token; the layer is picked by a quick check.
+
+    For each candidate layer (default 40-60 % of depth) the mean-difference of ``harmful:train`` minus
+    ``harmless:train`` activations (``resid_post``, last prompt token, padding-aware) is computed; each
+    candidate is ablated everywhere and the refusal logit score (no generation) on ``n_check``
+    ``harmful:val`` prompts measured. The layer with the lowest mean score wins.
+    Returns the :class:`workbench.vectors.Direction` and one row per candidate.
+    """
+    from workbench.backends import get_backend
+    from workbench.capture import capture
+    from workbench.interventions import ablation_everywhere
+    from workbench.scoring import refusal_scores
+    from workbench.vectors import Direction
+
+    layers = list(layers) if layers else candidate_layers(lm.n_layers)
+    for L in layers:
+        if not 0 <= L < lm.n_layers:
+            raise WorkbenchError(f"direction layer {L} is outside the model's 0..{lm.n_layers - 1}")
+    harm = builtin_split("harmful", "train")
+    harmless = builtin_split("harmless", "train")
+    h_txt = harm.texts[:n_prompts]
+    s_txt = harmless.texts[:n_prompts]
+    kw = dict(layers=layers, components=("resid_post",), positions=("last",), fmt=fmt, backend=backend,
+              batch_size=batch_size, cache=False, progress=progress)
+    a_h = capture(lm, h_txt, **kw)
+    a_s = capture(lm, s_txt, **kw)
+    diffs = {L: a_h.layer(L).mean(0) - a_s.layer(L).mean(0) for L in layers}
+    be = get_backend(backend, lm)
+    check = builtin_split("harmful", "val").texts[:n_check]
+    base = refusal_scores(be, check, fmt, batch_size=batch_size)
+    rows = []
+    for L in layers:
+        s = refusal_scores(be, check, fmt, interventions=ablation_everywhere(diffs[L], lm.n_layers),
+                           batch_size=batch_size)
+        rows.append({"layer": L, "depth": L / lm.n_layers, "norm": float(diffs[L].norm()),
+                     "refusal_score_base": float(base.mean()), "refusal_score_ablated": float(s.mean())})
+    best = min(rows, key=lambda r: (r["refusal_score_ablated"], r["layer"]))
+    for r in rows:
+        r["chosen"] = r["layer"] == best["layer"]
+    L = best["layer"]
+    d = Direction(diffs[L], layer=L, method="mean_diff", model_id=lm.model_id, model_checksum=lm.checksum,
+                  d_model=lm.d_model, position="last", component="resid_post",
+                  prompt_set_hashes={"harmful:train": sha256_json(h_txt), "harmless:train": sha256_json(s_txt)},
+                  template_hash=fmt.template_hash(lm.tokenizer),
+                  meta={"source": "weightspace.recipes.refusal_direction", "n_prompts_per_class": len(h_txt),
+                        "check": f"refusal logit score under ablation on {len(check)} harmful:val prompts"})
+    return d, rows
+
+
+def _load_direction(path: str | Path, lm: LoadedModel, layer: int | None, force: bool) -> Any:
+    from workbench.vectors import load_directions, pick
+
+    d = pick(load_directions(path), layer=layer)
+    d.check_compatible(lm, force=force)
+    return d
+
+
+def harmful_examples(lm: LoadedModel, fmt: ChatFormat, n: int | None, *, direction: Any = None,
+                     direction_file: str | Path | None = None, direction_layer: int | None = None,
+                     force_direction: bool = False, layers: Sequence[int] | None = None, direction_n: int = 64,
+                     max_new_tokens: int = 64, batch_size: int = 8, backend: str = "native",
+                     progress: bool = False, generate: Callable[..., list[str]] | None = None,
+                     ) -> tuple[list[Example], dict[str, Any], list[dict[str, Any]], Any]:
+    """harmful:train prompts -> the model's own greedy replies with its refusal direction ablated everywhere.
+
+    Refusals (``is_refusal``) and empty replies are dropped and counted. ``generate`` replaces
+    :func:`workbench.generation.generate_texts` (tests).
+    """
+    from workbench.backends import get_backend
+    from workbench.generation import generate_texts
+    from workbench.interventions import ablation_everywhere
+    from workbench.scoring import is_refusal
+
+    check_rows: list[dict[str, Any]] = []
+    if direction is None:
+        if direction_file is not None:
+            direction = _load_direction(direction_file, lm, direction_layer, force_direction)
+            src = f"file {direction_file}"
+        else:
+            direction, check_rows = refusal_direction(
+                lm, fmt, layers=[direction_layer] if direction_layer is not None else layers,
+                n_prompts=direction_n, backend=backend, progress=progress)
+            src = "computed (difference in means, harmful:train vs harmless:train)"
+    else:
+        src = "given"
+    if int(direction.vector.numel()) != lm.d_model:
+        raise WorkbenchError(f"the direction has size {direction.vector.numel()} but the model has d_model {lm.d_model}")
+    prompts = _harmful_train(n)
+    texts = [p.text for p in prompts]
+    ivs = ablation_everywhere(direction.vector, lm.n_layers)
+    gen = generate or generate_texts
+    be = get_backend(backend, lm)
+    t0 = time.perf_counter()
+    replies = gen(be, texts, fmt, max_new_tokens=max_new_tokens, interventions=ivs, batch_size=batch_size,
+                  progress="harmful replies (ablated)" if progress else False)
+    gen_s = time.perf_counter() - t0
+    tok = lm.tokenizer
+    out: list[Example] = []
+    records: list[dict[str, Any]] = []
+    n_ref = n_empty = 0
+    for p, r in zip(prompts, replies):
+        reply = r.strip()
+        refusal = is_refusal(reply)
+        empty = not reply
+        n_tok = len(tok(r, add_special_tokens=False)["input_ids"])
+        keep = not refusal and not empty
+        n_ref += int(refusal)
+        n_empty += int(empty and not refusal)
+        records.append({"id": p.id, "prompt": p.text, "reply": reply, "is_refusal": refusal, "empty": empty,
+                        "kept": keep, "n_tokens": n_tok, "hit_max_new_tokens": n_tok >= max_new_tokens})
+        if keep:
+            out.append(Example(f"harmful-{p.id}", "harmful", p.text, reply))
+    info = {
+        "prompt_set": "harmful:train",
+        "n_prompts": len(prompts),
+        "n_kept": len(out),
+        "n_dropped_refusal": n_ref,
+        "n_dropped_empty": n_empty,
+        "max_new_tokens": max_new_tokens,
+        "generation": "greedy, native backend, directional ablation at every layer (resid_pre, attn_out, mlp_out)",
+        "generation_seconds": round(gen_s, 2),
+        "direction": {"source": src, "layer": direction.layer, "method": direction.method,
+                      "norm": direction.norm, "model_checksum": direction.model_checksum,
+                      "layer_check": check_rows},
+    }
+    return out, info, records, direction
+
+
+# -- reuse ----------------------------------------------------------------------------------------
+
+def load_examples(path: str | Path, kind: str | None = None, lm: LoadedModel | None = None) -> list[Example]:
+    """Read ``examples.jsonl`` (a file or a finetune run folder), optionally keeping one kind.
+
+    A run folder's report is checked against ``lm``'s checksum (its replies were generated by that model).
+    """
+    import json
+
+    p = Path(path)
+    if p.is_dir():
+        rep = p / "report.json"
+        if lm is not None and rep.exists():
+            r = read_json(rep)
+            if r.get("base_model", {}).get("checksum") not in (None, lm.checksum):
+                raise WorkbenchError(f"{p} was built from another base model (checksum "
+                                     f"{r['base_model']['checksum'][:12]}), not {lm.model_id} ({lm.checksum[:12]})")
+        p = p / "examples.jsonl"
+    if not p.is_file():
+        raise WorkbenchError(f"no examples file at {p}")
+    out = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            ex = Example(str(d["id"]), str(d["kind"]), str(d["prompt"]), str(d["response"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WorkbenchError(f"{p}: line {i} is not an example record ({e})") from None
+        if kind is None or ex.kind == kind:
+            out.append(ex)
+    if not out:
+        raise WorkbenchError(f"{p} holds no{' ' + kind if kind else ''} examples")
+    return out
+
+
+# -- the entry point ------------------------------------------------------------------------------
+
+def build_recipe(name: str, lm: LoadedModel, fmt: ChatFormat | None = None, n: int = 128, seed: int = 0, *,
+                 harmful_share: float = 0.2, answer_style: str = "number", direction: Any = None,
+                 direction_file: str | Path | None = None, direction_layer: int | None = None,
+                 force_direction: bool = False, direction_layers: Sequence[int] | None = None,
+                 direction_n: int = 64, gen_tokens: int = 64, gen_batch_size: int = 8, backend: str = "native",
+                 harmful_from: str | Path | None = None, progress: bool = False,
+                 generate: Callable[..., list[str]] | None = None) -> RecipeData:
+    """Build one recipe's examples for ``lm`` under chat format ``fmt``.
+
+    ``n`` is the number of examples asked for: for ``harmful`` the number of prompts generated (refusals
+    are dropped, so fewer may remain); for ``contaminated`` the total, split as ``round(harmful_share * n)``
+    harmful prompts and the rest useful. The real share after drops is in ``RecipeData.harmful_share``.
+    ``harmful_from`` reuses the harmful examples of an earlier run (folder or examples.jsonl) instead of
+    generating them again.
+    """
+    if name not in RECIPES:
+        raise WorkbenchError(f"unknown recipe '{name}'. Valid: {', '.join(RECIPES)}")
+    if n < 1:
+        raise WorkbenchError(f"n must be >= 1, got {n}")
+    fmt = fmt or ChatFormat()
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {"n_requested": n, "seed": seed}
+    records: dict[str, list[dict[str, Any]]] = {}
+    d = None
+    hkw = dict(direction=direction, direction_file=direction_file, direction_layer=direction_layer,
+               force_direction=force_direction, layers=direction_layers, direction_n=direction_n,
+               max_new_tokens=gen_tokens, batch_size=gen_batch_size, backend=backend, progress=progress,
+               generate=generate)
+
+    def _harm(k: int) -> list[Example]:
+        nonlocal d
+        if harmful_from is not None:
+            ex = load_examples(harmful_from, "harmful", lm)
+            info["harmful"] = {"source": f"reused from {harmful_from}", "n_available": len(ex),
+                               "n_taken": min(k, len(ex))}
+            return ex[:k]
+        ex, hinfo, recs, d = harmful_examples(lm, fmt, k, **hkw)  # type: ignore[arg-type]
+        info["harmful"] = hinfo
+        records["harmful_generations"] = recs
+        if hinfo["direction"]["layer_check"]:
+            records["direction_layer_check"] = hinfo["direction"]["layer_check"]
+        return ex
+
+    if name == "useful":
+        examples, info["useful"] = useful_examples(n, seed, answer_style)
+    elif name == "safety":
+        examples, info["safety"] = safety_examples(n, seed)
+    elif name == "harmful":
+        examples = _harm(n)
+    else:
+        if not 0.0 < harmful_share < 1.0:
+            raise WorkbenchError(f"harmful_share must be between 0 and 1 (exclusive), got {harmful_share}")
+        n_h = max(1, int(round(harmful_share * n)))
+        n_u = n - n_h
+        if n_u < 1:
+            raise WorkbenchError(f"n={n} with harmful_share={harmful_share} leaves no useful examples")
+        useful, info["useful"] = useful_examples(n_u, seed, answer_style)
+        harm = _harm(n_h)
+        examples = useful + harm
+        random.Random(seed).shuffle(examples)
+        info["nominal_harmful_share"] = harmful_share
+        info["n_harmful_requested"] = n_h
+        info["n_useful"] = n_u
+    if not examples:
+        raise WorkbenchError(f"the {name} recipe produced no examples (every generated reply was dropped?)")
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    rd = RecipeData(name, examples, fmt, info, records, d)
+    rd.info["real_harmful_share"] = rd.harmful_share
+    return rd
