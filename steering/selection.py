@@ -51,6 +51,11 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
         row: dict[str, Any] = {"candidate": i, "layer": d.layer, "position": d.position, "method": d.method,
                                "norm": d.norm}
         reasons = []
+        if d.norm <= 1e-6:
+            row.update(ablation_score=float("nan"), kl=float("nan"), steering_score=float("nan"),
+                       filtered="zero direction (identical activations in both sets)")
+            rows.append(row)
+            continue
         if d.layer >= max_layer_frac * n_layers:
             reasons.append(f"layer >= {max_layer_frac:.0%} of depth")
         abl = ablation(d, n_layers)
@@ -67,12 +72,18 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
         row["filtered"] = "; ".join(reasons)
         rows.append(row)
     kept = [r for r in rows if not r["filtered"]]
+    fallback = False
     if not kept:
-        raise WorkbenchError(
-            f"every one of the {len(rows)} candidates was filtered out (see the selection table); relax --kl-max "
-            f"or widen the layers"
-        )
+        kept = [r for r in rows if r["norm"] > 1e-6]
+        if not kept:
+            raise WorkbenchError(f"all {len(rows)} candidate directions are zero vectors")
+        fallback = True
+        import warnings
+
+        warnings.warn(f"every one of the {len(rows)} candidates failed a filter; selecting the lowest ablation score "
+                      f"anyway (marked 'selected_despite_filters' in the table)", stacklevel=2)
     best_row = min(kept, key=lambda r: r["ablation_score"])
+    best_row["selected_despite_filters"] = fallback
     for r in rows:
         r["selected"] = r is best_row
     return SelectionResult(rows, candidates[best_row["candidate"]], baseline)

@@ -317,7 +317,7 @@ def harmful_examples(lm: LoadedModel, fmt: ChatFormat, n: int | None, *, directi
         records.append({"id": p.id, "prompt": p.text, "reply": reply, "is_refusal": refusal, "empty": empty,
                         "kept": keep, "n_tokens": n_tok, "hit_max_new_tokens": n_tok >= max_new_tokens})
         if keep:
-            out.append(Example(f"harmful-{p.id}", "harmful", p.text, reply))
+            out.append(Example(p.id, "harmful", p.text, reply))
     info = {
         "prompt_set": "harmful:train",
         "n_prompts": len(prompts),

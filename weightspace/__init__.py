@@ -1,0 +1,1 @@
+"""Weight-space analysis: fine-tuning recipes, updates, projections and overlaps."""
