@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import numpy as np
@@ -43,9 +42,8 @@ def run_probe_sweep(lm: Any, fmt: Any, run: RunFolder, positive: str, negative: 
         tr, te = _splits(spec)
         for split, ps in (("train", tr), ("test", te)):
             texts = ps.texts[:limit] if limit else ps.texts
-            t0 = time.perf_counter()
-            a = capture(lm, texts, layers=layers, positions=[position], fmt=fmt, backend=backend, cache=False)
-            t_cap += time.perf_counter() - t0
+            a = capture(lm, texts, layers=layers, positions=[position], fmt=fmt, backend=backend)
+            t_cap += float(a.meta["seconds"])  # the capture's own time, also when read back from the cache
             sets[f"{label}:{split}"] = (a, ps)
     layer_ids = [s.layer for s in sets["pos:train"][0].sites]
     X = {k: stack_layers(a, sets["pos:train"][0].positions[0]) for k, (a, _) in sets.items()}
