@@ -1,0 +1,331 @@
+"""What the app shares between users: models (loaded lazily), their locks, and caches of directions and
+orthogonalised copies.
+
+PyTorch module hooks are global to a module, so two threads running hooked forwards on one model at
+once would see each other's interventions. Every forward pass the app makes on a model (or on a copy
+derived from it) therefore runs under that model's :attr:`ModelSlot.lock`; hooks are registered after
+taking it and removed before releasing it.
+
+>>> from workbench.tiny import build_tiny
+>>> from workbench.loading import from_memory
+>>> state = AppState({"tiny": from_memory(*build_tiny("llama"))})
+>>> state.slot("tiny").get().n_layers
+2
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from workbench.backends import get_backend
+from workbench.backends.base import Backend
+from workbench.chat import ChatFormat
+from workbench.errors import WorkbenchError
+from workbench.loading import LoadedModel
+from workbench.vectors import Direction, load_directions
+
+SOURCES = ("mean-diff", "saved vector", "probe direction", "random control")
+SOURCE_LABELS = {
+    "mean-diff": "difference in means (built-in harmful vs harmless, train split)",
+    "saved vector": "a saved vector file (.safetensors)",
+    "probe direction": "a probe direction (probes run folder)",
+    "random control": "random control (same norm as the difference in means)",
+}
+PROBE_METHODS = ("logistic", "mean_diff")
+
+def direction_key(d: Direction) -> str:
+    """Content hash of a direction (vector, layer, component)."""
+    h = hashlib.sha256(d.vector.detach().float().contiguous().numpy().tobytes())
+    h.update(f"{d.layer}|{d.component}".encode())
+    return h.hexdigest()[:24]
+
+
+class ModelSlot:
+    """One named model: loaded on first use, with its lock, backend and caches."""
+
+    def __init__(self, name: str, source: LoadedModel | Callable[[], LoadedModel], *, n_train: int = 32,
+                 ortho_cache_size: int = 2, disk_cache: bool = True) -> None:
+        self.name = name
+        self.lock = threading.RLock()  # every forward pass on this model or a copy derived from it
+        self._load_lock = threading.Lock()
+        self._lm: LoadedModel | None = source if isinstance(source, LoadedModel) else None
+        self._loader = None if isinstance(source, LoadedModel) else source
+        self._backend: Backend | None = None
+        self.n_train = int(n_train)
+        self.disk_cache = disk_cache
+        self._dirs: dict[str, dict[int, Direction]] = {}
+        self._dirs_lock = threading.Lock()
+        self._ortho: OrderedDict[str, Backend] = OrderedDict()
+        self._ortho_lock = threading.Lock()
+        self.ortho_cache_size = max(1, int(ortho_cache_size))
+        self.load_seconds: float | None = None
+        self.load_error: str | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._lm is not None
+
+    def get(self) -> LoadedModel:
+        """The model, loading it on first use (concurrent callers wait for one load)."""
+        if self._lm is not None:
+            return self._lm
+        with self._load_lock:
+            if self._lm is None:
+                assert self._loader is not None
+                t0 = time.perf_counter()
+                try:
+                    lm = self._loader()
+                except WorkbenchError as e:
+                    self.load_error = str(e)
+                    raise
+                self.load_seconds = time.perf_counter() - t0
+                self.load_error = None
+                self._lm = lm
+                print(f"[app] model '{self.name}' ready (loaded in {self.load_seconds:.1f} s)", file=sys.stderr,
+                      flush=True)
+        return self._lm
+
+    def backend(self) -> Backend:
+        lm = self.get()
+        if self._backend is None:
+            self._backend = get_backend("native", lm)
+        return self._backend
+
+    # -- directions ---------------------------------------------------------------------------------
+
+    def mean_diff_all_layers(self, fmt: ChatFormat) -> dict[int, Direction]:
+        """Difference-in-means directions at every layer (resid_pre, last prompt token) from the first
+        ``n_train`` prompts of the built-in harmful / harmless train splits; computed once per model and
+        chat format (one capture pass gives every layer)."""
+        from steering.directions import mean_diff_directions
+        from workbench.prompts import builtin_split
+
+        lm = self.get()
+        key = f"{lm.checksum}|{fmt.template_hash(lm.tokenizer)}|{self.n_train}"
+        with self._dirs_lock:
+            if key not in self._dirs:
+                pos = builtin_split("harmful", "train").texts[: self.n_train]
+                neg = builtin_split("harmless", "train").texts[: self.n_train]
+                t0 = time.perf_counter()
+                with self.lock:
+                    dirs = mean_diff_directions(lm, pos, neg, fmt=fmt, layers="all", positions=["last"],
+                                                component="resid_pre", cache=self.disk_cache)
+                print(f"[app] mean-diff directions for '{self.name}' ({len(dirs)} layers, {len(pos)}+{len(neg)} "
+                      f"prompts) in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+                self._dirs[key] = {d.layer: d for d in dirs}
+            return self._dirs[key]
+
+    def mean_diff(self, fmt: ChatFormat, layer: int) -> Direction:
+        lm = self.get()
+        layer = _check_layer(layer, lm.n_layers)
+        return self.mean_diff_all_layers(fmt)[layer]
+
+    # -- orthogonalised copies -------------------------------------------------------------------
+
+    def orthogonalised(self, direction: Direction) -> Backend:
+        """A backend over an in-memory copy of the model with its residual-writing weights orthogonalised
+        to ``direction`` (cached per direction, least recently used copies dropped)."""
+        from steering.orthogonalize import orthogonalize_model
+        from workbench.loading import LoadedModel as LM
+
+        lm = self.get()
+        _check_width(direction, lm)
+        key = direction_key(direction)
+        with self._ortho_lock:
+            if key in self._ortho:
+                self._ortho.move_to_end(key)
+                return self._ortho[key]
+            t0 = time.perf_counter()
+            with self.lock:  # deepcopy copies module hooks too: copy only while no other call has any
+                model = copy.deepcopy(lm.model)
+            model.requires_grad_(False)
+            orthogonalize_model(model, direction.vector, allow_post_norm=True)
+            model.eval()
+            olm = LM(model, lm.tokenizer, f"{lm.model_id}+ortho[{key[:8]}]", f"{lm.checksum}+ortho:{key}",
+                     "memory", lm.default_system_prompt, {"orthogonalised_against": direction.record()})
+            be = get_backend("native", olm)
+            self._ortho[key] = be
+            while len(self._ortho) > self.ortho_cache_size:
+                self._ortho.popitem(last=False)
+            print(f"[app] orthogonalised copy of '{self.name}' in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
+                  flush=True)
+            return be
+
+
+def _check_layer(layer: Any, n_layers: int) -> int:
+    try:
+        i = int(layer)
+    except (TypeError, ValueError):
+        raise WorkbenchError(f"layer must be an integer, got {layer!r}") from None
+    if not 0 <= i < n_layers:
+        raise WorkbenchError(f"layer {i} is out of range: this model has {n_layers} layers (0..{n_layers - 1})")
+    return i
+
+
+def _check_width(d: Direction, lm: LoadedModel) -> None:
+    if d.d_model != lm.d_model or d.vector.numel() != lm.d_model:
+        raise WorkbenchError(
+            f"bad vector width: this direction has {d.vector.numel()} values but model '{lm.model_id}' has "
+            f"d_model {lm.d_model}"
+        )
+
+
+@dataclass
+class ResolvedDirection:
+    direction: Direction
+    note: str  # shown in the status box
+
+
+class AppState:
+    """Models by name (``LoadedModel`` or a zero-argument loader), limits and caches."""
+
+    def __init__(self, models: Mapping[str, LoadedModel | Callable[[], LoadedModel]], default_model: str | None = None,
+                 *, max_new_tokens_limit: int = 128, max_prompt_tokens: int = 512, max_prompts: int = 8,
+                 n_train: int = 32, ortho_cache_size: int = 2, disk_cache: bool = True,
+                 runs_dir: str | Path = "runs/app", raw: bool = False,
+                 system_prompt: str | None = None) -> None:
+        if not models:
+            raise WorkbenchError("the app needs at least one model")
+        if max_new_tokens_limit < 1:
+            raise WorkbenchError(f"max_new_tokens_limit must be >= 1, got {max_new_tokens_limit}")
+        self.slots = {name: ModelSlot(name, src, n_train=n_train, ortho_cache_size=ortho_cache_size,
+                                      disk_cache=disk_cache) for name, src in models.items()}
+        self.default_model = default_model or next(iter(self.slots))
+        if self.default_model not in self.slots:
+            raise WorkbenchError(f"default model '{self.default_model}' is not among {', '.join(self.slots)}")
+        self.max_new_tokens_limit = int(max_new_tokens_limit)
+        self.max_prompt_tokens = int(max_prompt_tokens)
+        self.max_prompts = int(max_prompts)
+        self.runs_dir = Path(runs_dir)
+        self.raw = raw
+        self.system_prompt_override = system_prompt
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.slots)
+
+    def slot(self, name: str | None) -> ModelSlot:
+        name = name or self.default_model
+        if name not in self.slots:
+            raise WorkbenchError(f"unknown model '{name}'. Available here: {', '.join(self.slots)}")
+        return self.slots[name]
+
+    def preload(self, name: str | None = None) -> threading.Thread:
+        """Load a model in a background thread (the server answers meanwhile; calls wait for the load)."""
+        slot = self.slot(name)
+
+        def run() -> None:
+            try:
+                slot.get()
+            except Exception as e:  # reported to the user on first use
+                print(f"[app] could not load '{slot.name}': {e}", file=sys.stderr, flush=True)
+
+        t = threading.Thread(target=run, name=f"preload-{slot.name}", daemon=True)
+        t.start()
+        return t
+
+    def default_system_prompt(self, name: str | None) -> str:
+        """The system prompt the Steer tab starts with for a model (the zoo's recommendation, if any)."""
+        if self.system_prompt_override is not None:
+            return self.system_prompt_override
+        from workbench.zoo import ZOO
+
+        slot = self.slot(name)
+        if slot.loaded:
+            return slot.get().default_system_prompt or ""
+        entry = ZOO.get(slot.name)
+        return (entry.default_system_prompt or "") if entry is not None else ""
+
+    def chat_format(self, system_prompt: str | None) -> ChatFormat:
+        sp = (system_prompt or "").strip() or None
+        return ChatFormat(system_prompt=None if self.raw else sp, raw=self.raw)
+
+    def validate_max_new_tokens(self, n: Any) -> int:
+        try:
+            v = int(n)
+        except (TypeError, ValueError):
+            raise WorkbenchError(f"max new tokens must be an integer, got {n!r}") from None
+        if float(n) != v:
+            raise WorkbenchError(f"max new tokens must be an integer, got {n!r}")
+        if not 1 <= v <= self.max_new_tokens_limit:
+            raise WorkbenchError(
+                f"too many tokens: max new tokens must be between 1 and {self.max_new_tokens_limit} "
+                f"(got {v}); the limit is set with --max-new-tokens-limit"
+            )
+        return v
+
+    def resolve_direction(self, model: str | None, source: str, *, layer: Any, fmt: ChatFormat,
+                          vector_file: str | None = None, probe_folder: str | None = None,
+                          probe_method: str = "logistic", seed: int = 0) -> ResolvedDirection:
+        """The direction a Steer request uses, checked against the model."""
+        slot = self.slot(model)
+        lm = slot.get()
+        if source not in SOURCES:
+            raise WorkbenchError(f"unknown direction source '{source}'. Valid: {', '.join(SOURCES)}")
+        if source == "mean-diff":
+            d = slot.mean_diff(fmt, layer)
+            note = f"difference in means of {slot.n_train}+{slot.n_train} built-in train prompts"
+        elif source == "random control":
+            from steering.directions import random_like
+
+            d = random_like(slot.mean_diff(fmt, layer), seed=int(seed))
+            note = f"random direction (seed {int(seed)}) with the norm of the difference in means"
+        elif source == "saved vector":
+            path = _clean_path(vector_file, "a vector file")
+            dirs = load_directions(path)
+            d = _pick_layer(dirs, layer, str(path))
+            note = f"loaded from {path}"
+        else:
+            folder = _clean_path(probe_folder, "a probes run folder")
+            path = folder / "probe_directions.safetensors" if folder.is_dir() else folder
+            if not path.exists():
+                raise WorkbenchError(f"{folder} has no probe_directions.safetensors; run `workbench probe` (or the "
+                                     f"Probes tab) first, or give the folder of such a run")
+            if probe_method not in PROBE_METHODS:
+                raise WorkbenchError(f"unknown probe method '{probe_method}'. Valid: {', '.join(PROBE_METHODS)}")
+            dirs = [x for x in load_directions(path) if x.method == probe_method]
+            if not dirs:
+                raise WorkbenchError(f"{path} holds no '{probe_method}' directions")
+            d = _pick_layer(dirs, layer, str(path))
+            note = f"{probe_method} probe direction from {path}"
+        _check_width(d, lm)
+        _check_layer(d.layer, lm.n_layers)
+        if d.model_checksum != lm.checksum and source in ("saved vector", "probe direction"):
+            note += (f" (note: computed on '{d.model_id}', checksum {d.model_checksum[:12]}, not on this model "
+                     f"{lm.checksum[:12]})")
+        return ResolvedDirection(d, note)
+
+
+def _clean_path(p: str | None, what: str) -> Path:
+    if p is None or not str(p).strip():
+        raise WorkbenchError(f"give {what}")
+    path = Path(str(p).strip()).expanduser()
+    if not path.exists():
+        raise WorkbenchError(f"no such file or folder: {path}")
+    return path
+
+
+def _pick_layer(dirs: list[Direction], layer: Any, where: str) -> Direction:
+    if len(dirs) == 1:
+        return dirs[0]
+    try:
+        want = int(layer)
+    except (TypeError, ValueError):
+        want = None
+    for d in dirs:
+        if d.layer == want:
+            return d
+    have = ", ".join(str(x) for x in sorted({d.layer for d in dirs}))
+    raise WorkbenchError(f"{where} has no direction at layer {layer}; it has layers {have}")
+
+
+__all__ = ["AppState", "ModelSlot", "SOURCES", "SOURCE_LABELS", "PROBE_METHODS", "ResolvedDirection",
+           "direction_key"]
