@@ -126,7 +126,13 @@ class ModelSlot:
     def mean_diff(self, fmt: ChatFormat, layer: int) -> Direction:
         lm = self.get()
         layer = _check_layer(layer, lm.n_layers)
-        return self.mean_diff_all_layers(fmt)[layer]
+        d = self.mean_diff_all_layers(fmt)[layer]
+        if d.norm == 0:
+            raise WorkbenchError(
+                f"the difference-in-means direction at layer {layer} is zero: the residual input there is the same "
+                f"for every prompt's last token (at layer 0 it is just that token's embedding). Pick a later layer."
+            )
+        return d
 
     # -- orthogonalised copies -------------------------------------------------------------------
 

@@ -124,17 +124,31 @@ def build_interventions(spec: ColumnSpec, n_layers: int) -> list[Intervention]:
 # -- the prompt batch -----------------------------------------------------------------------------
 
 def encode_prompt(backend: Backend, prompt: str, fmt: ChatFormat | None = None, *,
-                  max_prompt_tokens: int | None = None) -> Batch:
-    """Template and tokenise one prompt; refuse empty and over-long prompts with a clear message."""
+                  max_prompt_tokens: int | None = None, max_new_tokens: int = 0) -> Batch:
+    """Template and tokenise one prompt; refuse empty and over-long prompts (the app's limit, and prompt
+    plus new tokens beyond the model's context) with a clear message."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise WorkbenchError("the prompt is empty: type a prompt or pick one from the built-in sets")
     lm = backend.lm
-    batch = encode(lm.tokenizer, [prompt], fmt, max_positions=lm.max_positions)
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the length is checked right below
+    try:
+        batch = encode(lm.tokenizer, [prompt], fmt)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     n = int(batch.lengths[0])
     if max_prompt_tokens is not None and n > max_prompt_tokens:
         raise WorkbenchError(
             f"the prompt is {n} tokens long (chat template included); this app accepts at most "
             f"{max_prompt_tokens} tokens per prompt. Shorten it (nothing is truncated silently)."
+        )
+    ctx = lm.max_positions
+    if ctx and n + max(0, int(max_new_tokens)) > ctx:
+        raise WorkbenchError(
+            f"too many tokens: the prompt ({n} tokens) plus max new tokens ({int(max_new_tokens)}) exceed the "
+            f"model's context of {ctx} tokens; shorten the prompt or lower max new tokens"
         )
     return batch
 
@@ -244,10 +258,12 @@ class GreedyStream:
         if tok in self._eos:
             self.stopped_by_eos = True
             self.done = True
+            self._flush()
             return False
         self._append(tok)
         if len(self.token_ids) >= self.max_new_tokens:
             self.done = True
+            self._flush()
             return False
         dev = self._mask.device
         self._next_input = torch.tensor([[tok]], dtype=self.batch.input_ids.dtype, device=dev)
@@ -256,13 +272,28 @@ class GreedyStream:
         return True
 
     def _append(self, tok: int) -> None:
+        # A token's piece is the new text it completes; bytes of an unfinished character (decoded as
+        # U+FFFD) are held back until the token that completes it, so "".join(pieces) == text.
         tokenizer = self.backend.lm.tokenizer
         self.token_ids.append(tok)
         text = tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        piece = text[len(self.text):] if text.startswith(self.text) else tokenizer.decode([tok], skip_special_tokens=True)
+        emitted = "".join(self.pieces)
+        if not text.startswith(emitted):  # pragma: no cover - tokenizers whose prefix decodes are unstable
+            k = 0
+            while k < min(len(text), len(emitted)) and text[k] == emitted[k]:
+                k += 1
+            emitted = emitted[:k]
+        piece = text[len(emitted):]
+        if piece.endswith("\ufffd"):
+            piece = ""
         self.pieces.append(piece)
         self.projections.append(None)
         self.text = text
+
+    def _flush(self) -> None:
+        rest = self.text[len("".join(self.pieces)):]
+        if rest and self.pieces:
+            self.pieces[-1] += rest
 
     def __iter__(self) -> Iterator["GreedyStream"]:
         while self.step():
@@ -422,7 +453,8 @@ def compute_column(ref_backend: Backend, col_backend: Backend, prompt: str, spec
                    lock: Lock | None = None, max_prompt_tokens: int | None = None) -> ColumnResult:
     """Generate and score one column (no streaming): the function the UI's columns are made of."""
     with lock if lock is not None else nullcontext():
-        batch = encode_prompt(col_backend, prompt, fmt, max_prompt_tokens=max_prompt_tokens)
+        batch = encode_prompt(col_backend, prompt, fmt, max_prompt_tokens=max_prompt_tokens,
+                              max_new_tokens=max_new_tokens)
     col = Column(spec, ref_backend, col_backend, batch, prompt, probe=probe, max_new_tokens=max_new_tokens, lock=lock)
     return col.finish()
 

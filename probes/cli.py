@@ -35,18 +35,24 @@ def _splits(spec: str) -> tuple[PromptSet, PromptSet]:
 
 def run_probe_sweep(lm: Any, fmt: Any, run: RunFolder, positive: str, negative: str, *, layers: Any = "all",
                     position: str = "last", backend: str = "native", n_boot: int = 1000, limit: int | None = None,
-                    seed: int = 0) -> dict[str, Any]:
-    sets = {}
+                    seed: int = 0, acts: dict[str, Activations] | None = None) -> dict[str, Any]:
+    """Fit on the train splits, evaluate on the test splits. ``acts`` may hold precomputed captures keyed
+    ``pos:train``, ``pos:test``, ``neg:train``, ``neg:test`` (the main job passes its shared capture)."""
+    sets: dict[str, tuple[Activations, Any]] = {}
     t_cap = 0.0
     for label, spec in (("pos", positive), ("neg", negative)):
         tr, te = _splits(spec)
         for split, ps in (("train", tr), ("test", te)):
-            texts = ps.texts[:limit] if limit else ps.texts
-            a = capture(lm, texts, layers=layers, positions=[position], fmt=fmt, backend=backend)
+            key = f"{label}:{split}"
+            if acts is not None and key in acts:
+                a = acts[key]
+            else:
+                texts = ps.texts[:limit] if limit else ps.texts
+                a = capture(lm, texts, layers=layers, positions=[position], fmt=fmt, backend=backend)
             t_cap += float(a.meta["seconds"])  # the capture's own time, also when read back from the cache
-            sets[f"{label}:{split}"] = (a, ps)
-    layer_ids = [s.layer for s in sets["pos:train"][0].sites]
-    X = {k: stack_layers(a, sets["pos:train"][0].positions[0]) for k, (a, _) in sets.items()}
+            sets[key] = (a, ps)
+    layer_ids = [s.layer for s in sets["pos:train"][0].sites if s.component == "resid_post"]
+    X = {k: stack_layers(a, position) for k, (a, _) in sets.items()}
     sw = ProbeSweep(n_boot=n_boot, seed=seed, layers=layer_ids).fit(X["pos:train"], X["neg:train"])
     res = sw.evaluate(X["pos:test"], X["neg:test"])
     rows = res.rows
@@ -72,7 +78,7 @@ def run_probe_sweep(lm: Any, fmt: Any, run: RunFolder, positive: str, negative: 
                                   layer_ids, layer_ids, vmin=-1, vmax=1, cmap="RdBu_r"))
     timing = {"capture_seconds": round(t_cap, 2), "fit_seconds": round(sw.fit_seconds_, 2),
               "fit_over_capture": round(sw.fit_seconds_ / max(t_cap, 1e-9), 3),
-              "n_prompts": sum(len(a.data[a.positions[0]]) for a, _ in sets.values()), "n_layers": len(layer_ids)}
+              "n_prompts": sum(a.n_prompts for a, _ in sets.values()), "n_layers": len(layer_ids)}
     run.write_json("probe_timing.json", timing)
     best = res.best_layer("logistic_auroc")
     br = next(r for r in rows if r["layer"] == best)
@@ -93,13 +99,15 @@ def default_overlap_sets() -> dict[str, list[str]]:
     return {"U": util, "H1": [harmful.texts[i] for i in perm[:half]], "H2": [harmful.texts[i] for i in perm[half:2 * half]]}
 
 
-def run_overlap(lm: Any, fmt: Any, run: RunFolder, sets: dict[str, list[str]], *, position: str = "last",
+def run_overlap(lm: Any, fmt: Any, run: RunFolder, sets: dict[str, Any], *, position: str = "last",
                 backend: str = "native", etas: Any = DEFAULT_ETAS, n_boot: int = 30, plot_eta: float = 0.5,
                 seed: int = 0, ceiling: str | None = "H1~H2") -> dict[str, Any]:
+    """``sets[name]`` is a list of prompts (captured here) or precomputed :class:`Activations`."""
     X = {}
-    for name, texts in sets.items():
-        a = capture(lm, texts, layers="all", positions=[position], fmt=fmt, backend=backend)
-        X[name] = stack_layers(a, a.positions[0])
+    for name, item in sets.items():
+        a = item if isinstance(item, Activations) else capture(lm, item, layers="all", positions=[position], fmt=fmt,
+                                                                 backend=backend)
+        X[name] = stack_layers(a, position)
     res = activation_overlap(X, etas=etas, n_boot=n_boot, seed=seed, progress=True)
     run.write_csv("overlap.csv", res.rows)
     L = X[next(iter(X))].shape[1]
@@ -206,16 +214,22 @@ def register(sub: Any) -> None:
 
 
 def main_stage(ctx: Any) -> None:
+    """Probe sweep and overlap on the main job's shared capture (only the utility prompts are new)."""
+    core = ctx.results["core_acts"]
     sub = RunFolder(ctx.run.path / "probes", config={"stage": "probes"}, overwrite=True)
-    limit = 24 if ctx.quick else None
+    acts = {"pos:train": core["harmful:train"], "pos:test": core["harmful:test"],
+            "neg:train": core["harmless:train"], "neg:test": core["harmless:test"]}
     out = run_probe_sweep(ctx.lm, ctx.fmt, sub, "harmful", "harmless", backend=ctx.args.backend,
-                          n_boot=200 if ctx.quick else 1000, limit=limit, seed=ctx.args.seed)
+                          n_boot=200 if ctx.quick else 1000, seed=ctx.args.seed, acts=acts)
     _print_probe(out)
     ctx.results["probes"] = out
-    sets = default_overlap_sets()
-    if ctx.quick:
-        sets = {k: v[:24] for k, v in sets.items()}
-    ov = RunFolder(ctx.run.path / "overlap", config={"stage": "overlap"}, overwrite=True)
+    # U = utility tasks, H1 / H2 = two disjoint halves of the harmful train split (same size)
+    h = core["harmful:train"]
+    half = h.n_prompts // 2
+    sets: dict[str, Any] = {"U": builtin("utility").texts[:half], "H1": h.select(slice(0, half)),
+                            "H2": h.select(slice(half, 2 * half))}
+    ov = RunFolder(ctx.run.path / "overlap", config={"stage": "overlap", "sets": {"U": f"utility[:{half}]",
+                   "H1": f"harmful:train[:{half}]", "H2": f"harmful:train[{half}:{2 * half}]"}}, overwrite=True)
     res = run_overlap(ctx.lm, ctx.fmt, ov, sets, backend=ctx.args.backend, n_boot=5 if ctx.quick else 30,
                       seed=ctx.args.seed)
     for pair, s in res["summary"].items():

@@ -82,6 +82,8 @@ def activation_overlap(
             raise WorkbenchError(f"eta must be in (0, 1], got {e}")
     T = {k: torch.as_tensor(v).to(torch.float64) for k, v in sets.items()}
     shapes = {k: tuple(v.shape) for k, v in T.items()}
+    if any(v.ndim != 3 for v in T.values()):
+        raise WorkbenchError(f"all sets must be [n, layers, d] with equal layers and d; got {shapes}")
     L, d = next(iter(T.values())).shape[1:]
     for k, v in T.items():
         if v.ndim != 3 or v.shape[1:] != (L, d):
@@ -90,6 +92,9 @@ def activation_overlap(
             raise WorkbenchError(f"set '{k}' has {v.shape[0]} prompts; need at least 2")
     names = list(T)
     pairs = list(pairs) if pairs else list(combinations(names, 2))
+    unknown = sorted({x for pair in pairs for x in pair} - set(names))
+    if unknown:
+        raise WorkbenchError(f"pairs name unknown sets {unknown}; the sets are {names}")
     layer_ids = list(layers) if layers is not None else list(range(L))
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []

@@ -13,7 +13,7 @@ from workbench.runs import RunFolder, seed_everything
 from workbench.sites import parse_layers
 from workbench.vectors import Direction, load_directions, pick, save_directions
 
-from steering.directions import mean_diff_directions, pca_directions, random_like
+from steering.directions import mean_diff_directions, mean_diff_from_activations, pca_directions, random_like
 from steering.evaluate import Condition, evaluate_conditions
 from steering.interventions import ablation, addition
 from steering.selection import select_direction, selection_heatmaps
@@ -62,8 +62,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.gguf:
         from steering.gguf_export import export_control_vector
 
-        last = [d for d in dirs if d.position in ("last", "pos-1")]
-        export_control_vector([d for d in last if d.layer > 0], run.path / "control_vector.gguf",
+        by_layer: dict[int, Direction] = {}
+        for d in dirs:  # "last" and "pos-1" are the same token: one vector per layer
+            if d.position in ("last", "pos-1"):
+                by_layer.setdefault(d.layer, d)
+        last = list(by_layer.values())
+        # llama.cpp steers block outputs 1.. only: resid_pre of layer l is block l-1's output
+        export_control_vector([d for d in last if d.layer - (d.component == "resid_pre") >= 1],
+                              run.path / "control_vector.gguf",
                               model_hint=lm.model.config.model_type)
     print(f"{len(dirs)} directions -> {run.path / 'directions.safetensors'}")
     return 0
@@ -254,9 +260,13 @@ def main_stage(ctx: Any) -> None:
     lm, fmt, args = ctx.lm, ctx.fmt, ctx.args
     run = RunFolder(ctx.run.path / "steering", config={"stage": "steering"}, overwrite=True)
     q = ctx.quick
-    n_train = 32 if q else None
-    dirs = mean_diff_directions(lm, _texts("harmful:train", n_train), _texts("harmless:train", n_train), fmt=fmt,
-                                backend=args.backend)
+    core = ctx.results.get("core_acts")
+    if core is not None:  # the main job's shared capture: resid_pre at every post-instruction token
+        dirs = mean_diff_from_activations(lm, core["harmful:train"], core["harmless:train"], [], [])
+    else:
+        n_train = 32 if q else None
+        dirs = mean_diff_directions(lm, _texts("harmful:train", n_train), _texts("harmless:train", n_train), fmt=fmt,
+                                    backend=args.backend)
     save_directions(run.path / "directions.safetensors", dirs)
     n_post = max(int(d.position[3:]) * -1 for d in dirs if d.position.startswith("pos-"))
     positions = [f"pos-{k}" for k in range(1, min(n_post, 1 if q else 2) + 1)]

@@ -42,7 +42,8 @@ def _record(lm: LoadedModel, vec: torch.Tensor, layer: int, pos_key: str, method
     return Direction(vec, layer=layer, method=method, model_id=lm.model_id, model_checksum=lm.checksum,
                      d_model=lm.d_model, position=pos_key, component=component,
                      dtype=str(lm.dtype).replace("torch.", ""),
-                     prompt_set_hashes={"positive": sha256_json(list(pos))[:16], "negative": sha256_json(list(neg))[:16]},
+                     prompt_set_hashes={"positive": sha256_json(list(pos))[:16] if pos else a.meta.get("prompt_set_hash", ""),
+                                        "negative": sha256_json(list(neg))[:16] if neg else meta.pop("_neg_hash", "")},
                      template_hash=a.meta.get("template_hash", ""), meta=meta)
 
 
@@ -52,12 +53,21 @@ def mean_diff_directions(lm: LoadedModel, positive: Sequence[str], negative: Seq
                          backend: str = "native", cache: bool = True) -> list[Direction]:
     """Difference of means (positive - negative) for every layer and reading position (unnormalised)."""
     a, b = _capture_pair(lm, positive, negative, fmt, layers, positions, component, backend, cache)
+    return mean_diff_from_activations(lm, a, b, positive, negative, component=component)
+
+
+def mean_diff_from_activations(lm: LoadedModel, a: Activations, b: Activations, positive: Sequence[str],
+                               negative: Sequence[str], *, component: str = "resid_pre") -> list[Direction]:
+    """Difference-of-means directions from existing captures (every position key, sites of ``component``)."""
     out = []
     for key in a.positions:
         diff = a.get(key).mean(0) - b.get(key).mean(0)  # [sites, d]
         for j, site in enumerate(a.sites):
+            if site.component != component:
+                continue
             out.append(_record(lm, diff[j], site.layer, key, "mean_diff", component, a, positive, negative,
-                               {"n_positive": len(positive), "n_negative": len(negative)}))
+                               {"n_positive": a.n_prompts, "n_negative": b.n_prompts,
+                                "_neg_hash": b.meta.get("prompt_set_hash", "")}))
     return out
 
 

@@ -1,8 +1,9 @@
 """Export directions as a llama.cpp control vector (GGUF, architecture ``controlvector``).
 
-llama.cpp reads tensors ``direction.{il}`` (one per layer, 1-based: the vector added to the output of
-block ``il - 1``, i.e. our ``resid_post`` of that layer) plus ``controlvector.model_hint`` and
-``controlvector.layer_count``.
+llama.cpp reads tensors ``direction.{il}`` (one per layer): ``direction.il`` is added to the output of
+block ``il`` (0-based, ``l_out``), i.e. our ``resid_post`` of layer ``il`` == ``resid_pre`` of layer
+``il + 1``. ``il = 0`` is rejected by llama.cpp (block 0's output is never steered). The file also
+carries ``controlvector.model_hint`` and ``controlvector.layer_count``.
 
 >>> import torch, tempfile
 >>> from workbench.vectors import Direction
@@ -26,16 +27,18 @@ from workbench.vectors import Direction
 
 def export_control_vector(directions: Sequence[Direction], path: str | Path, *, model_hint: str,
                           alpha: float = 1.0) -> Path:
-    """Write one vector per layer (resid_pre directions at layer l are written to block l-1's output)."""
+    """Write one vector per layer (resid_post of layer l -> ``direction.l``; resid_pre of layer l is the
+    output of block l-1 -> ``direction.{l-1}``)."""
     import gguf
 
     if not directions:
         raise WorkbenchError("no directions to export")
     per_layer: dict[int, np.ndarray] = {}
     for d in directions:
-        il = d.layer + 1 if d.component == "resid_post" else d.layer  # resid_pre of l == output of block l-1
+        il = d.layer if d.component == "resid_post" else d.layer - 1  # resid_pre of l == output of block l-1
         if il < 1:
-            raise WorkbenchError("a resid_pre direction at layer 0 has no block output to attach to in llama.cpp")
+            raise WorkbenchError(f"a {d.component} direction at layer {d.layer} maps to llama.cpp block output {il}; "
+                                 "llama.cpp only applies control vectors to the outputs of blocks 1 and above")
         if il in per_layer:
             raise WorkbenchError(f"two directions map to llama.cpp layer {il}; export one per layer")
         per_layer[il] = (d.vector.numpy() * alpha).astype(np.float32)

@@ -302,7 +302,9 @@ def test_contaminated_reports_the_real_harmful_share(make_tiny, tmp_path):
     assert 0 < rep["harmful_response_token_share"] < 1
     # reuse the harmful part of a run instead of generating again
     rd2 = build_recipe("contaminated", lm, n=20, seed=0, harmful_share=0.3, harmful_from=res.path)
-    assert [e for e in rd2.examples if e.kind == "harmful"] == [e for e in rd.examples if e.kind == "harmful"]
+    key = lambda e: e.id  # noqa: E731
+    assert sorted((e for e in rd2.examples if e.kind == "harmful"), key=key) == \
+        sorted((e for e in rd.examples if e.kind == "harmful"), key=key)
 
 
 def test_direction_file_is_used_and_checked(make_tiny, tmp_path):

@@ -177,11 +177,16 @@ class TokenizedExample:
         return len(self.input_ids) - self.n_prompt
 
 
+def response_prefix(fmt: ChatFormat) -> str:
+    """Text put between prompt and response: nothing with a chat template, one space in raw mode."""
+    return " " if fmt.raw else ""
+
+
 def tokenize_example(tokenizer: Any, fmt: ChatFormat, example: Example, eot: str) -> TokenizedExample:
     """Prompt tokens exactly as evaluation encodes them, then response + end-of-turn; prompt labels -100."""
     ids, _ = tokenize_prompts(tokenizer, [example.prompt], fmt)
     p = list(ids[0])
-    r = list(tokenizer(example.response + eot, add_special_tokens=False)["input_ids"])
+    r = list(tokenizer(response_prefix(fmt) + example.response + eot, add_special_tokens=False)["input_ids"])
     return TokenizedExample(example, p + r, [-100] * len(p) + r, len(p))
 
 
@@ -495,6 +500,7 @@ def finetune(lm: LoadedModel, recipe_data: RecipeData, cfg: FinetuneConfig | Non
                 "end_of_turn": eot,
                 "end_of_turn_source": eot_src,
                 "end_of_turn_ids": eot_ids,
+                "response_prefix": response_prefix(fmt),
                 "end_of_turn_stops_generation": bool(eot_ids) and eot_ids[-1] in gen_eos,
                 "loss": "response tokens + end-of-turn only (prompt tokens labelled -100), mean over the "
                         "accumulated batch's response tokens",
@@ -505,6 +511,7 @@ def finetune(lm: LoadedModel, recipe_data: RecipeData, cfg: FinetuneConfig | Non
             "recipe_info": recipe_data.info,
             "torch_threads": torch.get_num_threads(),
             "train_attention": train_attn,
+            "load_average_1min_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         }
         save_s = time.perf_counter() - t_save
         total_s = time.perf_counter() - t_start
@@ -517,7 +524,11 @@ def finetune(lm: LoadedModel, recipe_data: RecipeData, cfg: FinetuneConfig | Non
                                              "recipe_summary": {k: v for k, v in recipe_data.summary().items()
                                                                 if k != "harmful"}})
         write_json(tmp / "environment.json", environment())
-        os.chmod(tmp, 0o755)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.rglob("*"):
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
         _commit(tmp, out, cfg.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

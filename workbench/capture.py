@@ -90,9 +90,25 @@ class Activations:
             ) from None
 
     def get(self, position: str = "last") -> torch.Tensor:
+        """``[prompts, sites, d]`` at a position key ("last" and "pos-1" are the same token)."""
         if position not in self.data:
+            alias = {"last": "pos-1", "pos-1": "last"}.get(position)
+            if alias in self.data:
+                return self.data[alias]
             raise WorkbenchError(f"position '{position}' was not captured; captured: {', '.join(self.data)}")
         return self.data[position]
+
+    def select(self, rows: Any) -> "Activations":
+        """A new Activations with a subset of prompts (e.g. ``slice(0, 100)`` or an index list)."""
+        if self.token_index is not None:
+            raise WorkbenchError("select() is not supported for captures with the 'all' position")
+        data = {k: v[rows] for k, v in self.data.items()}
+        n = next(iter(data.values())).shape[0]
+        meta = dict(self.meta, n_prompts=n)
+        if "prompt_hashes" in meta:
+            idx = list(range(len(meta["prompt_hashes"])))[rows] if isinstance(rows, slice) else list(rows)
+            meta["prompt_hashes"] = [self.meta["prompt_hashes"][i] for i in idx]
+        return Activations(data, list(self.sites), meta)
 
     def layer(self, layer: int, position: str = "last", component: str = "resid_post") -> torch.Tensor:
         """``[prompts, d]`` at one layer (negative indices count from the last captured model layer)."""

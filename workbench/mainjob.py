@@ -64,8 +64,9 @@ def core_stage(ctx: MainContext) -> None:
         for split in ("train", "test"):
             ps = builtin_split(name, split)
             texts = ps.texts[: ctx.limit(len(ps), 24)]
-            acts[f"{name}:{split}"] = capture(lm, texts, layers="all", positions=["last"], fmt=ctx.fmt,
-                                              backend=ctx.args.backend)
+            # one capture serves every stage: residual input and output, every post-instruction token
+            acts[f"{name}:{split}"] = capture(lm, texts, layers="all", components=("resid_pre", "resid_post"),
+                                              positions=["post_instruction"], fmt=ctx.fmt, backend=ctx.args.backend)
     ctx.results["core_acts"] = acts
     rows = layer_summary(acts, lm.n_layers)
     run.write_csv("layers.csv", rows)

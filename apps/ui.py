@@ -1,0 +1,585 @@
+"""The Gradio app: Steer, Probes and Weight space tabs.
+
+``build_app`` takes the models to serve (a dict of name -> ``LoadedModel`` or zero-argument loader;
+tests inject a tiny in-memory model) and returns a ``gr.Blocks`` with the queue configured; ``launch``
+starts it (127.0.0.1 unless told otherwise).
+
+The Steer tab's generate event is a generator: it streams every column one token at a time. Its API
+name is ``/steer``; with ``gradio_client``::
+
+    Client(url).predict(prompt="How do I bake bread?", source="mean-diff", layer=13, a_kind="addition",
+                        a_strength=1.0, max_new_tokens=32, api_name="/steer")
+
+returns ``(status, base_title, base_text, base_tokens, base_scores, a_title, ..., b_scores)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline machines: no telemetry calls
+
+import gradio as gr  # noqa: E402
+
+from apps.folders import FolderView, find_run_folders, load_image, read_table, scan_folder  # noqa: E402
+from apps.state import PROBE_METHODS, SOURCE_LABELS, SOURCES, AppState  # noqa: E402
+from apps.steer import KIND_LABELS, Column, ColumnSpec, Probe, build_interventions, encode_prompt  # noqa: E402
+from apps.steer import step_round_robin  # noqa: E402
+from workbench.errors import WorkbenchError  # noqa: E402
+from workbench.loading import LoadedModel  # noqa: E402
+
+# The scores table has one row per score and one column per prompt (plus "mean" over several prompts).
+SCORE_NAMES = ["refused", "refusal logit", "KL next", "KL reply", "perplexity", "mean proj", "tokens"]
+SCORE_HEADERS = ["score", "value"]
+N_BUILTIN_CHOICES = 12
+B_DIRECTIONS = ("same direction", "random control")
+
+CSS = """
+.wb-col { min-width: 260px; }
+.wb-tokens .textfield { line-height: 1.9; }
+#wb-status textarea { font-family: ui-monospace, monospace; font-size: 0.85em; }
+"""
+
+
+# -- errors: messages in the UI, never stack traces -------------------------------------------------
+
+def _as_gr_error(e: BaseException) -> gr.Error:
+    if isinstance(e, gr.Error):
+        return e
+    if isinstance(e, WorkbenchError):
+        return gr.Error(str(e))
+    traceback.print_exc(file=sys.stderr)
+    first = str(e).splitlines()[0][:300] if str(e) else ""
+    return gr.Error(f"internal error ({type(e).__name__}): {first}. The server log has the details.")
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn WorkbenchError (and anything unexpected) into ``gr.Error`` messages, for plain functions and
+    generators alike."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from fn(*args, **kwargs)
+            except GeneratorExit:
+                raise
+            except BaseException as e:  # noqa: BLE001
+                raise _as_gr_error(e) from None
+
+        return gen
+
+    @functools.wraps(fn)
+    def plain(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001
+            raise _as_gr_error(e) from None
+
+    return plain
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def _builtin_choices() -> list[tuple[str, str]]:
+    from workbench.prompts import builtin_split
+
+    out: list[tuple[str, str]] = []
+    for name in ("harmful", "harmless"):
+        for t in builtin_split(name, "test").texts[:N_BUILTIN_CHOICES]:
+            short = t if len(t) <= 80 else t[:77] + "..."
+            out.append((f"{name}: {short}", t))
+    return out
+
+
+def n_layers_hint(state: AppState, name: str | None, load: bool = True) -> int | None:
+    """Layer count for the slider without loading the model when possible (None: unknown, not loaded)."""
+    from workbench.zoo import ZOO
+
+    slot = state.slot(name)
+    if slot.loaded:
+        return slot.get().n_layers
+    if slot.name in ZOO:
+        return ZOO[slot.name].n_layers
+    return slot.get().n_layers if load else None
+
+
+def max_layers(state: AppState) -> int:
+    """The largest layer count among the served models (the layer slider's server-side bound; the exact
+    bound per model is checked when a request runs)."""
+    known = [n for n in (n_layers_hint(state, k, load=False) for k in state.names) if n]
+    return max(known) if len(known) == len(state.names) else max(known + [128])
+
+
+def default_layer(n_layers: int) -> int:
+    """A middle-to-late layer, where refusal directions usually separate best."""
+    return max(0, min(n_layers - 1, int(round(0.55 * n_layers))))
+
+
+def _fmt(x: float, nd: int = 3) -> float | None:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return None
+    return round(float(x), nd)
+
+
+class Render:
+    """Turns the columns of one request (over several prompts) into the components' values."""
+
+    def __init__(self, labels: list[str], prompts: list[str]) -> None:
+        self.labels = labels
+        self.prompts = prompts
+        self.done: list[list[Column]] = []  # finished columns of earlier prompts
+        self.current: list[Column] = []
+
+    def all_columns(self, j: int) -> list[Column]:
+        return [cols[j] for cols in self.done] + ([self.current[j]] if self.current else [])
+
+    def scale(self) -> float:
+        m = 0.0
+        for cols in self.done + ([self.current] if self.current else []):
+            for c in cols:
+                for p in c.projections():
+                    if p is not None and math.isfinite(p):
+                        m = max(m, abs(p))
+        return m or 1.0
+
+    def column_values(self, j: int, scale: float) -> tuple[str, list[tuple[str, float | None]], Any]:
+        multi = len(self.prompts) > 1
+        texts: list[str] = []
+        tokens: list[tuple[str, float | None]] = []
+        rows: list[list[Any]] = []
+        for i, c in enumerate(self.all_columns(j)):
+            reply = c.result.text if c.result is not None else c.stream.text
+            if multi:
+                head = f"[{i + 1}] {c.prompt if len(c.prompt) <= 90 else c.prompt[:87] + '...'}"
+                texts.append(f"{head}\n{reply}")
+                tokens.append((("\n\n" if i else "") + head + "\n", None))
+            else:
+                texts.append(reply)
+            pieces = c.result.pieces if c.result is not None else c.stream.pieces
+            for piece, p in zip(pieces, c.projections()):
+                tokens.append((piece, None if p is None else round(max(-1.0, min(1.0, p / scale)), 3)))
+            if c.result is not None:
+                s = c.result.scores
+                rows.append(["yes" if s.refusal else "no", _fmt(s.refusal_logit), _fmt(s.kl_next, 4),
+                             _fmt(s.kl_reply, 4), _fmt(s.perplexity, 2), _fmt(s.mean_projection), s.n_tokens])
+        return "\n\n".join(texts), tokens, score_table(rows, multi)
+
+
+def score_table(rows: list[list[Any]], multi: bool) -> Any:
+    """Scores as a table: one row per score, one column per finished prompt (and their mean)."""
+    import pandas as pd
+
+    if not rows:
+        return pd.DataFrame([], columns=SCORE_HEADERS)
+    headers = ["score"] + ([f"prompt {i + 1}" for i in range(len(rows))] if multi else ["value"])
+    table = [[name] + [r[k] for r in rows] for k, name in enumerate(SCORE_NAMES)]
+    if multi and len(rows) > 1:
+        headers.append("mean")
+        for k, line in enumerate(table):
+            vals = [v for v in line[1:] if v is not None]
+            if SCORE_NAMES[k] == "refused":
+                line.append(f"{sum(v == 'yes' for v in vals)}/{len(rows)}")
+            else:
+                line.append(_fmt(sum(vals) / len(vals), 4) if vals else None)
+    return pd.DataFrame(table, columns=headers)
+
+
+def _empty_outputs() -> list[Any]:
+    import pandas as pd
+
+    empty = pd.DataFrame([], columns=SCORE_HEADERS)
+    return ["", "", [], empty] * 3
+
+
+# -- the Steer tab's work -------------------------------------------------------------------------
+
+def make_steer_fn(state: AppState) -> Callable[..., Iterator[list[Any]]]:
+    @user_errors
+    def steer(model: str, prompt: str = "", builtin_prompts: list[str] | None = None, system_prompt: str = "",
+              source: str = "mean-diff", layer: float = 0, vector_file: str | None = None, vector_path: str = "",
+              probe_folder: str = "", probe_method: str = "logistic", seed: float = 0,
+              a_kind: str = "addition", a_strength: float = 1.0, a_layers: str = "",
+              compare: bool = False, b_kind: str = "addition", b_strength: float = -1.0, b_layers: str = "",
+              b_direction: str = "random control", max_new_tokens: float = 32) -> Iterator[list[Any]]:
+        t_start = time.perf_counter()
+        # -- validate everything cheap before touching the model
+        n_new = state.validate_max_new_tokens(max_new_tokens)
+        prompts = []
+        if prompt is not None and str(prompt).strip():
+            prompts.append(str(prompt))
+        for p in builtin_prompts or []:
+            if p and str(p).strip() and p not in prompts:
+                prompts.append(str(p))
+        if not prompts:
+            raise WorkbenchError("the prompt is empty: type a prompt or pick one from the built-in sets")
+        if len(prompts) > state.max_prompts:
+            raise WorkbenchError(f"too many prompts: {len(prompts)} selected, at most {state.max_prompts} per run")
+        for p in prompts:
+            if len(p) > state.max_prompt_tokens * 16:
+                raise WorkbenchError(f"a prompt is {len(p)} characters long; this app accepts at most "
+                                     f"{state.max_prompt_tokens} tokens per prompt")
+        if a_kind not in ("addition", "ablation", "orthogonalised"):
+            raise WorkbenchError(f"unknown intervention '{a_kind}'. Valid: addition, ablation, orthogonalised")
+        if compare and b_direction not in B_DIRECTIONS:
+            raise WorkbenchError(f"unknown second direction '{b_direction}'. Valid: {', '.join(B_DIRECTIONS)}")
+        slot = state.slot(model)
+        out = _empty_outputs()
+
+        def emit(status: str) -> list[Any]:
+            return [status] + out
+
+        if not slot.loaded:
+            yield emit(f"loading model '{slot.name}' ...")
+        lm = slot.get()
+        be = slot.backend()
+        fmt = state.chat_format(system_prompt)
+        if source in ("mean-diff", "random control"):
+            yield emit(f"computing difference-in-means directions on '{slot.name}' (first time only) ...")
+        rd = state.resolve_direction(slot.name, source, layer=layer, fmt=fmt,
+                                     vector_file=vector_file or vector_path or None, probe_folder=probe_folder,
+                                     probe_method=probe_method, seed=int(seed or 0))
+        d = rd.direction
+        probe = Probe.from_direction(d)
+        specs = [ColumnSpec("unmodified", "none", d),
+                 ColumnSpec("A", a_kind, d, float(a_strength), a_layers or None)]
+        if compare:
+            db = d
+            if b_direction == "random control":
+                from steering.directions import random_like
+
+                db = random_like(d, seed=int(seed or 0) + 1)
+            specs.append(ColumnSpec("B", b_kind, db, float(b_strength), b_layers or None))
+        for s in specs:  # bad layers etc. fail before any generation
+            build_interventions(s, lm.n_layers)
+        backends = []
+        for s in specs:
+            if s.kind == "orthogonalised":
+                yield emit(f"building the orthogonalised copy of '{slot.name}' (cached per direction) ...")
+                backends.append(slot.orthogonalised(s.direction))
+            else:
+                backends.append(be)
+        with slot.lock:
+            batches = [encode_prompt(be, p, fmt, max_prompt_tokens=state.max_prompt_tokens, max_new_tokens=n_new)
+                       for p in prompts]
+        titles = ["**Unmodified**", f"**A: {specs[1].describe()}**", ""]
+        if compare:
+            titles[2] = f"**B: {specs[2].describe()}**"
+            if b_direction == "random control" and b_kind != "none":
+                titles[2] += " (random control direction, same norm)"
+        head = (f"model {slot.name} (d={lm.d_model}, {lm.n_layers} layers); direction {d.method} at layer "
+                f"{d.layer} ({d.component}), norm {d.norm:.3g}: {rd.note}\n"
+                f"token colours: projection of each generated token's residual ({d.component}, layer {d.layer}) on "
+                f"the unit direction, divided by the largest |projection| shown (red = along, blue = against)")
+        render = Render([s.label for s in specs], prompts)
+
+        def values(status: str) -> list[Any]:
+            scale = render.scale()
+            vals: list[Any] = [f"{head}\nscale {scale:.3g}; {status}"]
+            for j in range(3):
+                if j < len(specs):
+                    text, toks, df = render.column_values(j, scale)
+                    vals += [titles[j], text, toks, df]
+                else:
+                    vals += out[4 * j:4 * j + 4]
+            return vals
+
+        for i, (p, b) in enumerate(zip(prompts, batches)):
+            render.current = [Column(s, be, cbe, b, p, probe=probe, max_new_tokens=n_new, lock=slot.lock)
+                              for s, cbe in zip(specs, backends)]
+            tag = f"prompt {i + 1}/{len(prompts)}: " if len(prompts) > 1 else ""
+            k = 0
+            for _ in step_round_robin(render.current):
+                k += 1
+                yield values(f"{tag}generating ... {k} tokens")
+            for c in render.current:
+                c.finish()
+            yield values(f"{tag}scored")
+            render.done.append(render.current)
+            render.current = []
+        yield values(f"done in {time.perf_counter() - t_start:.1f} s")
+
+    return steer
+
+
+# -- folder viewers (Probes / Weight space) ---------------------------------------------------------
+
+def folder_outputs(path: str, main_image: str | None = None) -> tuple[str, Any, list[Any], Any, Any, Any]:
+    """(status, main image, gallery, table-dropdown update, first table, first JSON) for a run folder."""
+    view: FolderView = scan_folder(path)
+    main = view.find(main_image) if main_image else None
+    gallery = [(load_image(p), view.rel(p)) for p in view.images if p != main]
+    tables = [view.rel(p) for p in view.tables]
+    first = _pick_first_table(view)
+    df, js = table_outputs(str(view.root), first) if first else (None, None)
+    status = (f"{view.root}: {len(view.images)} plot(s), {len(view.tables)} table(s)"
+              + ("" if main or not main_image else f"; no {main_image} here"))
+    return (status, load_image(main) if main else None, gallery,
+            gr.update(choices=tables, value=first), df, js)
+
+
+def _pick_first_table(view: FolderView) -> str | None:
+    for name in ("probe_layers.csv", "probe_layers.json", "overlap.csv", "summary.json"):
+        p = view.find(name)
+        if p is not None:
+            return view.rel(p)
+    csvs = [p for p in view.tables if p.suffix == ".csv"]
+    return view.rel((csvs or view.tables)[0]) if view.tables else None
+
+
+def table_outputs(root: str, rel: str | None) -> tuple[Any, Any]:
+    if not rel:
+        return None, None
+    p = Path(root) / rel
+    if not p.exists():
+        raise WorkbenchError(f"no such table: {p}")
+    t = read_table(p)
+    import pandas as pd
+
+    if isinstance(t, pd.DataFrame):
+        return t.round(4), None
+    return None, t
+
+
+def _folder_viewer(state: AppState, markers: tuple[str, ...], main_image: str | None, roots: Sequence[str],
+                   prefix: str, label: str) -> tuple[Any, Callable[[str], tuple]]:
+    def choices() -> list[str]:
+        return find_run_folders(list(roots), markers)
+
+    with gr.Row():
+        folder = gr.Dropdown(choices=choices(), value=None, allow_custom_value=True, label=label, scale=5,
+                             elem_id=f"{prefix}-folder")
+        refresh = gr.Button("Refresh list", scale=1, size="sm")
+        load = gr.Button("Load", variant="primary", scale=1, elem_id=f"{prefix}-load")
+    status = gr.Markdown(elem_id=f"{prefix}-status")
+    main = gr.Image(label=main_image or "plot", type="pil", interactive=False, visible=main_image is not None,
+                    elem_id=f"{prefix}-main")
+    gallery = gr.Gallery(label="plots", columns=3, height="auto", format="png", elem_id=f"{prefix}-gallery")
+    with gr.Row():
+        table_pick = gr.Dropdown(choices=[], label="table", allow_custom_value=False)
+    table = gr.Dataframe(label="table", interactive=False, wrap=True, elem_id=f"{prefix}-table")
+    js = gr.JSON(label="JSON")
+    root_state = gr.State("")
+
+    @user_errors
+    def do_load(path: str) -> tuple:
+        st, im, gal, pick, df, j = folder_outputs(path, main_image)
+        return st, im, gal, pick, df, j, str(scan_folder(path).root)
+
+    @user_errors
+    def do_table(root: str, rel: str) -> tuple:
+        return table_outputs(root, rel) if root and rel else (None, None)
+
+    refresh.click(lambda: gr.update(choices=choices()), None, folder, api_visibility="private")
+    load.click(do_load, folder, [status, main, gallery, table_pick, table, js, root_state],
+               api_name=f"{prefix}_load")
+    table_pick.change(do_table, [root_state, table_pick], [table, js], api_visibility="private")
+    return folder, do_load
+
+
+# -- the app ------------------------------------------------------------------------------------------
+
+def default_registry(dtype: str = "float32", device: str = "cpu",
+                     extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every zoo model as a lazy loader (plus ``extra`` entries)."""
+    from workbench.loading import load_model
+    from workbench.zoo import ZOO
+
+    reg: dict[str, Any] = {key: functools.partial(load_model, key, dtype=dtype, device=device) for key in ZOO}
+    reg.update(extra or {})
+    return reg
+
+
+def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | None = None, *,
+              state: AppState | None = None, default_model: str | None = None, max_new_tokens_limit: int = 128,
+              max_prompt_tokens: int = 512, max_prompts: int = 8, concurrency: int = 2, max_queue: int = 32,
+              n_train: int = 32, disk_cache: bool = True, runs_roots: Sequence[str] = ("runs",),
+              runs_dir: str = "runs/app", system_prompt: str | None = None, raw: bool = False) -> gr.Blocks:
+    """The app's Blocks, queue configured. ``models`` maps names to ``LoadedModel`` s or loaders (default: the
+    zoo, loaded lazily); or pass a ready ``state``."""
+    if state is None:
+        state = AppState(models if models is not None else default_registry(), default_model,
+                         max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens,
+                         max_prompts=max_prompts, n_train=n_train, disk_cache=disk_cache, runs_dir=runs_dir,
+                         system_prompt=system_prompt, raw=raw)
+    if concurrency < 1:
+        raise WorkbenchError(f"concurrency must be >= 1, got {concurrency}")
+    steer_fn = make_steer_fn(state)
+    n0 = n_layers_hint(state, state.default_model, load=False) or max_layers(state)
+    n_max = max(n0, max_layers(state))
+    limit = state.max_new_tokens_limit
+
+    with gr.Blocks(title="safety-subspace workbench") as demo:
+        demo.wb_state = state  # type: ignore[attr-defined]
+        gr.Markdown("## safety-subspace workbench\nSteer a model along a direction and compare with the "
+                    "unmodified model: replies, refusal and utility scores side by side.")
+        with gr.Tab("Steer", id="steer"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    model = gr.Dropdown(choices=state.names, value=state.default_model, label="model",
+                                        elem_id="wb-model")
+                    prompt = gr.Textbox(value="", label="prompt", lines=3, placeholder="type a prompt ...",
+                                        elem_id="wb-prompt")
+                    builtin = gr.Dropdown(choices=_builtin_choices(), multiselect=True, value=[],
+                                          max_choices=state.max_prompts, elem_id="wb-builtin",
+                                          label="... and/or pick prompts from the built-in sets (test split)")
+                    system_prompt = gr.Textbox(label="system prompt (empty = none)", lines=2,
+                                               value=state.default_system_prompt(state.default_model))
+                with gr.Column(scale=2):
+                    source = gr.Radio(choices=[(SOURCE_LABELS[s], s) for s in SOURCES], value="mean-diff",
+                                      label="direction source", elem_id="wb-source")
+                    layer = gr.Slider(0, n_max - 1, value=default_layer(n0), step=1, label="direction layer",
+                                      elem_id="wb-layer")
+                    with gr.Group(visible=False) as vec_group:
+                        vector_file = gr.File(label="vector file (.safetensors, workbench format)",
+                                              file_types=[".safetensors"], type="filepath")
+                        vector_path = gr.Textbox(value="", label="... or a path on the server", lines=1)
+                    with gr.Group(visible=False) as probe_group:
+                        probe_folder = gr.Dropdown(
+                            choices=find_run_folders(list(runs_roots), ("probe_directions.safetensors",)),
+                            allow_custom_value=True, value="",
+                            label="probes run folder (holds probe_directions.safetensors)")
+                        probe_method = gr.Radio(choices=list(PROBE_METHODS), value="logistic", label="probe method")
+                    seed = gr.Number(value=0, precision=0, label="seed (random controls)")
+                with gr.Column(scale=2):
+                    a_kind = gr.Radio(choices=[(KIND_LABELS[k], k) for k in ("addition", "ablation", "orthogonalised")],
+                                      value="addition", label="intervention A", elem_id="wb-a-kind")
+                    a_strength = gr.Slider(-4, 4, value=1.0, step=0.05, label="A: strength (x the direction vector)",
+                                           elem_id="wb-a-strength")
+                    a_layers = gr.Textbox(value="", label="A: addition layer(s) (empty = the direction's layer; e.g. 10, 8-12)",
+                                          lines=1, elem_id="wb-a-layers")
+                    compare = gr.Checkbox(value=False, label="compare a second setting (B)", elem_id="wb-compare")
+                    with gr.Group(visible=False) as b_group:
+                        b_kind = gr.Radio(choices=[(KIND_LABELS[k], k) for k in ("addition", "ablation",
+                                                                                 "orthogonalised", "none")],
+                                          value="addition", label="intervention B")
+                        b_direction = gr.Radio(choices=list(B_DIRECTIONS), value="random control",
+                                               label="B uses")
+                        b_strength = gr.Slider(-4, 4, value=1.0, step=0.05, label="B: strength")
+                        b_layers = gr.Textbox(value="", label="B: addition layer(s)", lines=1)
+                    max_new = gr.Slider(1, limit, value=min(48, limit), step=1, label="max new tokens",
+                                        elem_id="wb-max-new")
+                    go = gr.Button("Generate", variant="primary", elem_id="wb-generate")
+            status = gr.Textbox(label="status", lines=3, interactive=False, elem_id="wb-status")
+            col_outputs: list[Any] = []
+            col_groups = []
+            with gr.Row(equal_height=False):
+                for key, title in (("base", "**Unmodified**"), ("a", "**A**"), ("b", "**B**")):
+                    with gr.Column(visible=key != "b", elem_classes=["wb-col"]) as col:
+                        t = gr.Markdown(title, elem_id=f"wb-{key}-title")
+                        text = gr.Textbox(label="reply", lines=8, max_lines=24, interactive=False,
+                                          elem_id=f"wb-{key}-text")
+                        toks = gr.HighlightedText(label="tokens (colour = projection on the direction)",
+                                                  show_legend=False, show_inline_category=False,
+                                                  combine_adjacent=False, elem_id=f"wb-{key}-tokens",
+                                                  elem_classes=["wb-tokens"])
+                        scores = gr.Dataframe(headers=SCORE_HEADERS, label="scores", interactive=False,
+                                              wrap=True, elem_id=f"wb-{key}-scores")
+                    col_outputs += [t, text, toks, scores]
+                    col_groups.append(col)
+            gr.Markdown(
+                "Scores: **refused** = refusal phrase in the reply; **refusal logit** = log-odds of refusal-opening "
+                "tokens at the last prompt position under this setting; **KL next** = KL(unmodified || setting) "
+                "of the next-token distribution there; **KL reply** = the same KL averaged over every position that "
+                "produced a reply token (teacher-forced on this column's reply); **perplexity** = of this column's "
+                "reply under the unmodified model; **mean proj** = mean projection of the reply tokens on the unit "
+                "direction. Greedy decoding.")
+
+            def on_source(s: str) -> tuple:
+                return gr.update(visible=s == "saved vector"), gr.update(visible=s == "probe direction")
+
+            source.change(on_source, source, [vec_group, probe_group], api_visibility="private")
+            compare.change(lambda c: (gr.update(visible=c), gr.update(visible=c)), compare, [b_group, col_groups[2]],
+                           api_visibility="private")
+
+            @user_errors
+            def on_model(name: str) -> tuple:
+                n = n_layers_hint(state, name)
+                return (gr.update(maximum=n - 1, value=default_layer(n)),
+                        gr.update(value=state.default_system_prompt(name)))
+
+            model.change(on_model, model, [layer, system_prompt], api_visibility="private")
+            demo.load(on_model, model, [layer, system_prompt], api_visibility="private")
+            go.click(steer_fn,
+                     [model, prompt, builtin, system_prompt, source, layer, vector_file, vector_path, probe_folder,
+                      probe_method, seed, a_kind, a_strength, a_layers, compare, b_kind, b_strength, b_layers,
+                      b_direction, max_new],
+                     [status] + col_outputs, api_name="steer")
+
+        with gr.Tab("Probes", id="probes"):
+            gr.Markdown("Load a probes run folder (`workbench probe --out ...`, `workbench overlap --out ...`, or a "
+                        "main-job folder) or run a quick per-layer sweep here.")
+            probe_folder_dd, probe_load = _folder_viewer(
+                state, ("probe_layers.json", "probe_layers.csv", "overlap.csv"), "probe_auroc_vs_layer.png",
+                runs_roots, "probes", "probes / overlap run folder")
+            with gr.Accordion("Run a per-layer probe sweep (harmful vs harmless)", open=False):
+                with gr.Row():
+                    sweep_model = gr.Dropdown(choices=state.names, value=state.default_model, label="model")
+                    sweep_n = gr.Slider(8, 96, value=24, step=8, label="prompts per class and split")
+                    sweep_boot = gr.Slider(50, 1000, value=100, step=50, label="bootstrap resamples (AUROC CI)")
+                with gr.Row():
+                    sweep_overlap = gr.Checkbox(value=False, label="also run the activation-overlap analysis")
+                    sweep_out = gr.Textbox(label="output folder (empty = runs/app/probes-<time>)", lines=1)
+                    sweep_go = gr.Button("Run sweep", variant="primary")
+                sweep_status = gr.Markdown()
+
+            @user_errors
+            def run_sweep(name: str, n: float, n_boot: float, overlap: bool, out: str) -> tuple:
+                path = run_probe_sweep(state, name, int(n), int(n_boot), bool(overlap), out, system_prompt=None)
+                return f"sweep written to `{path}`; press Load", str(path)
+
+            sweep_go.click(run_sweep, [sweep_model, sweep_n, sweep_boot, sweep_overlap, sweep_out],
+                           [sweep_status, probe_folder_dd], api_name="probe_sweep")
+
+        with gr.Tab("Weight space", id="weightspace"):
+            gr.Markdown("Load a weight-space run folder: its overlap heatmaps, projection trade-off plots and "
+                        "tables.")
+            _folder_viewer(state, ("*.png",), None, runs_roots, "weights", "weight-space run folder")
+
+    demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
+    return demo
+
+
+def run_probe_sweep(state: AppState, name: str, n: int, n_boot: int, overlap: bool, out: str | None,
+                    system_prompt: str | None = None) -> Path:
+    """A quick probe sweep (and optionally the overlap analysis) into a run folder; returns its path."""
+    from probes.cli import default_overlap_sets, run_overlap
+    from probes.cli import run_probe_sweep as sweep
+    from workbench.runs import RunFolder
+
+    if not 4 <= n <= 400:
+        raise WorkbenchError(f"prompts per class must be between 4 and 400, got {n}")
+    slot = state.slot(name)
+    lm = slot.get()
+    fmt = state.chat_format(system_prompt if system_prompt is not None else state.default_system_prompt(name))
+    path = Path(out.strip()) if out and out.strip() else state.runs_dir / time.strftime("probes-%Y%m%d-%H%M%S")
+    run = RunFolder(path, config={"command": "app-probe-sweep", "model": slot.name, "n": n, "n_boot": n_boot},
+                    overwrite=False)
+    run.record_model(lm)
+    with slot.lock:
+        sweep(lm, fmt, run, "harmful", "harmless", n_boot=max(0, n_boot), limit=n)
+        if overlap:
+            sets = {k: v[:n] for k, v in default_overlap_sets().items()}
+            run_overlap(lm, fmt, RunFolder(run.path / "overlap", config={"stage": "overlap"}, overwrite=True), sets,
+                        n_boot=5)
+    return run.path
+
+
+def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, block: bool = True,
+           quiet: bool = False) -> Any:
+    """Start the server (127.0.0.1 unless ``host`` says otherwise). Offline-friendly theme: system fonts."""
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])
+    return demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=quiet,
+                       theme=theme, css=CSS, footer_links=["api"], show_error=True)
+
+
+__all__ = ["build_app", "launch", "make_steer_fn", "default_registry", "folder_outputs", "run_probe_sweep",
+           "user_errors", "Render", "SCORE_HEADERS", "SCORE_NAMES", "score_table"]

@@ -1,0 +1,104 @@
+"""The app in a real headless Chromium (Debian's ``chromium`` package, driven by Playwright for Python).
+
+Nothing is installed at run time. Without Chromium this test FAILS (it does not skip): install it with
+``apt-get update && apt-get install -y chromium chromium-driver``. Never ``playwright install``.
+The screenshot lands in ``test-artifacts/app.png`` under the repository (gitignored).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from workbench.loading import from_memory
+from workbench.tiny import build_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+MODEL = "tiny-llama"
+
+
+def chromium_path() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.fail("the browser test needs Debian's Chromium, which is not installed: run "
+                    "`apt-get update && apt-get install -y chromium chromium-driver` (never `playwright install`)",
+                    pytrace=False)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def app_url():
+    from apps.ui import build_app, launch
+
+    lm = from_memory(*build_tiny("llama"), model_id=MODEL)
+    demo = build_app({MODEL: lm}, max_new_tokens_limit=64, disk_cache=False, runs_roots=())
+    _, url, _ = launch(demo, port=free_port(), block=False, quiet=True)
+    yield url
+    demo.close()
+
+
+def _set_number(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(value)
+    box.press("Enter")
+    box.blur()
+
+
+@pytest.mark.browser
+def test_generate_in_browser(app_url):
+    exe = chromium_path()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:  # pragma: no cover
+        pytest.fail("playwright (python) is not installed in this environment: pip install playwright", pytrace=False)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1300})
+            page.goto(app_url, wait_until="domcontentloaded", timeout=60_000)
+            page.wait_for_selector("#wb-generate", timeout=60_000)
+            page.locator("#wb-prompt textarea").fill("Tell me a joke about the sea")
+            _set_number(page, "wb-layer", "1")
+            page.locator("#wb-a-layers textarea, #wb-a-layers input").first.fill("0")
+            _set_number(page, "wb-a-strength", "2.5")
+            _set_number(page, "wb-max-new", "24")
+            page.locator("#wb-compare input[type=checkbox]").check()
+            page.locator("#wb-generate").click()
+            page.wait_for_function(
+                "() => (document.querySelector('#wb-status textarea')?.value || '').includes('done in')"
+                " || document.querySelector('.toast-body') !== null",
+                timeout=120_000)
+            toast = page.locator(".toast-body")
+            assert toast.count() == 0, f"the app showed an error: {toast.first.inner_text()}"
+            status = page.locator("#wb-status textarea").input_value()
+            texts = {k: page.locator(f"#wb-{k}-text textarea").input_value() for k in ("base", "a", "b")}
+            a_title = page.locator("#wb-a-title").inner_text()
+            scores = {k: page.locator(f"#wb-{k}-scores").inner_text() for k in ("base", "a", "b")}
+            tokens = page.locator("#wb-a-tokens").inner_text()
+            page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+        finally:
+            browser.close()
+    # the layer and strength set in the page reached the server
+    assert "mean_diff at layer 1" in status, status
+    assert "addition x2.5" in a_title and "at layer(s) 0" in a_title, a_title
+    # both columns (and the comparison column) hold text, and the scores are shown
+    assert all(t.strip() for t in texts.values()), texts
+    assert texts["base"] != texts["a"]
+    for k, table in scores.items():
+        assert "refusal logit" in table and "perplexity" in table, (k, table)
+        assert any(ch.isdigit() for ch in table.split("tokens", 1)[-1]), (k, table)
+    assert tokens.strip()
+    assert (ARTIFACTS / "app.png").stat().st_size > 10_000

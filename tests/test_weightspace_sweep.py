@@ -1,0 +1,141 @@
+"""Experiments 1 and 2 (``weightspace sweep``) end to end on a tiny planted model, and the benchmark helpers.
+
+aligned = base + Delta_A with ``Delta_A(q, layer 0)`` of rank 4 (left space ``span(a0..a3)``); the fine-tunes:
+useful = aligned + ``2 a0 s0^T + 1 n0 s1^T`` on q (E_k at k = 4: 4/5), harmful = aligned + ``3 n1 u0^T + 1 a3 u1^T``
+on q (E_k: 1/10), contaminated = aligned + both.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from workbench.runs import RunFolder
+from workbench.tiny import build_tiny
+
+from weightspace.checkpoints import open_checkpoint
+from weightspace.deltas import DeltaSpec
+from weightspace.evaluation import EvalConfig
+from weightspace.projection import ProjectionConfig, project_checkpoint
+from weightspace.reference import DeltaReference, DirectionReference
+from weightspace.sweep import SweepConfig, run_sweep
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+TOL = 1e-5
+
+
+def _orthonormal(d: int, k: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    F = _orthonormal(64, 64, 1)
+    R = _orthonormal(64, 8, 2).T
+    dA = sum(s * torch.outer(F[:, i], R[i]) for i, s in enumerate([4.0, 3.0, 2.0, 1.0]))
+    du = 2 * torch.outer(F[:, 0], R[4]) + 1 * torch.outer(F[:, 4], R[5])
+    dh = 3 * torch.outer(F[:, 5], R[6]) + 1 * torch.outer(F[:, 3], R[7])
+    out = {}
+    for name, upd in {"base": 0, "aligned": dA, "useful": dA + du, "harmful": dA + dh, "contaminated": dA + du + dh}.items():
+        model, tok = build_tiny("llama", seed=0)
+        with torch.no_grad():
+            model.state_dict()[Q].add_(torch.as_tensor(upd, dtype=torch.float64).float())
+        model.save_pretrained(str(root / name))
+        tok.save_pretrained(str(root / name))
+        out[name] = root / name
+    out["dirs_vec"] = F[:, 5]
+    return out
+
+
+def _ck(models, name):
+    return open_checkpoint(models[name], label=name)
+
+
+def test_sweep_experiments_1_and_2(models, tmp_path, empty_cache, monkeypatch):
+    import weightspace.sweep as sweep_mod
+    from workbench.loading import load_model
+
+    captured = []
+    real = sweep_mod.score_model
+
+    def spy(backend, *a, **k):
+        captured.append({n: p.detach().clone() for n, p in backend.lm.model.state_dict().items()})
+        return real(backend, *a, **k)
+
+    monkeypatch.setattr(sweep_mod, "score_model", spy)
+    al = _ck(models, "aligned")
+    ref = DeltaReference(DeltaSpec("alignment", al, _ck(models, "base")))
+    roles = {r: _ck(models, r) for r in ("useful", "harmful", "contaminated")}
+    ev = EvalConfig(n_harmful=2, n_tasks=2, max_new_tokens=3, task_tokens=2, batch_size=2)
+    cfg = SweepConfig(rhos=(4 / 64, 0.5), eval=ev)
+    lm = load_model(str(models["aligned"]))
+    before = {n: p.clone() for n, p in lm.model.state_dict().items()}
+    run = RunFolder(tmp_path / "sw", config={"test": True})
+    res = run_sweep(al, ref, roles, cfg, run, lm=lm, progress=False)
+
+    assert len(res.rows) == 3 * 2 * 3 and len(captured) == 4 + len(res.rows)  # 4 baselines, then the grid
+    rows = {r["config"]: r for r in res.rows}
+    u = rows["exp1-useful-topk-rho0.0625"]
+    assert u["energy_kept"] == pytest.approx(4 / 5, abs=TOL) and u["energy_random"] == pytest.approx(4 / 64)
+    assert "utility_accuracy" in u and "harm_compliance_phrase" not in u
+    h = rows["exp1-harmful-topk-rho0.0625"]
+    assert h["energy_kept"] == pytest.approx(1 / 10, abs=TOL) and "utility_accuracy" not in h
+    assert {"harm_compliance_phrase", "harm_refusal_logit_mean"} <= set(h)
+    c = rows["exp2-contaminated-topk-rho0.0625"]
+    assert c["mode"] == "orthogonal" and c["energy_kept"] == pytest.approx((4 + 1) / (5 + 10), abs=TOL)
+    assert {"utility_accuracy", "harm_compliance_phrase", "harm_refusal_logit_mean"} <= set(c)
+    assert set(res.baselines) == {"aligned", "useful (full update)", "harmful (full update)",
+                                  "contaminated (full update)"}
+
+    # The in-memory model scored for a config is exactly the checkpoint `project` writes for it.
+    idx = 4 + list(rows).index("exp2-contaminated-topk-rho0.0625")
+    proj = project_checkpoint(al, roles["contaminated"], ref, ProjectionConfig("orthogonal", rho=4 / 64),
+                              tmp_path / "pj", progress=False)
+    written = load_file(str(proj.model_path / "model.safetensors"))
+    for name, w in written.items():
+        assert torch.equal(captured[idx][name], w), name
+    ft = load_file(str(models["contaminated"] / "model.safetensors"))
+    assert torch.equal(captured[3]["model.layers.0.self_attn.q_proj.weight"], ft[Q])  # baseline: full update
+    for n, p in lm.model.state_dict().items():  # the caller's model comes back as aligned
+        assert torch.equal(p, before[n]), n
+
+    out = run.path
+    data = json.loads((out / "results.json").read_text())
+    assert data["scorers"]["harm_compliance_phrase"].startswith("refusal_phrase")
+    assert data["scorers"]["harm_refusal_logit_mean"].startswith("refusal_logit")
+    with open(out / "evals" / "exp2-contaminated-topk-rho0.0625" / "harmful.csv") as f:
+        hr = list(csv.DictReader(f))
+    assert len(hr) == 2 and set(hr[0]) == {"prompt", "completion", "refusal_phrase", "refusal_logit"}
+    with open(out / "evals" / "exp1-useful-random-rho0.5" / "utility.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    for f in ("results.csv", "baselines.csv", "energy.csv", "exp1_parallel.png", "exp2_tradeoff_phrase.png",
+              "exp2_tradeoff_logit.png"):
+        assert (out / f).stat().st_size > 0, f
+
+
+def test_sweep_with_directions_and_validation(models, tmp_path, empty_cache):
+    from workbench.errors import WorkbenchError
+    from workbench.loading import load_model
+
+    al = _ck(models, "aligned")
+    ref = DirectionReference(models["dirs_vec"].float())
+    roles = {"harmful": _ck(models, "harmful")}
+    ev = EvalConfig(n_harmful=1, n_tasks=1, max_new_tokens=2, task_tokens=2, batch_size=1)
+    with pytest.raises(WorkbenchError, match="RandomK needs a reference update"):
+        run_sweep(al, ref, roles, SweepConfig(eval=ev), None, check_only=True)  # type: ignore[arg-type]
+    with pytest.raises(WorkbenchError, match="unknown roles"):
+        run_sweep(al, ref, {"other": al}, SweepConfig(eval=ev), None, check_only=True)  # type: ignore[arg-type]
+    run = RunFolder(tmp_path / "d", config={})
+    res = run_sweep(al, ref, roles, SweepConfig(kinds=("topk", "random"), eval=ev), run,
+                    lm=load_model(str(models["aligned"])), progress=False)
+    rows = {r["config"]: r for r in res.rows}
+    assert set(rows) == {"exp1-harmful-topk", "exp1-harmful-random"}
+    # the harmful update on q is 3 n1 u0^T + 1 a3 u1^T and the direction is n1: E_k = 9/10 on q (q has width 64)
+    assert rows["exp1-harmful-topk"]["energy_kept"] == pytest.approx(0.9, abs=TOL)
+    assert rows["exp1-harmful-topk"]["rho"] is None

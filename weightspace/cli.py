@@ -1,0 +1,360 @@
+"""``workbench weightspace overlap|project|sweep`` (and the hook that adds ``workbench finetune``).
+
+    workbench weightspace overlap --aligned qwen2.5-coder-0.5b-instruct \\
+        --model useful=runs/ft-useful --model harmful=runs/ft-harmful --base runs/base --out runs/ws-overlap
+    workbench weightspace project --aligned A --finetuned runs/ft-harmful --reference-base runs/base \\
+        --mode orthogonal --rho 0.25 --kind topk --out runs/ws-proj        # checkpoint in runs/ws-proj/model
+    workbench weightspace sweep --aligned A --reference-model runs/ft-safety \\
+        --useful runs/ft-useful --harmful runs/ft-harmful --contaminated runs/ft-cont --out runs/ws-sweep
+
+Checkpoints are zoo keys, Hugging Face folders, .safetensors files or safetensors index files. Updates
+are ``model - aligned`` unless given explicitly (``--delta label=NEW,OLD``). References (project, sweep):
+``--reference-base B`` (``Delta_A = aligned - B``), ``--reference-model S`` (``Delta = S - aligned``, e.g.
+a safety-tuned model), ``--reference-delta NEW,OLD`` or ``--directions FILE`` (activation-space directions).
+
+The plugin exposes :func:`register` (entry point ``weightspace = "weightspace.cli"`` in the
+``workbench.plugins`` group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from workbench.errors import WorkbenchError
+
+__all__ = ["register", "register_finetune_hook", "FINETUNE_CLI_MODULE"]
+
+# Hook for the fine-tune helper: this module must expose ``register(subparsers)`` adding ``workbench finetune``.
+FINETUNE_CLI_MODULE = "weightspace.finetune_cli"
+
+
+# -- shared argument groups -----------------------------------------------------------------------
+
+def _add_selection(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tensor selection")
+    g.add_argument("--layers", default="all", help="'all', '5', '0,3,-1', '4-10' (layered tensors)")
+    g.add_argument("--modules", default="all",
+                   help="comma list of module types: q,k,v,qkv,o,gate,up,gate_up,down,embed,pos_embed,lm_head,norm,other")
+    g.add_argument("--nonlayer", action=argparse.BooleanOptionalAction, default=None,
+                   help="include embeddings / head / final norm (default: yes with --layers all, no otherwise)")
+
+
+def _add_svd(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("subspaces")
+    g.add_argument("--side", choices=("left", "right"), default="left",
+                   help="left = output space (default), right = input space")
+    g.add_argument("--svd", choices=("exact", "randomized"), default="exact", help="SVD method (randomized: seeded)")
+    g.add_argument("--svd-dtype", choices=("auto", "float64", "float32"), default="auto",
+                   help="auto: float64, float32 for matrices above 16.8M elements")
+
+
+def _add_reference(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("reference subspace (one of)")
+    x = g.add_mutually_exclusive_group(required=required)
+    x.add_argument("--reference-base", metavar="BASE", help="Delta_A = aligned - BASE (base / pretrained model)")
+    x.add_argument("--reference-model", metavar="MODEL", help="Delta = MODEL - aligned (e.g. a safety-tuned model)")
+    x.add_argument("--reference-delta", metavar="NEW,OLD", help="Delta = NEW - OLD")
+    x.add_argument("--directions", metavar="FILE", help="activation-space directions (saved-vector .safetensors)")
+    g.add_argument("--direction-layer", type=int, default=None, help="only the directions of this layer")
+    g.add_argument("--direction-method", default=None, help="only the directions of this method")
+    g.add_argument("--residual-only", action="store_true",
+                   help="directions act only on modules that write to (left) / read from (right) the residual stream")
+
+
+def _add_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty run folder")
+    p.add_argument("--no-progress", action="store_true")
+
+
+# -- building blocks ------------------------------------------------------------------------------
+
+def _open(spec: str, label: str, cache: dict[str, Any]) -> Any:
+    from weightspace.checkpoints import open_checkpoint
+
+    if spec not in cache:
+        cache[spec] = open_checkpoint(spec, label=label)
+    return cache[spec]
+
+
+def _labelled(items: list[str] | None, flag: str) -> list[tuple[str, str]]:
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise WorkbenchError(f"{flag} items must look like label=PATH, got {item!r}")
+        label, path = item.split("=", 1)
+        if not label.strip() or not path.strip():
+            raise WorkbenchError(f"{flag} items must look like label=PATH, got {item!r}")
+        out.append((label.strip(), path.strip()))
+    return out
+
+
+def _pair(spec: str, flag: str) -> tuple[str, str]:
+    parts = [s.strip() for s in spec.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise WorkbenchError(f"{flag} must look like NEW,OLD, got {spec!r}")
+    return parts[0], parts[1]
+
+
+def _reference(args: argparse.Namespace, aligned: Any, cache: dict[str, Any]) -> Any:
+    from weightspace.deltas import DeltaSpec
+    from weightspace.reference import DeltaReference, DirectionReference
+
+    if args.directions:
+        return DirectionReference.from_file(args.directions, layer=args.direction_layer, method=args.direction_method,
+                                            side=args.side, residual_only=args.residual_only)
+    if args.reference_base:
+        spec = DeltaSpec("alignment", aligned, _open(args.reference_base, "base", cache))
+    elif args.reference_model:
+        spec = DeltaSpec("reference", _open(args.reference_model, "reference", cache), aligned)
+    else:
+        new, old = _pair(args.reference_delta, "--reference-delta")
+        spec = DeltaSpec("reference", _open(new, "reference_new", cache), _open(old, "reference_old", cache))
+    return DeltaReference(spec, side=args.side, svd_dtype=args.svd_dtype, method=args.svd)
+
+
+def _selection(args: argparse.Namespace, plan: Any) -> Any:
+    from weightspace.plan import Selection
+
+    return Selection.parse(args.layers, args.modules, n_layers=plan.n_layers, nonlayer=args.nonlayer)
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+def cmd_overlap(args: argparse.Namespace) -> int:
+    from workbench.runs import RunFolder, seed_everything
+
+    from weightspace.deltas import DeltaSpec
+    from weightspace.overlap import OverlapConfig, save_overlap, update_overlap
+    from weightspace.plan import match_checkpoints
+    from weightspace.projection import unique_checkpoints
+    from weightspace.reference import DirectionReference
+    from weightspace.spectral import check_grid
+
+    seed_everything(args.seed)
+    etas = check_grid(args.etas, "eta") if args.etas else None
+    cache: dict[str, Any] = {}
+    aligned = _open(args.aligned, "aligned", cache)
+    specs = []
+    if args.base:
+        specs.append(DeltaSpec("alignment", aligned, _open(args.base, "base", cache)))
+    for label, path in _labelled(args.model, "--model"):
+        specs.append(DeltaSpec(label, _open(path, label, cache), aligned))
+    for item in args.delta or []:
+        if "=" not in item:
+            raise WorkbenchError(f"--delta items must look like label=NEW,OLD, got {item!r}")
+        label, rest = item.split("=", 1)
+        new, old = _pair(rest, "--delta")
+        specs.append(DeltaSpec(label.strip(), _open(new, f"{label}_new", cache), _open(old, f"{label}_old", cache)))
+    directions = None
+    if args.directions:
+        directions = DirectionReference.from_file(args.directions, layer=args.direction_layer,
+                                                  method=args.direction_method, side=args.side,
+                                                  residual_only=args.residual_only)
+    cks = unique_checkpoints(("aligned", aligned), *[(s.new.label, s.new) for s in specs],
+                             *[(s.old.label, s.old) for s in specs])
+    plan = match_checkpoints(cks)
+    kw = {"etas": tuple(etas)} if etas else {}
+    cfg = OverlapConfig(side=args.side, method=args.svd, svd_dtype=args.svd_dtype, selection=_selection(args, plan),
+                        seed=args.seed, keep_angles=not args.no_angles, **kw)
+    if args.plot_eta not in cfg.etas:
+        raise WorkbenchError(f"--plot-eta {args.plot_eta} is not in the eta grid {list(cfg.etas)}")
+    if len(specs) + (directions is not None) < 2:
+        raise WorkbenchError("give at least two updates (--base, --model, --delta) or one update and --directions")
+    run = RunFolder(args.out, config=vars(args) | {"command": "weightspace overlap"}, overwrite=args.overwrite)
+    res = update_overlap(specs, plan, cfg, directions=directions, progress=not args.no_progress)
+    summary = save_overlap(run, res, plan, cfg, args.plot_eta, extra={"updates": [s.describe() for s in specs],
+                                                                     "directions": directions.describe() if directions else None})
+    _print_overlap(summary)
+    print(f"results in {run.path}")
+    return 0
+
+
+def _print_overlap(summary: dict[str, Any]) -> None:
+    print(f"{'pair':>28} {'eta':>5} {'MSO pooled':>11} {'baseline':>9} {'x base':>7} {'MSO mean':>9}")
+    for pair, per in summary["mso"].items():
+        for eta, v in per.items():
+            print(f"{pair:>28} {float(eta):>5.2f} {v['mso_pooled']:>11.4f} {v['baseline_pooled']:>9.4f} "
+                  f"{v['over_baseline']:>7.2f} {v['mso_mean']:>9.4f}")
+    for pair, c in summary["flattened_cosine"].items():
+        print(f"flattened cosine {pair}: {c:.4f}")
+
+
+def cmd_project(args: argparse.Namespace) -> int:
+    from workbench.runs import seed_everything
+
+    from weightspace.plan import match_checkpoints
+    from weightspace.projection import ProjectionConfig, project_checkpoint, unique_checkpoints
+
+    seed_everything(args.seed)
+    cache: dict[str, Any] = {}
+    aligned = _open(args.aligned, "aligned", cache)
+    finetuned = _open(args.finetuned, "finetuned", cache)
+    reference = _reference(args, aligned, cache)
+    plan = match_checkpoints(unique_checkpoints(("aligned", aligned), ("finetuned", finetuned),
+                                                *reference.checkpoints().items()))
+    cfg = ProjectionConfig(mode=args.mode, rho=args.rho, kind=args.kind, operator=args.operator,
+                           safelora_threshold=args.safelora_threshold, selection=_selection(args, plan),
+                           unselected=args.unselected, seed=args.seed)
+    res = project_checkpoint(aligned, finetuned, reference, cfg, args.out, overwrite=args.overwrite,
+                             progress=not args.no_progress, run_config=vars(args))
+    s = res.energy.summary()
+    if s:
+        print(f"energy kept E_k = {s['energy_kept']:.4f} (random expectation {s['energy_random']:.4f}, "
+              f"ratio {s['over_random']:.2f}) over {s['n_tensors']} projected tensors")
+    c = res.report.get("cosine_update_reference")
+    if c:
+        print(f"flattened cosine(update, reference) over the projected tensors: {c['cosine']:.4f}")
+    print(f"projected checkpoint ({args.mode}) in {res.model_path}; report in {res.path / 'report.json'}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from workbench.chat import ChatFormat
+    from workbench.loading import load_model
+    from workbench.runs import RunFolder, seed_everything
+
+    from weightspace.evaluation import EvalConfig
+    from weightspace.plan import match_checkpoints
+    from weightspace.projection import unique_checkpoints
+    from weightspace.spectral import check_grid
+    from weightspace.sweep import DEFAULT_RHOS, SweepConfig, run_sweep
+
+    seed_everything(args.seed)
+    cache: dict[str, Any] = {}
+    aligned = _open(args.aligned, "aligned", cache)
+    models = {role: _open(getattr(args, role), role, cache) for role in ("useful", "harmful", "contaminated")
+              if getattr(args, role)}
+    if not models:
+        raise WorkbenchError("give at least one of --useful, --harmful, --contaminated")
+    reference = _reference(args, aligned, cache)
+    plan = match_checkpoints(unique_checkpoints(("aligned", aligned), *models.items(), *reference.checkpoints().items()))
+    ev = EvalConfig(n_harmful=args.n_harmful, n_tasks=args.n_tasks, max_new_tokens=args.max_new_tokens,
+                    task_tokens=args.task_tokens, batch_size=args.batch_size)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    cfg = SweepConfig(rhos=tuple(check_grid(args.rhos, "rho")) if args.rhos else DEFAULT_RHOS, kinds=kinds,
+                      selection=_selection(args, plan), unselected=args.unselected, eval=ev, seed=args.seed,
+                      score_all=args.score_all)
+    run_sweep(aligned, reference, models, cfg, None, check_only=True)  # type: ignore[arg-type]
+    lm = load_model(args.aligned, dtype=args.dtype, device=args.device)
+    sp = args.system_prompt
+    if sp is None or sp == "default":
+        sp = lm.default_system_prompt
+    elif sp.lower() == "none" or not sp.strip():
+        sp = None
+    fmt = ChatFormat(system_prompt=sp, raw=args.raw)
+    run = RunFolder(args.out, config=vars(args) | {"command": "weightspace sweep", "system_prompt_used": sp},
+                    overwrite=args.overwrite)
+    run.record_model(lm)
+    res = run_sweep(aligned, reference, models, cfg, run, lm=lm, fmt=fmt, progress=not args.no_progress)
+    _print_sweep(res)
+    print(f"results in {run.path}")
+    return 0
+
+
+def _print_sweep(res: Any) -> None:
+    for name, m in res.baselines.items():
+        print(f"{name:>28}: " + ", ".join(f"{k}={v:.3f}" for k, v in m.items()))
+    print(f"{'config':>36} {'E_k':>6} {'E_rand':>6} {'utility':>8} {'comply':>7} {'logit':>7}")
+    for r in res.rows:
+        def f(key: str) -> str:
+            v = r.get(key)
+            return f"{v:.3f}" if isinstance(v, float) else "-"
+        print(f"{r['config']:>36} {f('energy_kept'):>6} {f('energy_random'):>6} {f('utility_accuracy'):>8} "
+              f"{f('harm_compliance_phrase'):>7} {f('harm_refusal_logit_mean'):>7}")
+    print("scorers: utility = exact_match; comply = 1 - refusal rate by refusal_phrase; logit = mean refusal_logit")
+
+
+# -- registration ---------------------------------------------------------------------------------
+
+def register(subparsers: Any) -> None:
+    """Add ``weightspace`` (overlap | project | sweep) and, through the hook, ``finetune``."""
+    p = subparsers.add_parser("weightspace", help="weight-space analysis: update overlap, projection, sweeps",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ws = p.add_subparsers(dest="ws_command", required=True)
+
+    o = ws.add_parser("overlap", help="experiment 3: MSO among updates over the eta grid (per tensor/layer/module)")
+    o.add_argument("--aligned", required=True, help="aligned checkpoint W_A (zoo key, folder, file)")
+    o.add_argument("--base", default=None, help="base model W_0: adds the update 'alignment' = aligned - base")
+    o.add_argument("--model", action="append", metavar="LABEL=PATH", help="update LABEL = PATH - aligned (repeat)")
+    o.add_argument("--delta", action="append", metavar="LABEL=NEW,OLD", help="update LABEL = NEW - OLD (repeat)")
+    o.add_argument("--directions", default=None, help="also compare with the span of these activation directions")
+    o.add_argument("--direction-layer", type=int, default=None)
+    o.add_argument("--direction-method", default=None)
+    o.add_argument("--residual-only", action="store_true")
+    o.add_argument("--etas", default="", help="comma list (default 0.01,0.1,...,0.9,0.99)")
+    o.add_argument("--plot-eta", type=float, default=0.5, help="eta of the heatmaps")
+    o.add_argument("--no-angles", action="store_true", help="do not save every principal angle")
+    _add_svd(o)
+    _add_selection(o)
+    _add_out(o)
+    o.set_defaults(func=cmd_overlap)
+
+    pr = ws.add_parser("project", help="write W_A + P D (parallel), W_A + (I-P) D (orthogonal) or W_A - P D")
+    pr.add_argument("--aligned", required=True)
+    pr.add_argument("--finetuned", required=True, help="fine-tuned checkpoint: D = finetuned - aligned")
+    _add_reference(pr)
+    pr.add_argument("--mode", choices=("parallel", "orthogonal", "opposite"), default="parallel")
+    pr.add_argument("--rho", type=float, default=0.25, help="rank fraction in (0, 1]")
+    pr.add_argument("--kind", choices=("topk", "randomk", "random"), default="topk")
+    pr.add_argument("--operator", choices=("projector", "safelora"), default="projector",
+                    help="safelora: V V^T / ||V||_F with V the reference update")
+    pr.add_argument("--safelora-threshold", type=float, default=None,
+                    help="SafeLoRA selection: project a tensor only if cos(D, P D) < threshold")
+    pr.add_argument("--unselected", choices=("finetuned", "aligned"), default="finetuned",
+                    help="weights of tensors outside the selection / reference")
+    _add_svd(pr)
+    _add_selection(pr)
+    _add_out(pr)
+    pr.set_defaults(func=cmd_project)
+
+    sw = ws.add_parser("sweep", help="experiments 1 and 2: rho grid x TopK/RandomK/Random, each model scored")
+    sw.add_argument("--aligned", required=True)
+    _add_reference(sw)
+    sw.add_argument("--useful", default=None, help="useful fine-tune (experiment 1: utility)")
+    sw.add_argument("--harmful", default=None, help="harmful fine-tune (experiment 1: harmfulness)")
+    sw.add_argument("--contaminated", default=None, help="contaminated fine-tune (experiment 2: both)")
+    sw.add_argument("--rhos", default="", help="comma list (default 0.01,0.25,0.5,0.75,0.99)")
+    sw.add_argument("--kinds", default="topk,randomk,random")
+    sw.add_argument("--unselected", choices=("finetuned", "aligned"), default="finetuned")
+    sw.add_argument("--score-all", action="store_true", help="score utility and harmfulness for every model")
+    g = sw.add_argument_group("evaluation (per model)")
+    g.add_argument("--n-harmful", type=int, default=32, help="harmful:test prompts")
+    g.add_argument("--n-tasks", type=int, default=32, help="utility:test tasks")
+    g.add_argument("--max-new-tokens", type=int, default=48, help="generation length for harmful prompts")
+    g.add_argument("--task-tokens", type=int, default=16, help="generation length for tasks")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--system-prompt", default=None, help="'default' (zoo's, if any), 'none', or a text")
+    g.add_argument("--raw", action="store_true", help="no chat template")
+    g.add_argument("--dtype", default="float32")
+    g.add_argument("--device", default="cpu")
+    _add_svd(sw)
+    _add_selection(sw)
+    _add_out(sw)
+    sw.set_defaults(func=cmd_sweep)
+
+    register_finetune_hook(subparsers)
+
+
+def register_finetune_hook(subparsers: Any) -> None:
+    """HOOK for the fine-tune helper: add ``workbench finetune`` from :data:`FINETUNE_CLI_MODULE` if present.
+
+    That module must expose ``register(subparsers)``. When it is missing nothing is added; when it fails to
+    import (e.g. a missing optional dependency) a note goes to stderr and the weight-space commands stay.
+    """
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(FINETUNE_CLI_MODULE) is None:
+        return
+    try:
+        mod = importlib.import_module(FINETUNE_CLI_MODULE)
+    except ImportError as e:
+        print(f"[workbench] 'finetune' unavailable: {e}", file=sys.stderr)
+        return
+    reg = getattr(mod, "register", None)
+    if reg is not None:
+        reg(subparsers)

@@ -1,0 +1,320 @@
+"""Project a fine-tuning update onto / away from a reference subspace and write the projected checkpoint.
+
+Modes (``P`` from :mod:`weightspace.reference`, ``D = W_FT - W_A``):
+
+* ``parallel``:   ``W_A + P D``
+* ``orthogonal``: ``W_A + (I - P) D``
+* ``opposite``:   ``W_A - P D``
+
+Tensors outside the :class:`~weightspace.plan.Selection` (layer range, module types) or not covered by
+the reference keep the fine-tuned weights (``unselected="finetuned"``, default) or go back to the aligned
+ones (``unselected="aligned"``). The checkpoint is written tensor by tensor in each tensor's original
+dtype with the aligned model's config and tokenizer files, so it loads with plain ``transformers``.
+
+Example::
+
+    >>> cfg = ProjectionConfig(mode="orthogonal", rho=0.25, kind="topk")
+    >>> cfg.describe()["mode"]
+    'orthogonal'
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.io import sha256_file
+from workbench.runs import RunFolder
+from workbench.subspace import CosineAccumulator
+
+from weightspace.checkpoints import Checkpoint
+from weightspace.deltas import DeltaSpec, delta_blocks, load_delta, load_f32, to_stored
+from weightspace.grouping import CosineTable, EnergyTable
+from weightspace.plan import Selection, TensorInfo, TensorPlan, match_checkpoints
+from weightspace.reference import OPERATORS, DeltaReference, DirectionReference, Prepared, Reference, TensorOperator
+from weightspace.spectral import KINDS, check_fraction
+from weightspace.writer import TensorEntry, copy_model_files, stream_safetensors
+
+__all__ = ["MODES", "UNSELECTED", "ProjectionConfig", "TensorRecord", "combine", "unique_checkpoints",
+           "validate_reference", "projected_tensors", "ProjectionResult", "project_checkpoint"]
+
+MODES = ("parallel", "orthogonal", "opposite")
+UNSELECTED = ("finetuned", "aligned")
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """One projection: mode, subspace (rho, kind, operator), which tensors, and the seed.
+
+    ``rho`` is ignored by direction references and by the SafeLoRA operator. ``safelora_threshold``
+    (SafeLoRA's layer selection) projects a tensor only when ``cos(D, P D) < threshold``; other tensors keep
+    the full update.
+    """
+
+    mode: str = "parallel"
+    rho: float | None = 0.25
+    kind: str = "topk"
+    operator: str = "projector"
+    safelora_threshold: float | None = None
+    selection: Selection | None = None
+    unselected: str = "finetuned"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise WorkbenchError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.kind not in KINDS:
+            raise WorkbenchError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.operator not in OPERATORS:
+            raise WorkbenchError(f"operator must be one of {', '.join(OPERATORS)}, got {self.operator!r}")
+        if self.unselected not in UNSELECTED:
+            raise WorkbenchError(f"unselected must be one of {', '.join(UNSELECTED)}, got {self.unselected!r}")
+        if self.rho is not None:
+            check_fraction(self.rho, "rho")
+        if self.safelora_threshold is not None and self.operator != "safelora":
+            raise WorkbenchError("safelora_threshold needs operator='safelora'")
+
+    def describe(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["selection"] = self.selection.describe() if self.selection else "all"
+        return d
+
+
+@dataclass
+class TensorRecord:
+    """What happened to one tensor."""
+
+    name: str
+    layer: str
+    module: str
+    shape: str
+    selected: bool
+    operator: str  # basis / rank1 / safelora / zero / unselected
+    k: int
+    d: int
+    ref_energy: float  # share of the reference update's energy in the subspace
+    kept: float  # ||P D||^2
+    total: float  # ||D||^2
+    energy_kept: float
+    energy_random: float  # k / d
+    cos_update_projected: float = float("nan")  # cos(D, P D): SafeLoRA's selection statistic
+    applied: bool = True
+
+
+def combine(w_a: torch.Tensor, delta: torch.Tensor, p_delta: torch.Tensor, mode: str) -> torch.Tensor:
+    """The projected weight for ``mode`` (modifies and returns ``w_a``).
+
+    Example::
+
+        >>> w, d, p = torch.zeros(2), torch.tensor([1., 2.]), torch.tensor([1., 0.])
+        >>> [combine(w.clone(), d, p, m).tolist() for m in MODES]
+        [[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]]
+    """
+    if mode == "parallel":
+        return w_a.add_(p_delta)
+    if mode == "orthogonal":
+        return w_a.add_(delta).sub_(p_delta)
+    if mode == "opposite":
+        return w_a.sub_(p_delta)
+    raise WorkbenchError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+def unique_checkpoints(*items: tuple[str, Checkpoint | None]) -> dict[str, Checkpoint]:
+    """Labelled checkpoints for :func:`match_checkpoints`, the same files counted once.
+
+    Example::
+
+        >>> unique_checkpoints(("aligned", None))
+        {}
+    """
+    out: dict[str, Checkpoint] = {}
+    seen: dict[tuple, str] = {}
+    for label, ck in items:
+        if ck is None:
+            continue
+        key = tuple(str(f.resolve()) for f in ck.files)
+        if key in seen or any(v is ck for v in out.values()):
+            continue
+        seen[key] = label
+        out[label] = ck
+    return out
+
+
+def validate_reference(reference: Reference, plan: TensorPlan, tensors: list[TensorInfo]) -> None:
+    """Fail before any work when a direction reference fits no tensor (width vs d_model)."""
+    if isinstance(reference, DirectionReference):
+        if plan.d_model is not None and plan.d_model != reference.d_model:
+            raise WorkbenchError(f"the directions have width {reference.d_model} but the model's d_model is "
+                                 f"{plan.d_model}")
+        if not any(reference.covers(t) for t in tensors):
+            raise WorkbenchError(f"no selected tensor has an {'output' if reference.side == 'left' else 'input'} "
+                                 f"width of {reference.d_model}: the directions cover nothing")
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    acc = CosineAccumulator()
+    acc.add(a, b)
+    return acc.value
+
+
+def projected_tensors(plan: TensorPlan, tensors: list[TensorInfo], aligned: Checkpoint, finetuned: Checkpoint,
+                      reference: Reference, cfg: ProjectionConfig, *,
+                      prepared: dict[str, Any] | None = None) -> Iterator[tuple[TensorInfo, torch.Tensor, TensorRecord]]:
+    """Yield ``(info, W_new float32 in the analysis layout, record)`` for every tensor of ``tensors``.
+
+    ``prepared`` caches the reference's per-tensor state across calls (the sweep computes each SVD once);
+    without it the state is computed and dropped tensor by tensor.
+    """
+    spec = DeltaSpec("update", finetuned, aligned)
+    selection = cfg.selection
+    for info in tensors:
+        sel = (selection is None or selection.accepts(info)) and reference.covers(info)
+        if not sel:
+            w = load_f32(finetuned if cfg.unselected == "finetuned" else aligned, info)
+            yield info, w, TensorRecord(info.name, info.role.layer_key, info.module, "x".join(map(str, info.shape)),
+                                        False, "unselected", 0, 0, float("nan"), 0.0, 0.0, float("nan"),
+                                        float("nan"), applied=False)
+            continue
+        w = load_f32(aligned, info)
+        delta = load_delta(spec, info)
+        if prepared is not None and info.name in prepared:
+            prep = prepared[info.name]
+        else:
+            prep = reference.prepare(info, operator=cfg.operator, kinds=(cfg.kind,), max_rho=cfg.rho or 1.0)
+        op: TensorOperator = reference.operator(info, prep, cfg.rho, cfg.kind, cfg.seed, cfg.operator)
+        del prep
+        p_delta = op.apply(delta)
+        kept, total = op.energy(delta, p_delta)
+        cos = _cos(delta, p_delta) if op.kind == "safelora" else float("nan")
+        applied = not (cfg.safelora_threshold is not None and not math.isnan(cos) and cos >= cfg.safelora_threshold)
+        rec = TensorRecord(info.name, info.role.layer_key, info.module, "x".join(map(str, info.shape)), True, op.kind,
+                           op.k, op.d, op.ref_energy, kept, total, kept / total if total > 0 else float("nan"),
+                           op.random_expectation, cos, applied)
+        w = combine(w, delta, p_delta, cfg.mode) if applied else w.add_(delta)
+        del delta, p_delta
+        yield info, w, rec
+
+
+@dataclass
+class ProjectionResult:
+    """Where the projection went and what it kept."""
+
+    path: Path
+    model_path: Path
+    energy: EnergyTable
+    records: list[TensorRecord]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _progress(enabled: bool, desc: str) -> Callable:
+    if not enabled:
+        return lambda it: it
+    from tqdm.auto import tqdm
+
+    return lambda it: tqdm(it, desc=desc, unit="tensor")
+
+
+def _update_cosines(plan: TensorPlan, tensors: list[TensorInfo], update: DeltaSpec, ref: DeltaSpec) -> CosineTable:
+    table = CosineTable()
+    for info in tensors:
+        acc = CosineAccumulator()
+        for a, b in delta_blocks([update, ref], info):
+            acc.add(a, b)
+        table.add(f"{update.label}~{ref.label}", info.role, acc)
+    return table
+
+
+def project_checkpoint(aligned: Checkpoint, finetuned: Checkpoint, reference: Reference, cfg: ProjectionConfig,
+                       out: str | Path, *, overwrite: bool = False, progress: bool = True,
+                       run_config: dict[str, Any] | None = None) -> ProjectionResult:
+    """Write ``out/model`` (the projected checkpoint) and ``out/report.json`` + CSVs + PNGs.
+
+    Everything that can be checked is checked before the output folder is touched: matching names and
+    shapes of all checkpoints, rho, kinds, the reference's width. Memory: a few tensors at a time.
+
+    Example::
+
+        >>> res = project_checkpoint(aligned, ft, DeltaReference(DeltaSpec("alignment", aligned, base)),
+        ...                          ProjectionConfig("parallel", rho=0.25), "runs/proj")   # doctest: +SKIP
+        >>> res.energy.summary()["energy_kept"]                                             # doctest: +SKIP
+        0.41
+    """
+    t0 = time.perf_counter()
+    cks = unique_checkpoints(("aligned", aligned), ("finetuned", finetuned), *reference.checkpoints().items())
+    plan = match_checkpoints(cks)
+    tensors = plan.tensors
+    validate_reference(reference, plan, plan.select(cfg.selection))
+    reference.check_kind(cfg.kind)
+    if reference.uses_rho and cfg.operator == "projector" and cfg.rho is None:
+        raise WorkbenchError("rho is required for a projection on a reference update")
+    run = RunFolder(out, config=(run_config or {}) | {"command": "weightspace project", **cfg.describe()},
+                    overwrite=overwrite)
+    model_dir = run.sub("model")
+    copied = copy_model_files(aligned.folder, model_dir)
+    energy = EnergyTable()
+    records: dict[str, TensorRecord] = {}
+    by_name = {t.name: t for t in tensors}
+    gen = projected_tensors(plan, tensors, aligned, finetuned, reference, cfg)
+    pending: dict[str, torch.Tensor] = {}
+
+    def produce(name: str) -> torch.Tensor:
+        info = by_name.get(name)
+        if info is None:  # a tied head only the aligned checkpoint stores: passed through unchanged
+            return aligned.read(name)
+        while name not in pending:  # the writer asks in its own order; the generator is in plan order
+            i, w, rec = next(gen)
+            records[i.name] = rec
+            if rec.selected:
+                energy.add(i.role, kept=rec.kept, total=rec.total, expected=rec.energy_random)
+            pending[i.name] = to_stored(w, i, aligned.dtype(i.name))
+        return pending.pop(name)
+
+    # Ask for tensors in plan order (the writer only reorders by item size), so `pending` stays small.
+    entries = [TensorEntry(t.name, aligned.dtype(t.name), t.stored_shape) for t in tensors]
+    entries += [TensorEntry(s["name"], aligned.dtype(s["name"]), aligned.shape(s["name"]))
+                for s in plan.skipped if s["name"] in aligned.index]
+    stream_safetensors(model_dir / "model.safetensors", entries, produce,
+                       metadata={"format": "pt", "producer": "workbench weightspace project", "mode": cfg.mode},
+                       progress=_progress(progress, f"project ({cfg.mode})"))
+    recs = [records[t.name] for t in tensors if t.name in records]
+    rows = energy.all_rows()
+    run.write_csv("energy.csv", rows)
+    run.write_csv("tensors.csv", [asdict(r) for r in recs])
+    cos_rows: list[dict[str, Any]] = []
+    if isinstance(reference, DeltaReference):
+        sel = [t for t in tensors if records.get(t.name) is not None and records[t.name].selected]
+        ct = _update_cosines(plan, sel, DeltaSpec("update", finetuned, aligned), reference.spec)
+        cos_rows = ct.all_rows()
+        run.write_csv("cosine.csv", cos_rows)
+    from weightspace import plots
+
+    run.save_figure("energy_by_layer.png", plots.energy_bars(energy.rows("layer"), "layer",
+                                                             f"energy kept per layer ({cfg.mode}, {cfg.kind})"))
+    run.save_figure("energy_by_module.png", plots.energy_bars(energy.rows("module"), "module",
+                                                              f"energy kept per module type ({cfg.mode}, {cfg.kind})"))
+    report = {
+        "config": cfg.describe(),
+        "reference": reference.describe(),
+        "aligned": aligned.describe(),
+        "finetuned": finetuned.describe(),
+        "plan": {"n_tensors": len(tensors), "skipped": plan.skipped, "notes": plan.notes, "conv1d": plan.conv1d},
+        "n_selected": sum(r.selected for r in recs),
+        "n_unselected": sum(not r.selected for r in recs),
+        "n_zero_reference": sum(r.operator == "zero" for r in recs),
+        "n_not_applied_safelora": sum(r.selected and not r.applied for r in recs),
+        "energy_kept": energy.summary(),
+        "energy_by_layer": energy.rows("layer"),
+        "energy_by_module": energy.rows("module"),
+        "cosine_update_reference": next((r for r in cos_rows if r["level"] == "model"), None),
+        "model": {"path": str(model_dir), "copied_files": copied,
+                  "sha256": sha256_file(model_dir / "model.safetensors")},
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    run.write_json("report.json", report)
+    return ProjectionResult(run.path, model_dir, energy, recs, report)

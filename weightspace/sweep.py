@@ -1,0 +1,214 @@
+"""Experiments 1 and 2: project updates over the rho grid x {TopK, RandomK, Random} and score each model.
+
+* Experiment 1 (parallel projection): ``W_A + P_k Delta_j`` for ``j`` in {useful, harmful}; utility of the
+  projected useful model, harmfulness of the projected harmful model, and the energy kept ``E_k``.
+* Experiment 2 (orthogonal filtering): ``W_A + (I - P_k) Delta_contaminated``; utility *and* harmfulness,
+  drawn as a trade-off curve against the random controls.
+
+The aligned model is loaded once; each projected model's tensors are built from the streamed checkpoint
+tensors and written into it in memory (rounded to the stored dtype first, so the scores are those of the
+checkpoint ``weightspace project`` would write). The reference SVD of every tensor is computed once for
+the whole grid. The aligned model and every unprojected fine-tune are scored too (reference lines).
+Every per-prompt output is saved under ``evals/<config>/``.
+
+Example::
+
+    >>> SweepConfig(rhos=(0.25, 0.5), kinds=("topk", "random")).experiments({"useful"})
+    [('exp1', 'useful', 'parallel', ('utility',))]
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from workbench.errors import WorkbenchError
+from workbench.runs import RunFolder
+
+from weightspace.checkpoints import Checkpoint
+from weightspace.deltas import load_f32, to_stored
+from weightspace.evaluation import EvalConfig, EvalSets, InMemoryModel, score_model, scorer_notes
+from weightspace.grouping import EnergyTable
+from weightspace.plan import Selection, match_checkpoints
+from weightspace.projection import ProjectionConfig, projected_tensors, unique_checkpoints, validate_reference
+from weightspace.reference import Reference
+from weightspace.spectral import KINDS, check_grid
+
+__all__ = ["DEFAULT_RHOS", "ROLES", "SweepConfig", "SweepResult", "run_sweep"]
+
+DEFAULT_RHOS = (0.01, 0.25, 0.5, 0.75, 0.99)
+ROLES = ("useful", "harmful", "contaminated")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The grid, the tensors it touches, the evaluation sizes and the seed."""
+
+    rhos: tuple[float, ...] = DEFAULT_RHOS
+    kinds: tuple[str, ...] = KINDS
+    selection: Selection | None = None
+    unselected: str = "finetuned"
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    score_all: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rhos", tuple(check_grid(list(self.rhos), "rho")))
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise WorkbenchError(f"kinds must be a non-empty subset of {', '.join(KINDS)}, got {list(self.kinds)}")
+
+    def experiments(self, roles: set[str]) -> list[tuple[str, str, str, tuple[str, ...]]]:
+        """``(experiment, model role, mode, scores)`` for the fine-tuned models given."""
+        both = ("utility", "harm")
+        out = []
+        if "useful" in roles:
+            out.append(("exp1", "useful", "parallel", both if self.score_all else ("utility",)))
+        if "harmful" in roles:
+            out.append(("exp1", "harmful", "parallel", both if self.score_all else ("harm",)))
+        if "contaminated" in roles:
+            out.append(("exp2", "contaminated", "orthogonal", both))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"rhos": list(self.rhos), "kinds": list(self.kinds), "unselected": self.unselected, "seed": self.seed,
+                "selection": self.selection.describe() if self.selection else "all", "score_all": self.score_all,
+                "eval": self.eval.describe()}
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict[str, Any]]
+    baselines: dict[str, dict[str, float]]
+    seconds: float
+
+
+def _progress(items: list, enabled: bool, desc: str, unit: str) -> Any:
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit)
+
+
+def _save_eval(run: RunFolder, cid: str, rows: dict[str, list[dict[str, Any]]]) -> None:
+    for name, rs in rows.items():
+        run.write_csv(f"evals/{cid}/{name}.csv", rs)
+
+
+def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Checkpoint], cfg: SweepConfig,
+              run: RunFolder, *, lm: Any = None, fmt: Any = None, sets: EvalSets | None = None,
+              progress: bool = True, check_only: bool = False) -> SweepResult:
+    """Run experiments 1/2 for the models given (roles ``useful``, ``harmful``, ``contaminated``).
+
+    ``lm`` is the aligned model loaded once (loaded from ``aligned.folder`` when omitted). With
+    ``check_only`` the function returns after validating everything (no model is loaded).
+    """
+    t0 = time.perf_counter()
+    unknown = [r for r in models if r not in ROLES]
+    if unknown or not models:
+        raise WorkbenchError(f"give at least one of the models {', '.join(ROLES)}; unknown roles: {unknown}")
+    cks = unique_checkpoints(("aligned", aligned), *models.items(), *reference.checkpoints().items())
+    plan = match_checkpoints(cks)
+    tensors = plan.tensors
+    validate_reference(reference, plan, plan.select(cfg.selection))
+    for kind in cfg.kinds:
+        reference.check_kind(kind)
+    exps = cfg.experiments(set(models))
+    sets = sets or EvalSets.default(cfg.eval)
+    if check_only:
+        return SweepResult([], {}, 0.0)
+    if lm is None:
+        from workbench.loading import load_model
+
+        lm = load_model(str(aligned.folder))
+    from workbench.backends import get_backend
+
+    backend = get_backend("native", lm)
+    state = InMemoryModel(lm, tensors)
+
+    def load_state(ck: Checkpoint) -> None:
+        for info in tensors:
+            state.set(info.name, to_stored(load_f32(ck, info), info, aligned.dtype(info.name)))
+
+    # Reference state (one SVD per tensor) for every tensor a projection will touch.
+    todo = [t for t in plan.select(cfg.selection) if reference.covers(t)]
+    prepared = {t.name: reference.prepare(t, kinds=cfg.kinds, max_rho=max(cfg.rhos))
+                for t in _progress(todo, progress, "reference SVDs", "tensor")}
+    baselines: dict[str, dict[str, float]] = {}
+    base_rows = []
+    todo_base = [("aligned", aligned, ("utility", "harm"))]
+    todo_base += [(f"{role} (full update)", models[role], scores) for _, role, _, scores in exps]
+    for name, ck, scores in todo_base:
+        load_state(ck)
+        metrics, prompt_rows = score_model(backend, sets, fmt, cfg.eval, utility="utility" in scores,
+                                           harm="harm" in scores)
+        cid = "baseline-" + name.split(" ")[0]
+        _save_eval(run, cid, prompt_rows)
+        baselines[name] = metrics
+        base_rows.append({"config": cid, "model": name, **metrics})
+    run.write_csv("baselines.csv", base_rows)
+
+    grid = [(e, role, mode, scores, rho, kind) for e, role, mode, scores in exps
+            for rho in (cfg.rhos if reference.uses_rho else (None,)) for kind in cfg.kinds]
+    rows: list[dict[str, Any]] = []
+    energy_rows: list[dict[str, Any]] = []
+    for exp, role, mode, scores, rho, kind in _progress(grid, progress, "sweep", "model"):
+        pcfg = ProjectionConfig(mode=mode, rho=rho, kind=kind, selection=cfg.selection, unselected=cfg.unselected,
+                                seed=cfg.seed)
+        energy = EnergyTable()
+        for info, w, rec in projected_tensors(plan, tensors, aligned, models[role], reference, pcfg, prepared=prepared):
+            state.set(info.name, to_stored(w, info, aligned.dtype(info.name)))
+            if rec.selected:
+                energy.add(info.role, kept=rec.kept, total=rec.total, expected=rec.energy_random)
+        metrics, prompt_rows = score_model(backend, sets, fmt, cfg.eval, utility="utility" in scores,
+                                           harm="harm" in scores)
+        cid = f"{exp}-{role}-{kind}" + (f"-rho{rho:g}" if rho is not None else "")
+        _save_eval(run, cid, prompt_rows)
+        summ = energy.summary()
+        rows.append({"config": cid, "experiment": exp, "model": role, "mode": mode, "rho": rho, "kind": kind,
+                     "energy_kept": summ.get("energy_kept"), "energy_random": summ.get("energy_random"),
+                     "energy_over_random": summ.get("over_random"), **metrics})
+        energy_rows += [{"config": cid, **r} for r in energy.all_rows() if r["level"] != "tensor"]
+    run.write_csv("results.csv", rows)
+    run.write_csv("energy.csv", energy_rows)
+    run.write_json("results.json", {"rows": rows, "baselines": baselines, "scorers": scorer_notes(),
+                                    "config": cfg.describe(), "reference": reference.describe(),
+                                    "eval_sets": sets.describe(),
+                                    "plan": {"n_tensors": len(tensors), "skipped": plan.skipped, "notes": plan.notes},
+                                    "seconds": round(time.perf_counter() - t0, 2)})
+    _plots(run, rows, baselines, reference.uses_rho)
+    load_state(aligned)  # leave the caller's model as it came
+    return SweepResult(rows, baselines, time.perf_counter() - t0)
+
+
+def _plots(run: RunFolder, rows: list[dict[str, Any]], baselines: dict[str, dict[str, float]], uses_rho: bool) -> None:
+    from weightspace import plots
+
+    exp1 = [r for r in rows if r["experiment"] == "exp1"]
+    if exp1 and uses_rho:
+        roles = list(dict.fromkeys(r["model"] for r in exp1))
+        panels = []
+        for role in roles:
+            if "utility_accuracy" in next(r for r in exp1 if r["model"] == role):
+                panels.append((role, "utility_accuracy", "utility: exact-match accuracy"))
+            if "harm_compliance_phrase" in next(r for r in exp1 if r["model"] == role):
+                panels.append((role, "harm_compliance_phrase", "harmfulness: compliance (refusal_phrase)"))
+                panels.append((role, "harm_refusal_logit_mean", "refusal logit score (refusal_logit)"))
+        for role in roles:
+            panels.append((role, "energy_kept", "energy kept E_k"))
+        refs = {k: v for k, v in baselines.items()}
+        run.save_figure("exp1_parallel.png", plots.sweep_curves(exp1, refs, panels,
+                                                                "Experiment 1: W_A + P Δ (parallel projection)"))
+    exp2 = [r for r in rows if r["experiment"] == "exp2"]
+    if exp2:
+        refs = {"aligned": baselines.get("aligned", {}),
+                "contaminated (full update)": baselines.get("contaminated (full update)", {})}
+        run.save_figure("exp2_tradeoff_phrase.png", plots.tradeoff(
+            exp2, refs, "utility_accuracy", "harm_compliance_phrase", "utility (exact match)",
+            "harmfulness: compliance rate (refusal_phrase)", "Experiment 2: W_A + (I − P) Δ_contaminated"))
+        run.save_figure("exp2_tradeoff_logit.png", plots.tradeoff(
+            exp2, refs, "utility_accuracy", "harm_refusal_logit_mean", "utility (exact match)",
+            "refusal logit score (refusal_logit; lower = more harmful)",
+            "Experiment 2: W_A + (I − P) Δ_contaminated"))
