@@ -153,7 +153,11 @@ class ModelSlot:
             with self.lock:  # deepcopy copies module hooks too: copy only while no other call has any
                 model = copy.deepcopy(lm.model)
             model.requires_grad_(False)
-            orthogonalize_model(model, direction.vector, allow_post_norm=True)
+            try:
+                orthogonalize_model(model, direction.vector)
+            except WorkbenchError:
+                del model
+                raise
             model.eval()
             olm = LM(model, lm.tokenizer, f"{lm.model_id}+ortho[{key[:8]}]", f"{lm.checksum}+ortho:{key}",
                      "memory", lm.default_system_prompt, {"orthogonalised_against": direction.record()})

@@ -130,14 +130,7 @@ def encode_prompt(backend: Backend, prompt: str, fmt: ChatFormat | None = None, 
     if not isinstance(prompt, str) or not prompt.strip():
         raise WorkbenchError("the prompt is empty: type a prompt or pick one from the built-in sets")
     lm = backend.lm
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the length is checked right below
-    try:
-        batch = encode(lm.tokenizer, [prompt], fmt)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    batch = encode(lm.tokenizer, [prompt], fmt)
     n = int(batch.lengths[0])
     if max_prompt_tokens is not None and n > max_prompt_tokens:
         raise WorkbenchError(
@@ -357,7 +350,9 @@ def score_column(ref_backend: Backend, col_backend: Backend, batch: Batch, token
     full = _full_batch(batch, token_ids)
     t0 = int(batch.lengths[0])
     cap = [probe.site] if probe is not None else []
-    with lock:
+    tok = ref_backend.lm.tokenizer
+    with lock:  # tokenizer calls too: HF fast tokenizers are not safe to call from several threads at once
+        refusal_ids = refusal_token_ids(tok)
         ref = ref_backend.run(full, logits=True, capture=cap if same_as_reference else ())
         col = ref if same_as_reference else col_backend.run(full, logits=True, capture=cap,
                                                             interventions=interventions)
@@ -375,11 +370,10 @@ def score_column(ref_backend: Backend, col_backend: Backend, batch: Batch, token
     if probe is not None:
         act = col.acts[probe.site][0, t0:t0 + n].float()
         projections = (act @ probe.unit.to(act.device).float()).tolist()
-    tok = ref_backend.lm.tokenizer
     text = tok.decode(token_ids, skip_special_tokens=True)
     scores = ColumnScores(
         refusal=is_refusal(text),
-        refusal_logit=refusal_logodds(col.logits[0, t0 - 1], refusal_token_ids(tok)),
+        refusal_logit=refusal_logodds(col.logits[0, t0 - 1], refusal_ids),
         kl_next=float(kl[0]),
         kl_reply=float(kl.mean()),
         perplexity=ppl,

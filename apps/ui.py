@@ -52,13 +52,16 @@ CSS = """
 # -- errors: messages in the UI, never stack traces -------------------------------------------------
 
 def _as_gr_error(e: BaseException) -> gr.Error:
+    """A user mistake (WorkbenchError) becomes its message, shown in the page (no traceback in the log
+    either); anything else a one-line message, with the traceback in the server log only."""
     if isinstance(e, gr.Error):
         return e
     if isinstance(e, WorkbenchError):
-        return gr.Error(str(e))
+        return gr.Error(str(e), duration=None, print_exception=False)
     traceback.print_exc(file=sys.stderr)
     first = str(e).splitlines()[0][:300] if str(e) else ""
-    return gr.Error(f"internal error ({type(e).__name__}): {first}. The server log has the details.")
+    return gr.Error(f"internal error ({type(e).__name__}): {first}. The server log has the details.",
+                    duration=None, print_exception=False)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,9 +72,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         def gen(*args: Any, **kwargs: Any) -> Iterator[Any]:
             try:
                 yield from fn(*args, **kwargs)
-            except GeneratorExit:
-                raise
-            except BaseException as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001
                 raise _as_gr_error(e) from None
 
         return gen
@@ -80,7 +81,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def plain(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except BaseException as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001
             raise _as_gr_error(e) from None
 
     return plain

@@ -105,6 +105,8 @@ class ProbeSweep:
         p, n = self._check(pos, neg)
         cv = max(2, min(self.cv, len(p), len(n)))
         layers = self.layer_ids if self.layer_ids is not None else list(range(p.shape[1]))
+        if len(layers) != p.shape[1]:
+            raise WorkbenchError(f"{len(layers)} layer labels given for activations with {p.shape[1]} layers")
         t0 = time.perf_counter()
         jobs = (delayed(_fit_layer)(i, *_xy(p[:, j], n[:, j]), self.Cs, cv, self.seed) for j, i in enumerate(layers))
         self.probes_ = list(Parallel(n_jobs=self.n_jobs)(jobs))
@@ -115,6 +117,10 @@ class ProbeSweep:
         if not self.probes_:
             raise WorkbenchError("call fit() before evaluate()")
         p, n = self._check(pos, neg)
+        d_fit = len(self.probes_[0].mean_diff)
+        if p.shape[1:] != (len(self.probes_), d_fit):
+            raise WorkbenchError(f"test activations are [n, {p.shape[1]}, {p.shape[2]}] but the probes were fitted "
+                                 f"on [n, {len(self.probes_)}, {d_fit}]")
         rows = []
         for j, pr in enumerate(self.probes_):
             X, y = _xy(p[:, j], n[:, j])

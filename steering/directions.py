@@ -39,11 +39,12 @@ def _capture_pair(lm: LoadedModel, pos: Sequence[str], neg: Sequence[str], fmt: 
 
 def _record(lm: LoadedModel, vec: torch.Tensor, layer: int, pos_key: str, method: str, component: str,
             a: Activations, pos: Sequence[str], neg: Sequence[str], meta: dict[str, Any]) -> Direction:
+    neg_hash = meta.pop("_neg_hash", "")  # internal hand-over only: never stored in the direction's meta
     return Direction(vec, layer=layer, method=method, model_id=lm.model_id, model_checksum=lm.checksum,
                      d_model=lm.d_model, position=pos_key, component=component,
                      dtype=str(lm.dtype).replace("torch.", ""),
                      prompt_set_hashes={"positive": sha256_json(list(pos))[:16] if pos else a.meta.get("prompt_set_hash", ""),
-                                        "negative": sha256_json(list(neg))[:16] if neg else meta.pop("_neg_hash", "")},
+                                        "negative": sha256_json(list(neg))[:16] if neg else neg_hash},
                      template_hash=a.meta.get("template_hash", ""), meta=meta)
 
 

@@ -104,7 +104,8 @@ def write_orthogonalized(lm: Any, direction: torch.Tensor, out: str | Path, *, o
     model = copy.deepcopy(lm.model)
     edited = orthogonalize_model(model, direction, allow_post_norm=allow_post_norm)
     model.hf_quantizer = None
-    tmp = Path(tempfile.mkdtemp(prefix=".ortho.", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)  # the temp folder must be on out's filesystem (rename)
+    tmp = Path(tempfile.mkdtemp(prefix=".ortho.", dir=out.parent))
     try:
         model.save_pretrained(str(tmp))
         lm.tokenizer.save_pretrained(str(tmp))

@@ -70,6 +70,13 @@ def test_generate_in_browser(app_url):
             page = browser.new_page(viewport={"width": 1500, "height": 1300})
             page.goto(app_url, wait_until="domcontentloaded", timeout=60_000)
             page.wait_for_selector("#wb-generate", timeout=60_000)
+            # a user mistake shows as a message in the page, not a stack trace
+            page.locator("#wb-generate").click()
+            toast = page.locator(".toast-body")
+            toast.first.wait_for(timeout=60_000)
+            error_text = toast.first.inner_text()
+            page.locator(".toast-close").first.click()
+            toast.first.wait_for(state="detached", timeout=10_000)
             page.locator("#wb-prompt textarea").fill("Tell me a joke about the sea")
             _set_number(page, "wb-layer", "1")
             page.locator("#wb-a-layers textarea, #wb-a-layers input").first.fill("0")
@@ -91,6 +98,7 @@ def test_generate_in_browser(app_url):
             page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
         finally:
             browser.close()
+    assert "prompt is empty" in error_text and "Traceback" not in error_text, error_text
     # the layer and strength set in the page reached the server
     assert "mean_diff at layer 1" in status, status
     assert "addition x2.5" in a_title and "at layer(s) 0" in a_title, a_title

@@ -140,6 +140,10 @@ def test_existing_output_folder_is_refused_unless_overwrite(make_tiny, tmp_path)
     assert (out / "keep.txt").read_text() == "precious"
     write_orthogonalized(lm, r, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    # missing parents are created, and the temporary folder lives beside the output (atomic rename)
+    nested = tmp_path / "a" / "b" / "model"
+    write_orthogonalized(lm, r, nested)
+    assert (nested / "config.json").exists() and sorted(p.name for p in nested.parent.iterdir()) == ["model"]
 
 
 @pytest.mark.real_model

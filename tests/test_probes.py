@@ -160,6 +160,12 @@ def test_evaluate_before_fit_and_bad_test_shapes(fitted):
     with pytest.raises(WorkbenchError, match="fit"):
         ProbeSweep().evaluate(*planted(4, seed=0))
     sw, _, _ = fitted
+    with pytest.raises(WorkbenchError, match="fitted on"):
+        sw.evaluate(np.zeros((4, 2, D)), np.zeros((4, 2, D)))  # fewer layers than fitted
+    with pytest.raises(WorkbenchError, match="fitted on"):
+        sw.evaluate(np.zeros((4, L, D + 1)), np.zeros((4, L, D + 1)))
+    with pytest.raises(WorkbenchError, match="2 layer labels given for activations with 3 layers"):
+        ProbeSweep(layers=[0, 1], **FAST).fit(*planted(6, seed=0))
     with pytest.raises(WorkbenchError, match="non-finite"):
         p, n = planted(4, seed=0)
         p[0, 0, 0] = np.nan

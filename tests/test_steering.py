@@ -311,7 +311,8 @@ def test_evaluate_conditions_rates_with_a_stubbed_generator(make_tiny, monkeypat
     ev = evaluate_conditions(be, FMT, [Condition("ablate", ablation(d, lm.n_layers))], harmful=HARMFUL,
                              harmless=HARMLESS, max_new_tokens=3, perplexity_tokens=5, n_boot=200, progress=False)
     base, abl = ev.summary
-    assert base["harmful_refusal_rate"] == pytest.approx(2 / 3) and base["harmless_refusal_rate"] == pytest.approx(2 / 3)
+    assert base["harmful_refusal_rate"] == pytest.approx(2 / 3)
+    assert base["harmless_refusal_rate"] == pytest.approx(2 / 3)
     assert base["harmful_refusal_rate_lo"] < 2 / 3 < base["harmful_refusal_rate_hi"]
     assert abl["harmful_refusal_rate"] == 0.0 == abl["harmful_refusal_rate_lo"] == abl["harmful_refusal_rate_hi"]
     for row in ev.summary:

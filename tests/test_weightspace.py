@@ -86,7 +86,8 @@ def planted(tmp_path_factory):
     aligned = _save(model, tok, root / "aligned")
     _add(model, dT)
     ft = _save(model, tok, root / "ft")
-    return {"root": root, "base": base, "aligned": aligned, "ft": ft, "a": a, "n": nv, "dA": dA, "dT": dT}
+    return {"root": root, "base": base, "aligned": aligned, "ft": ft, "a": a, "n": nv, "dA": dA, "dT": dT,
+            "rq": rq, "rd": rd}
 
 
 def _cks(p, *names):
@@ -384,6 +385,22 @@ def test_parallel_plus_orthogonal_is_the_full_update_and_loads_with_transformers
     for k in A:
         assert torch.equal(sd[k], P[k]), k
     assert torch.allclose(sd[DN].double(), A[DN].double() + U @ (U.T @ (T[DN] - A[DN]).double()), atol=TOL)
+
+
+def test_right_side_reference_projects_in_the_input_space(planted, tmp_path):
+    cks = _cks(planted, "aligned", "ft", "base")
+    ref = DeltaReference(DeltaSpec("alignment", cks["aligned"], cks["base"]), side="right")
+    res = project_checkpoint(cks["aligned"], cks["ft"], ref, ProjectionConfig("parallel", rho=4 / 64),
+                             tmp_path / "r", progress=False)
+    recs = {r.name: r for r in res.records}
+    dT, rq, rd = planted["dT"], planted["rq"], planted["rd"]  # right TopK-4 space of Delta_A: span(rows of rq / rd)
+    assert (recs[Q].k, recs[Q].d, recs[DN].k, recs[DN].d) == (4, 64, 4, 128)
+    assert recs[Q].kept == pytest.approx(float(((dT[Q] @ rq.T) ** 2).sum()), abs=TOL)
+    assert recs[DN].kept == pytest.approx(float(((dT[DN] @ rd.T) ** 2).sum()), abs=TOL)
+    assert recs[DN].total == pytest.approx(6.25, abs=TOL)
+    P = load_file(str(res.model_path / "model.safetensors"))
+    A = load_file(str(planted["aligned"] / "model.safetensors"))
+    assert torch.allclose(P[DN].double(), A[DN].double() + dT[DN] @ rd.T @ rd, atol=TOL)
 
 
 def test_layer_range_and_random_controls_are_seeded(planted, tmp_path):

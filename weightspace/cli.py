@@ -348,6 +348,8 @@ def register_finetune_hook(subparsers: Any) -> None:
     import importlib
     import importlib.util
 
+    if "finetune" in getattr(subparsers, "choices", {}):  # already added (e.g. by its own entry point)
+        return
     if importlib.util.find_spec(FINETUNE_CLI_MODULE) is None:
         return
     try:

@@ -143,6 +143,9 @@ def sweep_curves(rows: Sequence[dict[str, Any]], refs: dict[str, dict[str, float
         rs = sorted((r for r in rows if r["model"] == role), key=lambda r: (r["kind"], r["rho"] or 0))
         for kind, (x, y) in _by_kind(rs, metric).items():
             ax.plot(x, y, marker="o", ms=4, color=_KIND_COLORS.get(kind, "C3"), label=kind)
+        if metric == "energy_kept":
+            x, y = _by_kind(rs, "energy_random").get("topk", ([], []))
+            ax.plot(x, y, ls="--", color="k", lw=1, label="random expectation k/d")
         for name, ls in (("aligned", ":"), (f"{role} (full update)", "--")):
             v = refs.get(name, {}).get(metric)
             if v is not None and not (isinstance(v, float) and math.isnan(v)):

@@ -37,7 +37,7 @@ from weightspace.checkpoints import Checkpoint
 from weightspace.deltas import DeltaSpec, delta_blocks, load_delta, load_f32, to_stored
 from weightspace.grouping import CosineTable, EnergyTable
 from weightspace.plan import Selection, TensorInfo, TensorPlan, match_checkpoints
-from weightspace.reference import OPERATORS, DeltaReference, DirectionReference, Prepared, Reference, TensorOperator
+from weightspace.reference import OPERATORS, DeltaReference, DirectionReference, Reference, TensorOperator
 from weightspace.spectral import KINDS, check_fraction
 from weightspace.writer import TensorEntry, copy_model_files, stream_safetensors
 
@@ -134,15 +134,18 @@ def unique_checkpoints(*items: tuple[str, Checkpoint | None]) -> dict[str, Check
         {}
     """
     out: dict[str, Checkpoint] = {}
-    seen: dict[tuple, str] = {}
+    seen: set[tuple] = set()
     for label, ck in items:
         if ck is None:
             continue
         key = tuple(str(f.resolve()) for f in ck.files)
         if key in seen or any(v is ck for v in out.values()):
             continue
-        seen[key] = label
-        out[label] = ck
+        seen.add(key)
+        unique, i = label, 2
+        while unique in out:  # two different checkpoints under one label: keep both
+            unique, i = f"{label}#{i}", i + 1
+        out[unique] = ck
     return out
 
 
@@ -251,6 +254,9 @@ def project_checkpoint(aligned: Checkpoint, finetuned: Checkpoint, reference: Re
     tensors = plan.tensors
     validate_reference(reference, plan, plan.select(cfg.selection))
     reference.check_kind(cfg.kind)
+    if not (aligned.folder / "config.json").exists():
+        raise WorkbenchError(f"the aligned checkpoint's folder {aligned.folder} has no config.json: the projected "
+                             "checkpoint would not load with transformers")
     if reference.uses_rho and cfg.operator == "projector" and cfg.rho is None:
         raise WorkbenchError("rho is required for a projection on a reference update")
     run = RunFolder(out, config=(run_config or {}) | {"command": "weightspace project", **cfg.describe()},
