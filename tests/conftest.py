@@ -36,8 +36,8 @@ def _real_models_root() -> Path:
 _REAL_MODELS_ROOT = _real_models_root()
 
 
-def load_zoo_or_skip(key: str):
-    """Load a zoo model; skip (not fail) only when its PyPI package is not installed."""
+def load_zoo_or_fail(key: str):
+    """Load a zoo model; fail with a clear message when its PyPI package is missing (setup installs it)."""
     from workbench.errors import WorkbenchError
     from workbench.loading import load_model
 
@@ -45,14 +45,14 @@ def load_zoo_or_skip(key: str):
         return load_model(key)
     except WorkbenchError as e:
         if "needs the PyPI package" in str(e):
-            pytest.skip(f"zoo model {key} is not installed: {e}")
+            pytest.fail(f"zoo model {key} is not installed (the README test command installs it): {e}")
         raise
 
 
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct as a LoadedModel, shared by the whole session (read-only use!)."""
-    return load_zoo_or_skip(SMOLLM2)
+    return load_zoo_or_fail(SMOLLM2)
 
 
 @pytest.fixture

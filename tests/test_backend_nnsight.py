@@ -191,7 +191,7 @@ def real():
     try:
         lm = load_model("smollm2-135m-instruct")
     except WorkbenchError as e:  # the model package is not installed here
-        pytest.skip(f"smollm2-135m-instruct unavailable: {e}")
+        pytest.fail(f"smollm2-135m-instruct unavailable: {e}")
     batch = encode(lm.tokenizer, REAL_PROMPTS)
     assert int(batch.pads.max()) > 0
     return lm, batch, NativeBackend(lm), NNsightBackend(lm)

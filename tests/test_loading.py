@@ -40,7 +40,7 @@ def test_smollm2_from_cache(smollm2):
 def test_default_model_loads():
     assert DEFAULT_MODEL == QWEN
     if not zoo_cached(QWEN) and not _installed(QWEN):
-        pytest.skip(f"{QWEN} is neither cached nor installed")
+        pytest.fail(f"{QWEN} is neither cached nor installed (the README test command installs it)")
     lm = load_model()  # the default
     try:
         assert lm.source == "zoo" and lm.checksum == ZOO[QWEN].sha256
@@ -106,7 +106,7 @@ def _installed(key: str) -> bool:
 @pytest.mark.real_model
 def test_checksum_mismatch_is_refused(empty_cache, monkeypatch):
     if not _installed(SMOL):
-        pytest.skip(f"{SMOL} package not installed")
+        pytest.fail(f"{SMOL} package not installed (the README test command installs it)")
     wrong = dataclasses.replace(ZOO[SMOL], sha256="0" * 64)
     monkeypatch.setitem(ZOO, SMOL, wrong)
     with pytest.raises(WorkbenchError, match="checksum mismatch"):
@@ -119,7 +119,7 @@ def test_checksum_mismatch_is_refused(empty_cache, monkeypatch):
 def test_checksum_mismatch_is_refused_even_with_an_existing_cache(tmp_cache, monkeypatch):
     """A cache converted from other bytes than the zoo entry's sha256 is not used silently."""
     if not (tmp_cache / "models" / SMOL).exists() or not _installed(SMOL):
-        pytest.skip("needs the converted smollm2 cache and its package")
+        pytest.fail("needs the converted smollm2 cache and its package")
     assert zoo_cached(SMOL)
     monkeypatch.setitem(ZOO, SMOL, dataclasses.replace(ZOO[SMOL], sha256="f" * 64))
     assert not zoo_cached(SMOL)
