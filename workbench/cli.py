@@ -153,8 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("main", help="the main job on the default model (see README)")
     add_model_args(p)
-    p.add_argument("--out", default="runs/main")
-    p.add_argument("--overwrite", action="store_true", default=True)
+    p.add_argument("--out", default="runs/main", help="run folder (an existing one is kept as OUT.previous)")
     p.add_argument("--quick", action="store_true", help="fewer prompts (smoke test)")
     p.add_argument("--skip", default="", help="comma list of stage names to skip")
     p.set_defaults(func=cmd_main)

@@ -7,6 +7,8 @@ Later stages (probe sweep, overlap, steering, ...) are added by the plugin packa
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -103,7 +105,14 @@ def run_main(args: argparse.Namespace, stages: list[tuple[int, str, Callable[[Ma
     if sp is None or sp == "default":
         sp = lm.default_system_prompt
     fmt = ChatFormat(system_prompt=sp, raw=args.raw)
-    run = RunFolder(args.out, config=vars(args) | {"command": "main"}, overwrite=args.overwrite)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):  # keep the last results instead of deleting them
+        prev = out.with_name(out.name + ".previous")
+        if prev.exists():
+            shutil.rmtree(prev)
+        out.rename(prev)
+        print(f"[workbench] previous results moved to {prev}")
+    run = RunFolder(out, config=vars(args) | {"command": "main"})
     run.record_model(lm)
     ctx = MainContext(args, lm, fmt, run, args.quick)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
