@@ -16,7 +16,7 @@ from workbench.vectors import Direction, load_directions, pick, save_directions
 from steering.directions import mean_diff_directions, mean_diff_from_activations, pca_directions, random_like
 from steering.evaluate import Condition, evaluate_conditions
 from steering.interventions import ablation, addition
-from steering.selection import select_direction, selection_heatmaps
+from steering.selection import calibrate_strength, select_direction, selection_heatmaps
 from steering.sweep import ablation_conditions, addition_conditions, run_sweep, tradeoff_plot
 
 
@@ -277,10 +277,14 @@ def main_stage(ctx: Any) -> None:
                          backend=args.backend, kl_max=0.1, max_layer_frac=0.8)
     rnd = random_like(best, seed=args.seed)
     save_directions(run.path / "random_control.safetensors", [rnd])
+    # addition strength chosen on validation prompts only (the test split stays untouched)
+    alpha, cal = calibrate_strength(get_backend(args.backend, lm), fmt, best, _texts("harmless:val", 8 if q else 24))
+    run.write_csv("strength_calibration.csv", cal)
+    print(f"addition strength chosen on harmless:val: alpha = {alpha:g}")
     conds = [Condition("ablation", ablation(best, lm.n_layers), {"layer": best.layer}),
-             Condition("addition", addition(best, 1.0), {"layer": best.layer, "alpha": 1.0}),
+             Condition("addition", addition(best, alpha), {"layer": best.layer, "alpha": alpha}),
              Condition("random ablation", ablation(rnd, lm.n_layers), {"layer": best.layer, "control": True}),
-             Condition("random addition", addition(rnd, 1.0), {"layer": best.layer, "alpha": 1.0, "control": True})]
+             Condition("random addition", addition(rnd, alpha), {"layer": best.layer, "alpha": alpha, "control": True})]
     n = 8 if q else None
     ev = evaluate_conditions(get_backend(args.backend, lm), fmt, conds, harmful=_texts("harmful:test", n),
                              harmless=_texts("harmless:test", n), max_new_tokens=16 if q else 32,
@@ -297,7 +301,7 @@ def main_stage(ctx: Any) -> None:
         "random_ablation_refusal_change_pp": 100 * (by["random ablation"]["harmful_refusal_rate"] - base["harmful_refusal_rate"]),
         "random_addition_refusal_change_pp": 100 * (by["random addition"]["harmless_refusal_rate"] - base["harmless_refusal_rate"]),
         "ablation_kl": by["ablation"]["kl_harmless"],
-        "selected_layer": best.layer, "selected_position": best.position,
+        "selected_layer": best.layer, "selected_position": best.position, "addition_alpha": alpha,
     }
     run.write_json("acceptance.json", acc)
     print("acceptance numbers:", {k: round(v, 3) if isinstance(v, float) else v for k, v in acc.items()})

@@ -118,3 +118,23 @@ def selection_heatmaps(rows: list[dict[str, Any]], title: str) -> Any:
                            color="white")
     fig.suptitle(title + "  (★ selected, × filtered)")
     return fig
+
+
+def calibrate_strength(backend: Backend, fmt: ChatFormat | None, direction: Direction, harmless_val: Sequence[str], *,
+                       alphas: Sequence[float] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0), kl_prompts: Sequence[str] | None = None,
+                       batch_size: int = 16) -> tuple[float, list[dict[str, Any]]]:
+    """Pick the activation-addition strength on validation prompts (no test data): the smallest ``alpha``
+    whose mean induced refusal logit score on harmless prompts is above 0 (refusal tokens more likely
+    than not), else the strongest. Returns the chosen alpha and one row per alpha tried."""
+    rows = []
+    for a in alphas:
+        s = refusal_scores(backend, harmless_val, fmt, interventions=addition(direction, a), batch_size=batch_size)
+        rows.append({"alpha": float(a), "induced_refusal_score": float(s.mean()),
+                     "share_score_above_0": float((s > 0).float().mean())})
+        if float(s.mean()) > 0:
+            break
+    ok = [r for r in rows if r["induced_refusal_score"] > 0]
+    chosen = ok[0] if ok else max(rows, key=lambda r: r["induced_refusal_score"])
+    for r in rows:
+        r["chosen"] = r is chosen
+    return chosen["alpha"], rows

@@ -467,3 +467,25 @@ def test_cli_steer_extract_writes_directions(smollm2, tmp_cache, tmp_path, monke
     assert sorted(tensors) == ["direction.19", "direction.9"]  # resid_pre of 10 / 20 = outputs of blocks 9 / 19
     pos1 = {d.layer: d for d in dirs if d.position == "pos-1"}
     np.testing.assert_allclose(tensors["direction.9"], pos1[10].vector.numpy(), rtol=1e-6)
+
+
+def test_calibrate_strength_picks_smallest_alpha_with_positive_induced_score(monkeypatch):
+    """The strength is chosen on validation prompts: the first alpha whose mean score is > 0, else the best."""
+    import steering.selection as sel
+    from workbench.vectors import Direction
+
+    d = Direction(torch.ones(8), layer=1, method="mean_diff", model_id="m", model_checksum="c", d_model=8,
+                  component="resid_pre")
+    seen = []
+
+    def fake_scores(backend, prompts, fmt, *, interventions=(), batch_size=16):
+        a = interventions[0].alpha
+        seen.append(a)
+        return torch.tensor([a - 2.5, a - 1.5])  # mean a - 2: positive from alpha > 2
+
+    monkeypatch.setattr(sel, "refusal_scores", fake_scores)
+    alpha, rows = sel.calibrate_strength(None, None, d, ["x", "y"], alphas=(1.0, 2.0, 3.0, 4.0))
+    assert alpha == 3.0 and seen == [1.0, 2.0, 3.0]  # stops at the first success
+    assert [r["chosen"] for r in rows] == [False, False, True]
+    alpha, rows = sel.calibrate_strength(None, None, d, ["x"], alphas=(0.5, 1.0))
+    assert alpha == 1.0 and rows[-1]["chosen"]  # none positive: the strongest effect

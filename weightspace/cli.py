@@ -1,4 +1,4 @@
-"""``workbench weightspace overlap|project|sweep`` (and the hook that adds ``workbench finetune``).
+"""``workbench weightspace overlap|project|sweep|chain`` (and the hook that adds ``workbench finetune``).
 
     workbench weightspace overlap --aligned qwen2.5-coder-0.5b-instruct \\
         --model useful=runs/ft-useful --model harmful=runs/ft-harmful --base runs/base --out runs/ws-overlap
@@ -268,6 +268,12 @@ def _print_sweep(res: Any) -> None:
     print("scorers: utility = exact_match; comply = 1 - refusal rate by refusal_phrase; logit = mean refusal_logit")
 
 
+def cmd_chain(args: argparse.Namespace) -> int:
+    from weightspace.chain import cmd_chain as run
+
+    return run(args)
+
+
 # -- registration ---------------------------------------------------------------------------------
 
 def register(subparsers: Any) -> None:
@@ -335,6 +341,13 @@ def register(subparsers: Any) -> None:
     _add_selection(sw)
     _add_out(sw)
     sw.set_defaults(func=cmd_sweep)
+
+    from weightspace.chain import __doc__ as chain_doc, add_arguments as add_chain_arguments
+
+    ch = ws.add_parser("chain", help="the whole study chain: fine-tunes, overlap (exp 3), sweep (exp 1+2), summary",
+                       description=chain_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_chain_arguments(ch)
+    ch.set_defaults(func=cmd_chain)
 
     register_finetune_hook(subparsers)
 

@@ -1,0 +1,175 @@
+"""``workbench weightspace chain`` end to end on a tiny in-code model saved as a Hugging Face folder.
+
+One full run (all phases, minimal sizes), then: refusal of an existing folder, ``--resume`` skipping every
+finished phase (the fine-tune / overlap / sweep functions are patched to fail if called, report mtimes stay),
+and ``--resume`` re-running only the phase whose settings changed or whose result is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from workbench import cli as core
+from workbench.tiny import build_tiny
+
+from weightspace.chain import MARKER, PHASES, folder_of, prepare_out
+
+SMALL = ["--n", "10", "--harmful-share", "0.3", "--batch-size", "4", "--lr", "1e-3", "--gen-tokens", "4",
+         "--direction-n", "4", "--etas", "0.5,0.9", "--rhos", "0.25,0.75", "--n-harmful", "2", "--n-tasks", "2",
+         "--max-new-tokens", "3", "--task-tokens", "2", "--eval-batch-size", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def chain_run(tmp_path_factory):
+    """One full chain run on a tiny llama saved as an HF folder: ``(argv, out, printed stdout)``."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("chain")
+    model, tok = build_tiny("llama")
+    d = root / "tiny-aligned"
+    model.save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    out = root / "chain"
+    argv = ["weightspace", "chain", "--model", str(d), "--out", str(out), *SMALL]
+    buf = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
+        (root / "cache").mkdir()
+        mp.setenv("WORKBENCH_CACHE", str(root / "cache"))
+        rc = core.main(argv)
+    assert rc == 0, buf.getvalue()[-2000:]
+    return argv, out, buf.getvalue()
+
+
+def _copy(chain_run, tmp_path):
+    """A private copy of the finished chain folder (mtimes kept), and the argv pointing at it."""
+    argv, out, _ = chain_run
+    new = tmp_path / "chain"
+    shutil.copytree(out, new)
+    return [str(new) if a == str(out) else a for a in argv], new
+
+
+def _mtimes(out):
+    files = [out / folder_of(p) / ("report.json" if p.startswith("finetune-") else MARKER) for p in PHASES]
+    return {str(f): f.stat().st_mtime_ns for f in files}
+
+
+def _fail(*a, **k):
+    raise AssertionError("a finished phase was run again")
+
+
+def test_chain_runs_every_phase_reports_and_resumes(chain_run, tmp_path, empty_cache, monkeypatch, capsys):
+    printed = chain_run[2]
+    argv, out = _copy(chain_run, tmp_path)
+    for p in PHASES:
+        assert f"{p} -> " in printed and f"{p}: done in" in printed  # progress per phase
+
+    # -- every phase's output ------------------------------------------------------------------
+    for r in ("safety", "useful", "harmful", "contaminated"):
+        d = out / f"ft-{r}"
+        assert (d / "report.json").is_file() and (d / "model.safetensors").is_file() and (d / "loss.png").is_file()
+        assert (d / MARKER).is_file()
+    assert (out / "ft-harmful" / "recipe" / "harmful_generations.jsonl").is_file()
+    ov = out / "overlap"
+    for f in ("summary.json", "overlap_tensors.csv", "overlap_groups.csv", "mso_vs_eta.png", "pairs_eta0.5.png",
+              "heatmap_useful_vs_harmful_eta0.5.png", "heatmap_safety_vs_harmful_eta0.5.png", MARKER):
+        assert (ov / f).is_file(), f
+    sw = out / "sweep"
+    for f in ("results.json", "results.csv", "baselines.csv", "energy.csv", "exp1_parallel.png",
+              "exp2_tradeoff_phrase.png", "exp2_tradeoff_logit.png", MARKER):
+        assert (sw / f).is_file(), f
+    assert (sw / "evals" / "exp2-contaminated-topk-rho0.25" / "harmful.csv").is_file()
+    assert (sw / "evals" / "exp1-useful-random-rho0.75" / "utility.csv").is_file()
+    summ = json.loads((ov / "summary.json").read_text())
+    assert set(summ["labels"]) == {"safety", "useful", "harmful", "contaminated"} and len(summ["pairs"]) == 6
+
+    # -- the report ----------------------------------------------------------------------------
+    rep = json.loads((out / "chain_report.json").read_text())
+    phases = rep["timings"]["phases"]
+    assert set(PHASES) | {"load_model", "summary"} <= set(phases)
+    for p in PHASES:
+        assert phases[p]["status"] == "ran" and phases[p]["seconds"] >= 0 and phases[p]["seconds_when_run"] >= 0
+    assert rep["timings"]["wall_seconds_this_invocation"] > 0
+    cont = json.loads((out / "ft-contaminated" / "report.json").read_text())
+    share = rep["real_harmful_share"]
+    assert share["n_harmful"] == cont["n_harmful"] == cont["counts"]["harmful"] > 0
+    assert share["n_total"] == cont["n_total"] == 10
+    assert share["value"] == pytest.approx(cont["n_harmful"] / cont["n_total"])
+    assert share["nominal"] == 0.3
+    assert cont["recipe_info"]["harmful"]["source"].startswith("reused from")  # no second generation
+    assert rep["format"]["system_prompt"] is None and rep["finetunes"]["safety"]["format"]["chat_template"]
+    assert {r["pair"] for r in rep["overlap"]["table"]} == set(summ["pairs"])
+    assert all(r["eta"] == 0.5 and r["baseline_pooled"] > 0 for r in rep["overlap"]["table"])
+    rows = rep["sweep"]["rows"]
+    assert len(rows) == 3 * 2 * 3  # (useful, harmful, contaminated) x 2 rhos x 3 kinds
+    assert {r["kind"] for r in rows} == {"topk", "randomk", "random"}
+    assert all(r["energy_kept"] is not None for r in rows)
+    assert set(rep["findings"]) == {"exp1_topk_vs_random", "exp2_no_selective_removal", "exp3_useful_harmful_overlap"}
+    assert all(f["verdict"] and f["statement"] for f in rep["findings"].values())
+    assert any(p.endswith("exp2_tradeoff_phrase.png") for p in rep["plots"])
+    md = (out / "chain_summary.md").read_text()
+    for s in ("## Timings", "Real harmful share", "Experiment 3", "Exp 2, W_A + (I − P) Δ_contaminated",
+              "Findings against the study's claims", "stands in for"):
+        assert s in md, s
+
+    # -- an existing folder is refused without --resume / --overwrite -------------------------------
+    assert core.main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+
+    # -- --resume skips every finished phase ------------------------------------------------------
+    import weightspace.finetune as ft_mod
+    import weightspace.overlap as ov_mod
+    import weightspace.sweep as sw_mod
+
+    before = _mtimes(out)
+    monkeypatch.setattr(ft_mod, "finetune", _fail)
+    monkeypatch.setattr(ov_mod, "update_overlap", _fail)
+    monkeypatch.setattr(sw_mod, "run_sweep", _fail)
+    assert core.main([*argv, "--resume"]) == 0
+    assert _mtimes(out) == before
+    rep2 = json.loads((out / "chain_report.json").read_text())
+    for p in PHASES:
+        st = rep2["timings"]["phases"][p]
+        assert st["status"].startswith("skipped") and st["seconds"] == 0.0
+        assert st["seconds_when_run"] == pytest.approx(phases[p]["seconds_when_run"], abs=0.01)
+    assert rep2["real_harmful_share"] == share  # the summary is rebuilt from the phase folders
+
+    # -- --resume re-runs only what changed: new rho grid -> only the sweep ------------------------
+    monkeypatch.undo()
+    monkeypatch.setattr(ft_mod, "finetune", _fail)
+    monkeypatch.setattr(ov_mod, "update_overlap", _fail)
+    argv2 = [a if a != "0.25,0.75" else "0.5" for a in argv]
+    assert core.main([*argv2, "--resume"]) == 0
+    after = _mtimes(out)
+    changed = {k for k in after if after[k] != before[k]}
+    assert changed == {str(out / "sweep" / MARKER)}
+    rep3 = json.loads((out / "chain_report.json").read_text())
+    assert rep3["timings"]["phases"]["sweep"]["status"] == "ran"
+    assert {r["rho"] for r in rep3["sweep"]["rows"]} == {0.5}
+
+
+def test_resume_reruns_an_unfinished_phase_and_overwrite_replaces(chain_run, tmp_path, empty_cache, monkeypatch):
+    import weightspace.finetune as ft_mod
+
+    argv, out = _copy(chain_run, tmp_path)
+    (out / "overlap" / MARKER).unlink()  # as if the overlap phase had been interrupted
+    before = _mtimes_existing(out)
+    monkeypatch.setattr(ft_mod, "finetune", _fail)
+    assert core.main([*argv, "--resume"]) == 0
+    rep = json.loads((out / "chain_report.json").read_text())
+    st = {p: rep["timings"]["phases"][p]["status"] for p in PHASES}
+    assert st["overlap"] == "ran" and all(st[p].startswith("skipped") for p in PHASES if p != "overlap")
+    assert _mtimes_existing(out)[str(out / "sweep" / MARKER)] == before[str(out / "sweep" / MARKER)]
+    with pytest.raises(SystemExit):  # exclusive options
+        core.main([*argv, "--resume", "--overwrite"])
+    assert prepare_out(out, resume=False, overwrite=True) == out and not any(out.iterdir())  # emptied
+    with pytest.raises(Exception, match="already exists"):
+        (out / "x").write_text("x")
+        prepare_out(out, resume=False, overwrite=False)
+
+
+def _mtimes_existing(out):
+    return {str(f): f.stat().st_mtime_ns for f in out.rglob(MARKER)}
