@@ -482,6 +482,15 @@ def _run_chain(cfg: ChainConfig, out: str | Path, *, resume: bool, overwrite: bo
         "torch_threads": _torch_threads(), "torch_threads_reason": why, "load_1min_at_end": _load(),
     }
     report["environment"] = environment()
+    hist_path = out / "chain_invocations.jsonl"
+    with open(hist_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"started_utc": started, "finished_utc": report["timings"]["finished_utc"],
+                            "wall_seconds": round(wall, 2), "resume": resume, "overwrite": overwrite,
+                            "torch_threads": _torch_threads(), "torch_threads_reason": why,
+                            "phases_ran": [k for k, v in phases.items() if v.get("status") == "ran"
+                                           and k in PHASES]}) + "\n")
+    report["timings"]["invocations"] = [json.loads(x) for x in hist_path.read_text(encoding="utf-8").splitlines()
+                                        if x.strip()]
     write_json(out / "chain_report.json", report)
     (out / "chain_summary.md").write_text(render_summary(report), encoding="utf-8")
     say(f"finished in {wall:.1f} s; report {out / 'chain_report.json'}, summary {out / 'chain_summary.md'}")
@@ -588,6 +597,9 @@ def build_report(out: Path, cfg: ChainConfig, phases: dict[str, Any], *, fmt_inf
     rep["notes"] = [
         "Delta_S (ft-safety - aligned: harmful:train prompts -> templated refusals) stands in for the alignment "
         "update Delta_A: the zoo models come without their base (pretrained) models on PyPI, so W_0 is unavailable.",
+        "Confound of this stand-in: Delta_S and Delta_harmful are trained on the same harmful:train prompts (templated "
+        "refusals vs the model's own compliant replies), whereas the study's Delta_A comes from broad alignment "
+        "training; shared inputs may raise the safety~harmful overlap.",
         "All fine-tunes start from the aligned model W_A (the zoo model); every update is W_FT - W_A in float32.",
         "Training and evaluation use the same chat format (system prompt recorded above).",
         "Harmfulness: refusal_phrase (phrase matching on greedy generations; over-counts compliance) and "
@@ -717,7 +729,17 @@ def findings(rep: dict[str, Any], cfg: ChainConfig, out_dir: Path | None = None)
         def keeps_more(c: dict[str, int]) -> bool:
             return c["higher"] >= 1 and c["lower"] == 0
 
-        if keeps_more(cu) and keeps_more(harm_c):
+        al1, uf1 = base.get("aligned", {}), base.get("useful (full update)", {})
+        pgain = _paired(sweep_dir, "baseline-useful", "baseline-aligned", "utility", "correct")
+        u_informative = (pgain["verdict"] == "higher" if pgain["verdict"] != "n/a"
+                         else (uf1.get("utility_accuracy") or 0) - (al1.get("utility_accuracy") or 0)
+                         > 2 * _se(uf1.get("utility_accuracy") or 0, nt))
+        if not u_informative:
+            beh = ("utility axis uninformative (the useful fine-tune did not raise exact-match utility measurably); "
+                   "harmfulness: " + ("TopK keeps more" if keeps_more(harm_c) else
+                                      "Random keeps more" if harm_c["lower"] > harm_c["higher"] else
+                                      "no consistent TopK advantage"))
+        elif keeps_more(cu) and keeps_more(harm_c):
             beh = "supported"
         elif cu["lower"] + harm_c["lower"] > cu["higher"] + harm_c["higher"]:
             beh = "contradicted (Random keeps more)"
@@ -737,9 +759,12 @@ def findings(rep: dict[str, Any], cfg: ChainConfig, out_dir: Path | None = None)
             "refusal_logit_topk_vs_random (higher = more harmful)": cl,
             "max_abs_ek_gap_topk_vs_random": ek_gap,
             "ek_ratio_topk_over_random_range": [min(ek_ratio), max(ek_ratio)] if ek_ratio else None,
-            "behaviours": beh, "ek_about_the_same": bool(ek_same),
+            "behaviours": beh, "ek_about_the_same": bool(ek_same), "utility_axis_informative": bool(u_informative),
+            "useful_gain_paired": pgain,
             "verdict": f"behaviours: {beh}; E_k about the same: {'yes' if ek_same else 'no'}",
-            "statement": (f"Utility (exact_match) of W_A + P Δ_useful: TopK higher than Random at {cu['higher']} of {n} "
+            "statement": (f"Unprojected utility: aligned {_f(al1.get('utility_accuracy'))}, useful fine-tune "
+                          f"{_f(uf1.get('utility_accuracy'))} ({cfg.n_tasks} tasks). "
+                          f"Utility (exact_match) of W_A + P Δ_useful: TopK higher than Random at {cu['higher']} of {n} "
                           f"rho values, tie at {cu['tie']}, lower at {cu['lower']}. Harmfulness of W_A + P Δ_harmful: "
                           f"compliance (refusal_phrase) TopK higher at {ch['higher']}, tie {ch['tie']}, lower "
                           f"{ch['lower']}; refusal logit TopK more harmful at {cl['higher']}, tie {cl['tie']}, less "
@@ -877,6 +902,11 @@ def render_summary(rep: dict[str, Any]) -> str:
                  f"(sum of phase times over all invocations: {t['phase_seconds_sum_all_invocations'] / 60:.1f} min); "
                  f"{t['cpu_count']} CPU cores, {t['torch_threads']} torch thread(s) ({t.get('torch_threads_reason')}), "
                  f"1-min load at end {t['load_1min_at_end']}")
+    inv = t.get("invocations") or []
+    if len(inv) > 1:
+        L.append("- invocations: " + "; ".join(
+            f"{x['started_utc']} {'resume' if x['resume'] else 'fresh'} {x['wall_seconds'] / 60:.1f} min "
+            f"(ran: {', '.join(x['phases_ran']) or 'nothing'})" for x in inv))
     L.append("\n## Timings\n")
     L.append("| phase | status | seconds (this run) | seconds (when run) | CPU seconds (when run) | "
              "1-min load start/end |")

@@ -134,6 +134,8 @@ def plugin_stages() -> list[tuple[int, str, Callable[..., Any]]]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="workbench", description="safety-subspace workbench")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice; use 1 when other jobs share the cores)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the model zoo, sizes, licenses and cache state")
@@ -169,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     try:
         rc = int(args.func(args) or 0)
