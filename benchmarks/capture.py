@@ -33,7 +33,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--backends", default="native,transformer_lens,nnsight")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "capture.json"))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     g = torch.Generator().manual_seed(0)
     vocab = lm.model.config.vocab_size

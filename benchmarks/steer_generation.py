@@ -35,7 +35,10 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--backends", default="native,transformer_lens,nnsight")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "steer_generation.json"))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     tok = lm.tokenizer
     prompts = builtin_split("harmless", "test").texts[: args.batch]

@@ -36,7 +36,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -607,7 +607,8 @@ def build_report(out: Path, cfg: ChainConfig, phases: dict[str, Any], *, fmt_inf
         "Utility: exact_match on held-out utility:test tasks.",
         f"Evaluation sizes: {cfg.n_harmful} harmful:test prompts x {cfg.max_new_tokens} new tokens, {cfg.n_tasks} "
         f"utility:test tasks x {cfg.task_tokens} tokens: one prompt moves a rate by {1 / cfg.n_harmful:.3f} / "
-        f"{1 / cfg.n_tasks:.3f}; 'tie' below means within about two binomial standard errors.",
+        f"{1 / cfg.n_tasks:.3f}. TopK vs Random comparisons are paired over the same prompts: 'higher'/'lower' when "
+        f"the mean per-prompt difference exceeds two standard errors, else 'tie'.",
     ]
     return rep
 
@@ -834,6 +835,15 @@ def findings(rep: dict[str, Any], cfg: ChainConfig, out_dir: Path | None = None)
             if best_ctrl is not None:
                 why.append(f"best random control {best_ctrl:.2f}; 'selective' would need TopK >= 0.5 and >= 0.25 "
                            f"above the controls")
+        if l_ok or c_ok:  # harmfulness alone: how much of the harm increase each kind's filtering removes
+            key = "harm_removed_logit" if l_ok else "harm_removed_phrase"
+            parts = []
+            for rho in cfg.rhos:
+                vals = {p["kind"]: p[key] for p in pts if p["rho"] == rho and p.get(key) is not None}
+                if vals:
+                    parts.append(f"rho {rho:g}: " + ", ".join(f"{k} {v:.2f}" for k, v in vals.items()))
+            why.append(f"harmfulness alone ({'refusal_logit' if l_ok else 'refusal_phrase'}), share of the "
+                       f"contaminated model's harm increase removed: " + "; ".join(parts))
         out["exp2_no_selective_removal"] = {
             "claim": "orthogonal filtering lowers harmfulness only as fast as utility (no selective removal)",
             "gaps": {"utility_contaminated_minus_aligned": u_gap, "compliance_contaminated_minus_aligned": c_gap,
@@ -898,13 +908,13 @@ def render_summary(rep: dict[str, Any]) -> str:
     L.append(f"- sweep: rho {cfg['rhos']} x {cfg['kinds']}; eval {cfg['n_harmful']} harmful prompts x "
              f"{cfg['max_new_tokens']} tokens, {cfg['n_tasks']} tasks x {cfg['task_tokens']} tokens")
     if t:
-        L.append(f"- wall time of this invocation: {t['wall_seconds_this_invocation'] / 60:.1f} min "
-                 f"(sum of phase times over all invocations: {t['phase_seconds_sum_all_invocations'] / 60:.1f} min); "
+        L.append(f"- time: {t['phase_seconds_sum_all_invocations'] / 60:.1f} min in all (sum of every phase's time "
+                 f"when it ran); this invocation {t['wall_seconds_this_invocation'] / 60:.1f} min; "
                  f"{t['cpu_count']} CPU cores, {t['torch_threads']} torch thread(s) ({t.get('torch_threads_reason')}), "
                  f"1-min load at end {t['load_1min_at_end']}")
     inv = t.get("invocations") or []
     if len(inv) > 1:
-        L.append("- invocations: " + "; ".join(
+        L.append("- invocations recorded in chain_invocations.jsonl: " + "; ".join(
             f"{x['started_utc']} {'resume' if x['resume'] else 'fresh'} {x['wall_seconds'] / 60:.1f} min "
             f"(ran: {', '.join(x['phases_ran']) or 'nothing'})" for x in inv))
     L.append("\n## Timings\n")
