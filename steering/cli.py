@@ -115,7 +115,8 @@ def cmd_select(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     lm, fmt, run = _setup(args, "sweep")
     dirs = load_directions(args.direction)
-    position = args.position or pick(dirs).position
+    have = {d.position for d in dirs}
+    position = args.position or next((p for p in ("pos-1", "last") if p in have), dirs[0].position)
     layers = parse_layers(args.layers, lm.n_layers)
     by_layer = {}
     for layer in layers:
