@@ -100,6 +100,13 @@ def _check_width(v: torch.Tensor, act: torch.Tensor, what: str) -> None:
         raise WorkbenchError(f"{what} has size {v.shape[-1]} but the model's activations have size {act.shape[-1]}")
 
 
+def _set_projection(act: torch.Tensor, unit: torch.Tensor, value: float) -> torch.Tensor:
+    """``act + (value - act . r) r``: ablation is value 0."""
+    _check_width(unit, act, "the direction")
+    r = unit.to(device=act.device, dtype=act.dtype)
+    return act + (value - act @ r).unsqueeze(-1) * r
+
+
 @dataclass
 class Addition(Intervention):
     """Activation addition: ``act + alpha * vector`` (the vector is used as given, not normalised)."""
@@ -131,9 +138,7 @@ class Ablation(Intervention):
         self._unit_dir = _unit(self.direction)
 
     def edit(self, act: torch.Tensor) -> torch.Tensor:
-        _check_width(self._unit_dir, act, "the direction")
-        r = self._unit_dir.to(device=act.device, dtype=act.dtype)
-        return act - (act @ r).unsqueeze(-1) * r
+        return _set_projection(act, self._unit_dir, 0.0)
 
 
 @dataclass
@@ -150,9 +155,7 @@ class Clamp(Intervention):
         self._unit_dir = _unit(self.direction)
 
     def edit(self, act: torch.Tensor) -> torch.Tensor:
-        _check_width(self._unit_dir, act, "the direction")
-        r = self._unit_dir.to(device=act.device, dtype=act.dtype)
-        return act + (self.value - act @ r).unsqueeze(-1) * r
+        return _set_projection(act, self._unit_dir, self.value)
 
 
 @dataclass
