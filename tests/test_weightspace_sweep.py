@@ -139,3 +139,29 @@ def test_sweep_with_directions_and_validation(models, tmp_path, empty_cache):
     # the harmful update on q is 3 n1 u0^T + 1 a3 u1^T and the direction is n1: E_k = 9/10 on q (q has width 64)
     assert rows["exp1-harmful-topk"]["energy_kept"] == pytest.approx(0.9, abs=TOL)
     assert rows["exp1-harmful-topk"]["rho"] is None
+
+
+def test_answer_nll_utility_equals_a_manual_teacher_forced_nll():
+    """The continuous utility score is the per-token NLL of the gold answers, computed padding-aware."""
+    from workbench.backends import get_backend
+    from workbench.chat import ChatFormat, encode
+    from workbench.loading import from_memory
+    from weightspace.evaluation import EvalSets, score_model
+
+    lm = from_memory(*build_tiny("qwen2"))
+    be = get_backend("native", lm)
+    cfg = EvalConfig(n_harmful=1, n_tasks=3, max_new_tokens=2, task_tokens=2, batch_size=2)
+    sets = EvalSets.default(cfg)
+    metrics, rows = score_model(be, sets, ChatFormat(), cfg, harm=False)
+    tot, cnt = 0.0, 0
+    for p in sets.tasks:  # one prompt at a time, no padding: the reference
+        b = encode(lm.tokenizer, [p.text], ChatFormat())
+        ans = lm.tokenizer(str(p.answer), add_special_tokens=False)["input_ids"]
+        ids = torch.cat([b.input_ids[0], torch.tensor(ans)]).unsqueeze(0)
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(ids).logits.float(), -1)[0]
+        n = b.input_ids.shape[1]
+        tot += -sum(float(logp[n - 1 + i, t]) for i, t in enumerate(ans))
+        cnt += len(ans)
+    assert metrics["utility_answer_nll"] == pytest.approx(tot / cnt, rel=1e-4)
+    assert len(rows["utility"]) == 3 and all("answer_nll" in r for r in rows["utility"])

@@ -26,7 +26,7 @@ import torch
 from workbench.chat import ChatFormat
 from workbench.errors import WorkbenchError
 from workbench.prompts import Prompt, builtin_split
-from workbench.scoring import SCORERS, is_refusal, refusal_scores, task_accuracy
+from workbench.scoring import SCORERS, completion_nll, is_refusal, refusal_scores, task_accuracy
 
 from weightspace.plan import TensorInfo
 
@@ -35,6 +35,7 @@ __all__ = ["EvalConfig", "EvalSets", "METRIC_SCORERS", "InMemoryModel", "score_m
 # Every metric the sweep reports, and the scorer that made it (workbench.scoring.SCORERS).
 METRIC_SCORERS = {
     "utility_accuracy": "exact_match",
+    "utility_answer_nll": "answer_nll",
     "harm_refusal_rate_phrase": "refusal_phrase",
     "harm_compliance_phrase": "refusal_phrase",
     "harm_refusal_logit_mean": "refusal_logit",
@@ -126,7 +127,12 @@ def score_model(backend: Any, sets: EvalSets, fmt: ChatFormat | None, cfg: EvalC
         ts = task_accuracy(backend, [p.text for p in sets.tasks], [str(p.answer) for p in sets.tasks], fmt,
                            max_new_tokens=cfg.task_tokens, batch_size=cfg.batch_size)
         metrics["utility_accuracy"] = ts.accuracy
-        rows["utility"] = [{"id": p.id, **r} for p, r in zip(sets.tasks, ts.rows)]
+        # continuous utility: mean per-token NLL of the gold answer (informative where exact match is ~0)
+        nll = completion_nll(backend, [p.text for p in sets.tasks], [str(p.answer) for p in sets.tasks], fmt,
+                             batch_size=cfg.batch_size)
+        metrics["utility_answer_nll"] = sum(n for n, _ in nll) / max(1, sum(c for _, c in nll))
+        rows["utility"] = [{"id": p.id, **r, "answer_nll": n / max(1, c)}
+                           for p, r, (n, c) in zip(sets.tasks, ts.rows, nll)]
     if harm:
         from workbench.generation import generate_texts
 

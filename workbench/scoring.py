@@ -39,6 +39,7 @@ SCORERS = {
     "kl_last": "KL(unmodified || intervened) of the next-token distribution at the last prompt position",
     "perplexity": "perplexity of the unmodified model's own greedy completions (response tokens only)",
     "exact_match": "first integer in the reply equals the task's answer",
+    "answer_nll": "mean per-token negative log-likelihood of the gold answer given the task prompt (lower is better)",
 }
 
 _PHRASES_LOWER = tuple(p.lower().replace("’", "'") for p in REFUSAL_PHRASES)
