@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ap = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --threads is global but accepted anywhere on the line (e.g. `bash scripts/main.sh --threads 1`)
+    if "--threads" in argv[1:]:
+        i = argv.index("--threads", 1)
+        argv = ["--threads", *argv[i + 1:i + 2], *argv[:i], *argv[i + 2:]]
     args = ap.parse_args(argv)
     if args.threads:
         import torch
