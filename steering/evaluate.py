@@ -67,7 +67,7 @@ def evaluate_conditions(
     ppl_texts: list[str] | None = None
     summary, rows = [], []
     for c in conds:
-        tag = f"{c.name}" if progress else False
+        tag = c.name
         gh = generate_texts(backend, harmful, fmt, max_new_tokens=max_new_tokens, interventions=c.interventions,
                             batch_size=batch_size, progress=f"{tag}: harmful" if progress else False)
         gb = generate_texts(backend, harmless, fmt, max_new_tokens=max_new_tokens, interventions=c.interventions,

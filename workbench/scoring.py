@@ -114,8 +114,7 @@ def completion_nll(backend: Backend, prompts: Sequence[str], completions: Sequen
     out: list[tuple[float, int]] = [(0.0, 0)] * len(prompts)
     for idx, b in batches(backend, prompts, fmt, batch_size):
         comp_ids = [tok(completions[i], add_special_tokens=False)["input_ids"] for i in idx]
-        n_new = max(1, max(len(c) for c in comp_ids))
-        rows, masks, targets = [], [], []
+        rows, targets = [], []
         for r, c in enumerate(comp_ids):
             prompt_ids = b.input_ids[r][b.attention_mask[r].bool()].tolist()
             seq = prompt_ids + c
@@ -142,7 +141,6 @@ def completion_nll(backend: Backend, prompts: Sequence[str], completions: Sequen
             pos = torch.arange(start - 1, start - 1 + clen)
             tgt = ids[r, start:start + clen]
             out[idx[r]] = (float(-logp[r, pos, tgt].sum()), clen)
-        del n_new, masks
     return out
 
 

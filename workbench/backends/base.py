@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -148,6 +148,17 @@ class Backend(ABC):
         tok = self.lm.tokenizer
         pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return int(pid if pid is not None else 0)
+
+    def hf_generate_kwargs(self, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float
+                           ) -> dict[str, Any]:
+        """Arguments for Hugging Face ``generate`` that every HF-driven backend passes identically."""
+        kw: dict[str, Any] = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, min_new_tokens=0,
+                                  pad_token_id=self.pad_id(), eos_token_id=self.eos_ids() or None)
+        if do_sample:
+            kw.update(temperature=temperature, top_p=top_p, top_k=0)
+        else:
+            kw.update(temperature=None, top_p=None, top_k=None)
+        return kw
 
     def eos_ids(self) -> list[int]:
         ids: list[int] = []

@@ -113,13 +113,9 @@ class NativeBackend(Backend):
         batch = batch.to(self.lm.device)
         ctx = self.context(batch)
         fns = self.site_functions((), interventions, ctx, None)
-        kw: dict[str, Any] = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, min_new_tokens=0,
-                                  pad_token_id=self.pad_id(), eos_token_id=self.eos_ids() or None)
+        kw = self.hf_generate_kwargs(max_new_tokens, do_sample, temperature, top_p)
         if do_sample:
-            kw.update(temperature=temperature, top_p=top_p, top_k=0)
             torch.manual_seed(seed)
-        else:
-            kw.update(temperature=None, top_p=None, top_k=None)
         with torch.no_grad(), self.hooked(ctx, fns):
             out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True, **kw)
         new = out[:, batch.width:]

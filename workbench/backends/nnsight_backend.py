@@ -206,13 +206,8 @@ class NNsightBackend(Backend):
         plan = self._plan(fns)
         seen = [0]
         steps = int(max_new_tokens)
-        kw: dict[str, Any] = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, min_new_tokens=0,
-                                  pad_token_id=self.pad_id(), eos_token_id=self.eos_ids() or None,
-                                  use_cache=True, streamer=None)
-        if do_sample:
-            kw.update(temperature=temperature, top_p=top_p, top_k=0)
-        else:
-            kw.update(temperature=None, top_p=None, top_k=None)
+        kw = self.hf_generate_kwargs(max_new_tokens, do_sample, temperature, top_p)
+        kw.update(use_cache=True, streamer=None)
         ids = None
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_CUT_SHORT)
