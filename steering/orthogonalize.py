@@ -97,10 +97,10 @@ def write_orthogonalized(lm: Any, direction: torch.Tensor, out: str | Path, *, o
     """Write an orthogonalised copy of ``lm`` as a plain HF checkpoint (safetensors) to ``out``."""
     import copy
 
+    from workbench.runs import check_out, replace_folder, write_marker
+
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise WorkbenchError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
+    check_out(out, overwrite=overwrite)  # replaces only a folder the workbench made, and only at the end
     model = copy.deepcopy(lm.model)
     edited = orthogonalize_model(model, direction, allow_post_norm=allow_post_norm)
     model.hf_quantizer = None
@@ -112,10 +112,8 @@ def write_orthogonalized(lm: Any, direction: torch.Tensor, out: str | Path, *, o
         write_json(tmp / "orthogonalization.json", {
             "source_model": lm.model_id, "source_checksum": lm.checksum, "edited": edited,
             "direction_norm": float(direction.norm()), **(report or {})})
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
+        write_marker(tmp, kind="orthogonalized-model", complete=True)
+        replace_folder(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

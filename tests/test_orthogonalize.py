@@ -148,11 +148,16 @@ def test_existing_output_folder_is_refused_unless_overwrite(make_tiny, tmp_path)
 
 @pytest.mark.real_model
 def test_smollm2_orthogonalised_logits_equal_runtime_ablation(smollm2, tmp_path):
-    """Acceptance: the orthogonalised SmolLM2 checkpoint reproduces runtime ablation to 1e-4 (fp32).
+    """Acceptance: the orthogonalised SmolLM2 checkpoint reproduces runtime ablation (fp32 weights).
 
-    Note: 1e-4 is close to SmolLM2's fp32 noise floor (its plain fp32 and fp64 forwards differ by ~1e-4 in
-    the logits); measured here: ~7.5e-5 for this direction, 7e-5..1.3e-4 for mean-difference directions
-    of other layers."""
+    The comparison is machine-independent: both sides run in float64 (the written fp32 checkpoint loaded
+    as float64 vs runtime ablation on a float64 copy of the model), where the only difference left is
+    the fp32 rounding of the edited weights: well under 1e-4. The fp32 comparison is also checked, but
+    against a bound measured in the same test: SmolLM2's own fp32 noise floor (max |logits fp32 - fp64|
+    of the unmodified model on these prompts), which differs between CPUs and sits near 1e-4, so a fixed
+    1e-4 fails on some machines (1.03e-4 was seen)."""
+    import copy
+
     lm = smollm2
     assert lm.dtype == torch.float32
     emb = get_arch(lm.model).embed.weight
@@ -160,10 +165,27 @@ def test_smollm2_orthogonalised_logits_equal_runtime_ablation(smollm2, tmp_path)
     probe_before = emb[:50].detach().clone()
     r = _direction(lm.d_model, seed=1)
     path = write_orthogonalized(lm, r, tmp_path / "smol-ortho")
-    diff, effect, m2 = _logits_vs_runtime_ablation(lm, path, ["Hi!", "Explain how to bake bread at home."], r)
+    prompts = ["Hi!", "Explain how to bake bread at home."]
+    diff32, effect, m2 = _logits_vs_runtime_ablation(lm, path, prompts, r)
+    del m2
     assert effect > 1e-2
-    assert diff <= 1e-4, diff
+    # float64 on both sides, one prompt at a time (no padding: fully masked pad rows are NaN in an fp64
+    # eager forward and 0 * NaN would leak into real positions)
+    lm64 = from_memory(copy.deepcopy(lm.model).to(torch.float64), lm.tokenizer, model_id="smollm2-fp64")
+    be64, be32 = get_backend("native", lm64), get_backend("native", lm)
+    m64 = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float64, attn_implementation="eager").eval()
+    diff64 = floor = 0.0
+    for prompt in prompts:
+        b = encode(lm.tokenizer, [prompt], ChatFormat())
+        ref64 = be64.run(b, interventions=ablation_everywhere(r.to(torch.float64), lm.n_layers)).logits
+        with torch.no_grad():
+            out64 = m64(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+        diff64 = max(diff64, float((out64 - ref64).abs().max()))
+        floor = max(floor, float((be32.run(b).logits.double() - be64.run(b).logits).abs().max()))
+    assert diff64 <= 1e-4, diff64
+    # fp32: within a small multiple of the fp32 noise floor measured here
+    assert diff32 <= max(1e-4, 4 * floor), (diff32, floor)
     # the shared session model is untouched
     assert torch.equal(get_arch(lm.model).embed.weight[:50], probe_before)
     assert (lm.model.get_output_embeddings().weight is get_arch(lm.model).embed.weight) == tied
-    del m2
+    print(f"diff64 {diff64:.2e}, diff32 {diff32:.2e}, fp32 noise floor {floor:.2e}")

@@ -15,7 +15,7 @@ import pytest
 from workbench import cli as core
 from workbench.tiny import build_tiny
 
-from weightspace.chain import MARKER, PHASES, folder_of, prepare_out
+from weightspace.chain import MARKER, PHASES, finish_out, folder_of, prepare_out
 
 SMALL = ["--n", "10", "--harmful-share", "0.3", "--batch-size", "4", "--lr", "1e-3", "--gen-tokens", "4",
          "--direction-n", "4", "--etas", "0.5,0.9", "--rhos", "0.25,0.75", "--n-harmful", "2", "--n-tasks", "2",
@@ -165,10 +165,22 @@ def test_resume_reruns_an_unfinished_phase_and_overwrite_replaces(chain_run, tmp
     assert _mtimes_existing(out)[str(out / "sweep" / MARKER)] == before[str(out / "sweep" / MARKER)]
     with pytest.raises(SystemExit):  # exclusive options
         core.main([*argv, "--resume", "--overwrite"])
-    assert prepare_out(out, resume=False, overwrite=True) == out and not any(out.iterdir())  # emptied
+    before_files = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    o, backup = prepare_out(out, resume=False, overwrite=True)  # the old run moves aside, a fresh one starts
+    assert o == out and [p.name for p in out.iterdir()] == ["workbench_run.json"]
+    assert backup is not None and sorted(str(p.relative_to(backup)) for p in backup.rglob("*")) == before_files
+    finish_out(out, backup, ok=False)  # a run that failed: the previous results come back, nothing lost
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before_files and not backup.exists()
     with pytest.raises(Exception, match="already exists"):
-        (out / "x").write_text("x")
         prepare_out(out, resume=False, overwrite=False)
+    decoy = out.parent / "decoy"
+    decoy.mkdir()
+    (decoy / "important.txt").write_text("keep")
+    with pytest.raises(Exception, match="not a workbench run folder"):
+        prepare_out(decoy, resume=False, overwrite=True)
+    with pytest.raises(Exception, match="not a chain folder"):
+        prepare_out(decoy, resume=True, overwrite=False)
+    assert (decoy / "important.txt").read_text() == "keep"
 
 
 def _mtimes_existing(out):

@@ -155,27 +155,52 @@ def _read(path: Path) -> Any:
 
 # -- output folder ----------------------------------------------------------------------------------
 
-def prepare_out(out: str | Path, *, resume: bool, overwrite: bool) -> Path:
-    """Refuse an existing non-empty folder unless ``resume`` (keep it) or ``overwrite`` (empty it)."""
+def prepare_out(out: str | Path, *, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+    """Check ``out`` and make it ready; returns ``(out, backup)``.
+
+    An existing non-empty folder is refused unless ``resume`` (continue it: it must be a chain folder the
+    workbench made) or ``overwrite`` (replace it: only a workbench run folder, never the current folder or a
+    parent of it). With ``overwrite`` the old folder is moved aside to ``backup`` (a hidden sibling) and the
+    chain runs in place (its phase configs record final paths, so ``--resume`` works later); call
+    :func:`finish_out` when the chain completed (the backup is deleted) or failed (the backup is restored).
+    """
+    from workbench.runs import check_out, is_run_folder, write_marker
+
     out = Path(out)
     if resume and overwrite:
         raise WorkbenchError("--resume and --overwrite exclude each other")
     if out.exists() and not out.is_dir():
         raise WorkbenchError(f"output path {out} exists and is not a folder")
+    backup: Path | None = None
     if out.exists() and any(out.iterdir()):
         if resume:
+            if not (is_run_folder(out) or (out / "chain_config.json").is_file()):
+                raise WorkbenchError(f"{out} is not a chain folder the workbench made; nothing to resume there")
             for tmp in out.glob(".ft-*.tmp-*"):  # a fine-tune killed before its atomic rename
                 shutil.rmtree(tmp, ignore_errors=True)
-            return out
-        if not overwrite:
-            raise WorkbenchError(f"output folder {out} already exists and is not empty; pass --resume to continue it, "
-                                 f"--overwrite to replace it, or choose another --out")
-        r = out.resolve()
-        if r == Path(r.anchor) or r == Path.home().resolve() or Path.cwd().resolve().is_relative_to(r):
-            raise WorkbenchError(f"refusing to remove {r} (a root, home or working folder)")
-        shutil.rmtree(out)
+            return out, None
+        check_out(out, overwrite=overwrite)  # no --overwrite, no marker, cwd or a parent: refused here
+        backup = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns() % 10**9}"
+        os.replace(out, backup)
+    else:
+        check_out(out, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    write_marker(out, kind="chain", complete=False)
+    return out, backup
+
+
+def finish_out(out: Path, backup: Path | None, *, ok: bool) -> None:
+    """After the chain: drop the replaced folder (``ok``) or put it back in place of the partial run."""
+    from workbench.runs import write_marker
+
+    if ok:
+        write_marker(out, kind="chain", complete=True)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    elif backup is not None:
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(backup, out)
+        print(f"[chain] the run did not complete; the previous results are back in {out}", file=sys.stderr)
 
 
 def _marker(folder: Path) -> dict[str, Any] | None:
@@ -323,13 +348,13 @@ def _run_overlap(cfg: ChainConfig, out: Path, aligned_spec: str, pc: dict[str, A
     specs = [DeltaSpec(r, cks[r], aligned) for r in FT_RECIPES]
     plan = match_checkpoints(unique_checkpoints(("aligned", aligned), *[(r, cks[r]) for r in FT_RECIPES]))
     ocfg = OverlapConfig(etas=tuple(cfg.etas), method=cfg.svd, seed=cfg.seed, keep_angles=cfg.keep_angles)
-    run = RunFolder(out / "overlap", config={"command": "weightspace chain (overlap)", **pc}, overwrite=True)
-    res = update_overlap(specs, plan, ocfg, progress=cfg.progress)
-    note = ("Delta_S (safety fine-tune - aligned) stands in for Delta_A: no base model of the zoo model is "
-            "available offline")
-    summary = save_overlap(run, res, plan, ocfg, cfg.plot_eta,
-                           extra={"updates": [s.describe() for s in specs], "directions": None,
-                                  "reference_note": note})
+    with RunFolder(out / "overlap", config={"command": "weightspace chain (overlap)", **pc}, overwrite=True) as run:
+        res = update_overlap(specs, plan, ocfg, progress=cfg.progress)
+        note = ("Delta_S (safety fine-tune - aligned) stands in for Delta_A: no base model of the zoo model is "
+                "available offline")
+        summary = save_overlap(run, res, plan, ocfg, cfg.plot_eta,
+                               extra={"updates": [s.describe() for s in specs], "directions": None,
+                                      "reference_note": note})
     return summary
 
 
@@ -358,10 +383,10 @@ def _run_sweep(cfg: ChainConfig, out: Path, aligned_spec: str, lm: Any, fmt: Any
                     task_tokens=cfg.task_tokens, batch_size=cfg.eval_batch_size)
     scfg = SweepConfig(rhos=tuple(cfg.rhos), kinds=tuple(cfg.kinds), eval=ev, seed=cfg.seed)
     run_sweep(aligned, ref, models, scfg, None, check_only=True)  # type: ignore[arg-type]
-    run = RunFolder(out / "sweep", config={"command": "weightspace chain (sweep)", **pc,
-                                           "system_prompt_used": fmt.system_prompt}, overwrite=True)
-    run.record_model(lm)
-    return run_sweep(aligned, ref, models, scfg, run, lm=lm, fmt=fmt, progress=cfg.progress)
+    with RunFolder(out / "sweep", config={"command": "weightspace chain (sweep)", **pc,
+                                          "system_prompt_used": fmt.system_prompt}, overwrite=True) as run:
+        run.record_model(lm)
+        return run_sweep(aligned, ref, models, scfg, run, lm=lm, fmt=fmt, progress=cfg.progress)
 
 
 # -- the driver -------------------------------------------------------------------------------------
@@ -383,9 +408,6 @@ def run_chain(cfg: ChainConfig, out: str | Path, *, resume: bool = False, overwr
 
 def _run_chain(cfg: ChainConfig, out: str | Path, *, resume: bool, overwrite: bool,
                log: Callable[[str], None] | None) -> dict[str, Any]:
-    from workbench.io import write_json
-    from workbench.loading import load_model
-    from workbench.runs import environment, seed_everything
 
     def say(msg: str) -> None:
         (log or (lambda m: print(m, flush=True)))(f"[chain] {msg}" if not msg.startswith("  ") else msg)
@@ -397,7 +419,23 @@ def _run_chain(cfg: ChainConfig, out: str | Path, *, resume: bool, overwrite: bo
 
     torch.set_num_threads(threads)
     say(f"torch threads: {threads} ({why})")
-    out = prepare_out(out, resume=resume, overwrite=overwrite)
+    out, backup = prepare_out(out, resume=resume, overwrite=overwrite)
+    try:
+        report = _chain_body(cfg, out, resume=resume, overwrite=overwrite, say=say, t_all=t_all, why=why)
+    except BaseException:
+        finish_out(out, backup, ok=False)
+        raise
+    finish_out(out, backup, ok=True)
+    return report
+
+
+def _chain_body(cfg: ChainConfig, out: Path, *, resume: bool, overwrite: bool, say: Callable[[str], None],
+                t_all: float, why: str) -> dict[str, Any]:
+
+    from workbench.io import write_json
+    from workbench.loading import load_model
+    from workbench.runs import environment, seed_everything
+
     started = _now()
     write_json(out / "chain_config.json", {"config": cfg.to_dict(), "resume": resume, "started_utc": started,
                                            "argv": sys.argv})

@@ -37,7 +37,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -263,33 +262,22 @@ def mean_loss(model: Any, tokenizer: Any, fmt: ChatFormat, examples: Sequence[Ex
 
 # -- output folder --------------------------------------------------------------------------------
 
-def check_output_folder(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing non-empty output folder unless ``overwrite``."""
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise WorkbenchError(f"output path {out} exists and is not a folder")
-        if any(out.iterdir()) and not overwrite:
-            raise WorkbenchError(f"output folder {out} already exists and is not empty; choose another --out or "
-                                 f"pass --overwrite")
-    return out
+def check_output_folder(out: str | Path, overwrite: bool, inputs: Sequence[str | Path | None] = ()) -> Path:
+    """Refuse an unusable output folder before any work (see :func:`workbench.runs.check_out`): an existing
+    non-empty folder needs ``overwrite`` and must be one the workbench made."""
+    from workbench.runs import check_out
+
+    check_out(out, overwrite=overwrite, inputs=inputs)
+    return Path(out)
 
 
 def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished temporary folder into place (the old folder is removed only afterwards)."""
-    old = None
-    if out.exists():
-        check_output_folder(out, overwrite)
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    from workbench.runs import replace_folder, write_marker
+
+    check_output_folder(out, overwrite)
+    write_marker(tmp, kind="finetune", complete=True)
+    replace_folder(tmp, out)
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:

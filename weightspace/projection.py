@@ -260,67 +260,72 @@ def project_checkpoint(aligned: Checkpoint, finetuned: Checkpoint, reference: Re
     if reference.uses_rho and cfg.operator == "projector" and cfg.rho is None:
         raise WorkbenchError("rho is required for a projection on a reference update")
     run = RunFolder(out, config=(run_config or {}) | {"command": "weightspace project", **cfg.describe()},
-                    overwrite=overwrite)
-    model_dir = run.sub("model")
-    copied = copy_model_files(aligned.folder, model_dir)
-    energy = EnergyTable()
-    records: dict[str, TensorRecord] = {}
-    by_name = {t.name: t for t in tensors}
-    gen = projected_tensors(plan, tensors, aligned, finetuned, reference, cfg)
-    pending: dict[str, torch.Tensor] = {}
+                    overwrite=overwrite, inputs=[f for c in cks.values() for f in c.files])
+    try:
+        model_dir = run.sub("model")
+        copied = copy_model_files(aligned.folder, model_dir)
+        energy = EnergyTable()
+        records: dict[str, TensorRecord] = {}
+        by_name = {t.name: t for t in tensors}
+        gen = projected_tensors(plan, tensors, aligned, finetuned, reference, cfg)
+        pending: dict[str, torch.Tensor] = {}
 
-    def produce(name: str) -> torch.Tensor:
-        info = by_name.get(name)
-        if info is None:  # a tied head only the aligned checkpoint stores: passed through unchanged
-            return aligned.read(name)
-        while name not in pending:  # the writer asks in its own order; the generator is in plan order
-            i, w, rec = next(gen)
-            records[i.name] = rec
-            if rec.selected:
-                energy.add(i.role, kept=rec.kept, total=rec.total, expected=rec.energy_random)
-            pending[i.name] = to_stored(w, i, aligned.dtype(i.name))
-        return pending.pop(name)
+        def produce(name: str) -> torch.Tensor:
+            info = by_name.get(name)
+            if info is None:  # a tied head only the aligned checkpoint stores: passed through unchanged
+                return aligned.read(name)
+            while name not in pending:  # the writer asks in its own order; the generator is in plan order
+                i, w, rec = next(gen)
+                records[i.name] = rec
+                if rec.selected:
+                    energy.add(i.role, kept=rec.kept, total=rec.total, expected=rec.energy_random)
+                pending[i.name] = to_stored(w, i, aligned.dtype(i.name))
+            return pending.pop(name)
 
-    # Ask for tensors in plan order (the writer only reorders by item size), so `pending` stays small.
-    entries = [TensorEntry(t.name, aligned.dtype(t.name), t.stored_shape) for t in tensors]
-    entries += [TensorEntry(s["name"], aligned.dtype(s["name"]), aligned.shape(s["name"]))
-                for s in plan.skipped if s["name"] in aligned.index]
-    stream_safetensors(model_dir / "model.safetensors", entries, produce,
-                       metadata={"format": "pt", "producer": "workbench weightspace project", "mode": cfg.mode},
-                       progress=_progress(progress, f"project ({cfg.mode})"))
-    recs = [records[t.name] for t in tensors if t.name in records]
-    rows = energy.all_rows()
-    run.write_csv("energy.csv", rows)
-    run.write_csv("tensors.csv", [asdict(r) for r in recs])
-    cos_rows: list[dict[str, Any]] = []
-    if isinstance(reference, DeltaReference):
-        sel = [t for t in tensors if records.get(t.name) is not None and records[t.name].selected]
-        ct = _update_cosines(plan, sel, DeltaSpec("update", finetuned, aligned), reference.spec)
-        cos_rows = ct.all_rows()
-        run.write_csv("cosine.csv", cos_rows)
-    from weightspace import plots
+        # Ask for tensors in plan order (the writer only reorders by item size), so `pending` stays small.
+        entries = [TensorEntry(t.name, aligned.dtype(t.name), t.stored_shape) for t in tensors]
+        entries += [TensorEntry(s["name"], aligned.dtype(s["name"]), aligned.shape(s["name"]))
+                    for s in plan.skipped if s["name"] in aligned.index]
+        stream_safetensors(model_dir / "model.safetensors", entries, produce,
+                           metadata={"format": "pt", "producer": "workbench weightspace project", "mode": cfg.mode},
+                           progress=_progress(progress, f"project ({cfg.mode})"))
+        recs = [records[t.name] for t in tensors if t.name in records]
+        rows = energy.all_rows()
+        run.write_csv("energy.csv", rows)
+        run.write_csv("tensors.csv", [asdict(r) for r in recs])
+        cos_rows: list[dict[str, Any]] = []
+        if isinstance(reference, DeltaReference):
+            sel = [t for t in tensors if records.get(t.name) is not None and records[t.name].selected]
+            ct = _update_cosines(plan, sel, DeltaSpec("update", finetuned, aligned), reference.spec)
+            cos_rows = ct.all_rows()
+            run.write_csv("cosine.csv", cos_rows)
+        from weightspace import plots
 
-    run.save_figure("energy_by_layer.png", plots.energy_bars(energy.rows("layer"), "layer",
-                                                             f"energy kept per layer ({cfg.mode}, {cfg.kind})"))
-    run.save_figure("energy_by_module.png", plots.energy_bars(energy.rows("module"), "module",
-                                                              f"energy kept per module type ({cfg.mode}, {cfg.kind})"))
-    report = {
-        "config": cfg.describe(),
-        "reference": reference.describe(),
-        "aligned": aligned.describe(),
-        "finetuned": finetuned.describe(),
-        "plan": {"n_tensors": len(tensors), "skipped": plan.skipped, "notes": plan.notes, "conv1d": plan.conv1d},
-        "n_selected": sum(r.selected for r in recs),
-        "n_unselected": sum(not r.selected for r in recs),
-        "n_zero_reference": sum(r.operator == "zero" for r in recs),
-        "n_not_applied_safelora": sum(r.selected and not r.applied for r in recs),
-        "energy_kept": energy.summary(),
-        "energy_by_layer": energy.rows("layer"),
-        "energy_by_module": energy.rows("module"),
-        "cosine_update_reference": next((r for r in cos_rows if r["level"] == "model"), None),
-        "model": {"path": str(model_dir), "copied_files": copied,
-                  "sha256": sha256_file(model_dir / "model.safetensors")},
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    run.write_json("report.json", report)
-    return ProjectionResult(run.path, model_dir, energy, recs, report)
+        run.save_figure("energy_by_layer.png", plots.energy_bars(energy.rows("layer"), "layer",
+                                                                 f"energy kept per layer ({cfg.mode}, {cfg.kind})"))
+        run.save_figure("energy_by_module.png", plots.energy_bars(energy.rows("module"), "module",
+                                                                  f"energy kept per module type ({cfg.mode}, {cfg.kind})"))
+        report = {
+            "config": cfg.describe(),
+            "reference": reference.describe(),
+            "aligned": aligned.describe(),
+            "finetuned": finetuned.describe(),
+            "plan": {"n_tensors": len(tensors), "skipped": plan.skipped, "notes": plan.notes, "conv1d": plan.conv1d},
+            "n_selected": sum(r.selected for r in recs),
+            "n_unselected": sum(not r.selected for r in recs),
+            "n_zero_reference": sum(r.operator == "zero" for r in recs),
+            "n_not_applied_safelora": sum(r.selected and not r.applied for r in recs),
+            "energy_kept": energy.summary(),
+            "energy_by_layer": energy.rows("layer"),
+            "energy_by_module": energy.rows("module"),
+            "cosine_update_reference": next((r for r in cos_rows if r["level"] == "model"), None),
+            "model": {"path": str(run.final / "model"), "copied_files": copied,
+                      "sha256": sha256_file(model_dir / "model.safetensors")},
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        run.write_json("report.json", report)
+    except BaseException:
+        run.abort()  # the staging folder goes; an earlier result at `out` stays
+        raise
+    final = run.commit()
+    return ProjectionResult(final, final / "model", energy, recs, report)

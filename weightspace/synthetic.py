@@ -52,11 +52,12 @@ def write_perturbed(source: str | Path | Checkpoint, out: str | Path, *, rank: i
                     progress: bool = False) -> Path:
     """Write ``source`` + a seeded low-rank perturbation of every matrix to the folder ``out``."""
     src = open_checkpoint(source, label="source")
+    import tempfile
+
+    from workbench.runs import check_out, replace_folder, write_marker
+
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise WorkbenchError(f"{out} exists and is not empty; pass overwrite=True")
-        shutil.rmtree(out)
+    check_out(out, overwrite=overwrite, inputs=[src.folder])
     if scale <= 0 or rank < 1 or common_rank < 0:
         raise WorkbenchError("need scale > 0, rank >= 1 and common_rank >= 0")
     plan = match_checkpoints({"source": src})
@@ -81,8 +82,15 @@ def write_perturbed(source: str | Path | Checkpoint, out: str | Path, *, rank: i
         from tqdm.auto import tqdm
 
         wrap = lambda it: tqdm(it, desc=f"perturb -> {out.name}", unit="tensor")  # noqa: E731
-    out.mkdir(parents=True, exist_ok=True)
-    copy_model_files(src.folder, out)
-    entries = [TensorEntry(t.name, src.dtype(t.name), t.stored_shape) for t in plan.tensors]
-    stream_safetensors(out / "model.safetensors", entries, produce, metadata={"format": "pt"}, progress=wrap)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:  # written beside `out`, moved into place when complete (an earlier folder is replaced only then)
+        copy_model_files(src.folder, tmp)
+        entries = [TensorEntry(t.name, src.dtype(t.name), t.stored_shape) for t in plan.tensors]
+        stream_safetensors(tmp / "model.safetensors", entries, produce, metadata={"format": "pt"}, progress=wrap)
+        write_marker(tmp, kind="synthetic-checkpoint", complete=True)
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

@@ -7,7 +7,6 @@ Later stages (probe sweep, overlap, steering, ...) are added by the plugin packa
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -17,7 +16,8 @@ import torch
 from workbench.capture import Activations, capture
 from workbench.chat import ChatFormat
 from workbench.prompts import builtin_split
-from workbench.runs import RunFolder, seed_everything
+from workbench.errors import WorkbenchError
+from workbench.runs import RunFolder, check_out, is_run_folder, seed_everything
 
 
 @dataclass
@@ -100,23 +100,24 @@ def run_main(args: argparse.Namespace, stages: list[tuple[int, str, Callable[[Ma
     from workbench.cli import load_from_args
 
     seed_everything(args.seed)
+    out = Path(args.out)
+    check_out(out, overwrite=True)  # an existing run is kept as OUT.previous; anything else is refused
+    prev = out.with_name(out.name + ".previous")
+    if prev.exists() and any(prev.iterdir()) and not is_run_folder(prev):
+        raise WorkbenchError(f"{prev} exists and is not a workbench run folder; move it away (the main job keeps "
+                             f"the previous results there)")
     lm = load_from_args(args)
     sp = args.system_prompt
     if sp is None or sp == "default":
         sp = lm.default_system_prompt
     fmt = ChatFormat(system_prompt=sp, raw=args.raw)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):  # keep the last results instead of deleting them
-        prev = out.with_name(out.name + ".previous")
-        if prev.exists():
-            shutil.rmtree(prev)
-        out.rename(prev)
-        print(f"[workbench] previous results moved to {prev}")
-    run = RunFolder(out, config=vars(args) | {"command": "main"})
+    # written to a staging folder and moved into place when every stage finished; the previous run
+    # (if any) is then kept as OUT.previous
+    run = RunFolder(out, config=vars(args) | {"command": "main"}, keep_previous=True)
     run.record_model(lm)
     ctx = MainContext(args, lm, fmt, run, args.quick)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    print(f"[workbench] main job on {lm.model_id} -> {run.path}")
+    print(f"[workbench] main job on {lm.model_id} -> {run.final} (staged in {run.path})")
     core_stage(ctx)
     for _, name, fn in stages:
         short = name.split(".")[0]
@@ -125,5 +126,6 @@ def run_main(args: argparse.Namespace, stages: list[tuple[int, str, Callable[[Ma
             continue
         print(f"\n[workbench] stage: {short}")
         fn(ctx)
-    print(f"\n[workbench] results in {run.path}")
+    final = run.commit()
+    print(f"\n[workbench] results in {final}")
     return 0
