@@ -5,10 +5,13 @@ Nothing here knows a folder's exact layout: probe runs (``probe_layers.json``,
 folders (with ``probes/`` and ``overlap/`` subfolders) are all read the same way: every PNG and every
 table, searched a few levels deep.
 
+Every folder is read only inside the app's runs root (see :mod:`apps.paths`): a folder outside it, or a
+symlink inside it that points outside, is neither listed nor read.
+
 >>> import tempfile, pathlib
 >>> d = pathlib.Path(tempfile.mkdtemp())
 >>> _ = (d / "probe_layers.csv").write_text("layer,auroc\\n0,0.5\\n1,0.9\\n")
->>> view = scan_folder(d)
+>>> view = scan_folder(d, root=d)
 >>> [p.name for p in view.tables], read_table(view.tables[0]).shape
 (['probe_layers.csv'], (2, 2))
 """
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from apps.paths import is_inside, readable_folder, resolve_root
 from workbench.errors import WorkbenchError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
@@ -53,8 +57,11 @@ class FolderView:
         return [p for p in self.images if p.name.startswith(prefix)]
 
 
-def _walk(root: Path, depth: int) -> list[Path]:
+def _walk(root: Path, depth: int, limit: Path | None = None) -> list[Path]:
+    """Files under ``root`` (symlinked folders not followed; symlinked files only when they resolve inside
+    ``limit``, the runs root)."""
     out: list[Path] = []
+    limit = root if limit is None else limit
     try:
         entries = sorted(root.iterdir())
     except OSError:
@@ -64,24 +71,22 @@ def _walk(root: Path, depth: int) -> list[Path]:
             continue
         if p.is_dir() and not p.is_symlink():
             if depth < MAX_DEPTH:
-                out.extend(_walk(p, depth + 1))
-        elif p.is_file():
+                out.extend(_walk(p, depth + 1, limit))
+        elif p.is_file() and (not p.is_symlink() or is_inside(p, limit)):
             out.append(p)
         if len(out) > MAX_FILES * 4:
             break
     return out
 
 
-def scan_folder(path: str | Path) -> FolderView:
-    """Every image and table under ``path`` (a few levels deep); a clear error for a bad folder."""
-    if path is None or not str(path).strip():
-        raise WorkbenchError("give a run folder")
-    root = Path(str(path).strip()).expanduser()
-    if not root.exists():
-        raise WorkbenchError(f"no such folder: {root}")
-    if not root.is_dir():
-        raise WorkbenchError(f"{root} is a file; give the run folder that contains it")
-    files = _walk(root, 0)
+def scan_folder(path: str | Path, *, root: str | Path) -> FolderView:
+    """Every image and table under ``path`` (a few levels deep), which must lie inside the runs root
+    ``root`` (relative paths are relative to it); a clear error for a bad folder, the same one whether it
+    is missing or outside the root."""
+    limit = resolve_root(root)
+    folder = readable_folder(path, limit, "run folder")
+    root = folder
+    files = _walk(root, 0, limit)
     view = FolderView(root,
                       [p for p in files if p.suffix.lower() in IMAGE_EXTS][:MAX_FILES],
                       [p for p in files if p.suffix.lower() in TABLE_EXTS][:MAX_FILES])

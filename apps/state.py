@@ -6,6 +6,10 @@ once would see each other's interventions. Every forward pass the app makes on a
 derived from it) therefore runs under that model's :attr:`ModelSlot.lock`; hooks are registered after
 taking it and removed before releasing it.
 
+Paths: every server path a request names (a saved vector file, a probes run folder) is resolved and must
+lie inside :attr:`AppState.runs_root` (see :mod:`apps.paths`); a direction file computed on another model
+(another checksum) is refused unless the request sets ``force``, as on the command line.
+
 >>> from workbench.tiny import build_tiny
 >>> from workbench.loading import from_memory
 >>> state = AppState({"tiny": from_memory(*build_tiny("llama"))})
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from apps.paths import confine, readable_file, readable_folder, resolve_root
 from workbench.backends import get_backend
 from workbench.backends.base import Backend
 from workbench.chat import ChatFormat
@@ -195,13 +200,17 @@ class ResolvedDirection:
 
 
 class AppState:
-    """Models by name (``LoadedModel`` or a zero-argument loader), limits and caches."""
+    """Models by name (``LoadedModel`` or a zero-argument loader), limits and caches.
+
+    ``runs_root``: the only folder whose files requests may name (resolved; see :mod:`apps.paths`);
+    ``runs_dir``: where the app writes its own run folders, relative to ``runs_root`` unless absolute, and
+    inside it (default ``<runs_root>/app``)."""
 
     def __init__(self, models: Mapping[str, LoadedModel | Callable[[], LoadedModel]], default_model: str | None = None,
                  *, max_new_tokens_limit: int = 128, max_prompt_tokens: int = 512, max_prompts: int = 8,
                  n_train: int = 32, ortho_cache_size: int = 2, disk_cache: bool = True,
-                 runs_dir: str | Path = "runs/app", raw: bool = False,
-                 system_prompt: str | None = None) -> None:
+                 runs_dir: str | Path | None = None, raw: bool = False,
+                 system_prompt: str | None = None, runs_root: str | Path = "runs") -> None:
         if not models:
             raise WorkbenchError("the app needs at least one model")
         if max_new_tokens_limit < 1:
@@ -214,7 +223,9 @@ class AppState:
         self.max_new_tokens_limit = int(max_new_tokens_limit)
         self.max_prompt_tokens = int(max_prompt_tokens)
         self.max_prompts = int(max_prompts)
-        self.runs_dir = Path(runs_dir)
+        # every server path a request names must lie inside runs_root; the app's own outputs go to runs_dir
+        self.runs_root = resolve_root(runs_root)
+        self.runs_dir = confine(runs_dir if runs_dir is not None else "app", self.runs_root, "the app's output folder")
         self.raw = raw
         self.system_prompt_override = system_prompt
 
@@ -274,8 +285,13 @@ class AppState:
 
     def resolve_direction(self, model: str | None, source: str, *, layer: Any, fmt: ChatFormat,
                           vector_file: str | None = None, probe_folder: str | None = None,
-                          probe_method: str = "logistic", seed: int = 0) -> ResolvedDirection:
-        """The direction a Steer request uses, checked against the model."""
+                          probe_method: str = "logistic", seed: int = 0, force: bool = False,
+                          upload_root: str | Path | None = None) -> ResolvedDirection:
+        """The direction a Steer request uses, checked against the model.
+
+        ``vector_file`` and ``probe_folder`` must lie inside :attr:`runs_root` (relative paths are relative
+        to it), or, for a file the user uploaded, inside ``upload_root`` (Gradio's upload folder). A direction
+        file made on a model with another checksum is refused unless ``force``."""
         slot = self.slot(model)
         lm = slot.get()
         if source not in SOURCES:
@@ -289,14 +305,18 @@ class AppState:
             d = random_like(slot.mean_diff(fmt, layer), seed=int(seed))
             note = f"random direction (seed {int(seed)}) with the norm of the difference in means"
         elif source == "saved vector":
-            path = _clean_path(vector_file, "a vector file")
+            path = readable_file(vector_file, upload_root if upload_root is not None else self.runs_root,
+                                 "direction file")
             dirs = load_directions(path)
             d = _pick_layer(dirs, layer, str(path))
             note = f"loaded from {path}"
         else:
-            folder = _clean_path(probe_folder, "a probes run folder")
-            path = folder / "probe_directions.safetensors" if folder.is_dir() else folder
-            if not path.exists():
+            if probe_folder is not None and str(probe_folder).strip().endswith(".safetensors"):
+                path = folder = readable_file(probe_folder, self.runs_root, "probes run folder")
+            else:
+                folder = readable_folder(probe_folder, self.runs_root, "probes run folder")
+                path = folder / "probe_directions.safetensors"
+            if not path.is_file() or _outside(path, self.runs_root):
                 raise WorkbenchError(f"{folder} has no probe_directions.safetensors; run `workbench probe` (or the "
                                      f"Probes tab) first, or give the folder of such a run")
             if probe_method not in PROBE_METHODS:
@@ -309,18 +329,25 @@ class AppState:
         _check_width(d, lm)
         _check_layer(d.layer, lm.n_layers)
         if d.model_checksum != lm.checksum and source in ("saved vector", "probe direction"):
-            note += (f" (note: computed on '{d.model_id}', checksum {d.model_checksum[:12]}, not on this model "
+            # the rule of workbench.vectors.Direction.check_compatible (the CLI's --force)
+            if not force:
+                raise WorkbenchError(
+                    f"this direction was computed on model '{d.model_id}' (checksum {d.model_checksum[:12]}) but "
+                    f"is being applied to '{lm.model_id}' (checksum {lm.checksum[:12]}); tick 'force' if that is "
+                    f"intended"
+                )
+            note += (f" (forced: computed on '{d.model_id}', checksum {d.model_checksum[:12]}, not on this model "
                      f"{lm.checksum[:12]})")
         return ResolvedDirection(d, note)
 
 
-def _clean_path(p: str | None, what: str) -> Path:
-    if p is None or not str(p).strip():
-        raise WorkbenchError(f"give {what}")
-    path = Path(str(p).strip()).expanduser()
-    if not path.exists():
-        raise WorkbenchError(f"no such file or folder: {path}")
-    return path
+def _outside(path: Path, root: Path) -> bool:
+    """True when ``path`` resolves outside ``root`` (e.g. a symlinked probe_directions.safetensors)."""
+    try:
+        confine(path, root)
+    except WorkbenchError:
+        return True
+    return False
 
 
 def _pick_layer(dirs: list[Direction], layer: Any, where: str) -> Direction:

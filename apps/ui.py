@@ -11,6 +11,13 @@ name is ``/steer``; with ``gradio_client``::
                         a_strength=1.0, max_new_tokens=32, api_name="/steer")
 
 returns ``(status, base_title, base_text, base_tokens, base_scores, a_title, ..., b_scores)``.
+
+Server paths: the app reads and writes only inside its runs root (``runs_root``; ``workbench app --runs``).
+Every path a request names (``vector_path``, ``probe_folder``, the folders of ``/probes_load`` and
+``/weights_load``, the ``out`` of ``/probe_sweep``) is resolved, symlinks and ``..`` included, and refused
+unless it lies inside that root; relative paths are relative to it (see :mod:`apps.paths`). A direction file
+made on another model (another checksum) is refused unless ``force=True``. ``launch`` refuses a non-loopback
+``host`` without ``auth`` unless ``allow_no_auth``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline machines: 
 
 import gradio as gr  # noqa: E402
 
-from apps.folders import FolderView, find_run_folders, load_image, read_table, scan_folder  # noqa: E402
+from apps.folders import TABLE_EXTS, FolderView, find_run_folders, load_image, read_table, scan_folder  # noqa: E402
+from apps.paths import confine, readable_file, readable_folder, resolve_root  # noqa: E402
 from apps.state import PROBE_METHODS, SOURCE_LABELS, SOURCES, AppState  # noqa: E402
 from apps.steer import KIND_LABELS, Column, ColumnSpec, Probe, build_interventions, encode_prompt  # noqa: E402
 from apps.steer import step_round_robin  # noqa: E402
@@ -209,7 +217,8 @@ def make_steer_fn(state: AppState) -> Callable[..., Iterator[list[Any]]]:
               probe_folder: str = "", probe_method: str = "logistic", seed: float = 0,
               a_kind: str = "addition", a_strength: float = 1.0, a_layers: str = "",
               compare: bool = False, b_kind: str = "addition", b_strength: float = -1.0, b_layers: str = "",
-              b_direction: str = "random control", max_new_tokens: float = 32) -> Iterator[list[Any]]:
+              b_direction: str = "random control", max_new_tokens: float = 32,
+              force: bool = False) -> Iterator[list[Any]]:
         t_start = time.perf_counter()
         # -- validate everything cheap before touching the model
         n_new = state.validate_max_new_tokens(max_new_tokens)
@@ -244,9 +253,15 @@ def make_steer_fn(state: AppState) -> Callable[..., Iterator[list[Any]]]:
         fmt = state.chat_format(system_prompt)
         if source in ("mean-diff", "random control"):
             yield emit(f"computing difference-in-means directions on '{slot.name}' (first time only) ...")
-        rd = state.resolve_direction(slot.name, source, layer=layer, fmt=fmt,
-                                     vector_file=vector_file or vector_path or None, probe_folder=probe_folder,
-                                     probe_method=probe_method, seed=int(seed or 0))
+        if vector_file:  # an upload: Gradio has checked it is in its upload folder; check again
+            from gradio.utils import get_upload_folder
+
+            vfile, upload_root = vector_file, get_upload_folder()
+        else:  # a path on the server: inside the runs root only
+            vfile, upload_root = vector_path or None, None
+        rd = state.resolve_direction(slot.name, source, layer=layer, fmt=fmt, vector_file=vfile,
+                                     probe_folder=probe_folder, probe_method=probe_method, seed=int(seed or 0),
+                                     force=bool(force), upload_root=upload_root)
         d = rd.direction
         probe = Probe.from_direction(d)
         specs = [ColumnSpec("unmodified", "none", d),
@@ -312,14 +327,16 @@ def make_steer_fn(state: AppState) -> Callable[..., Iterator[list[Any]]]:
 
 # -- folder viewers (Probes / Weight space) ---------------------------------------------------------
 
-def folder_outputs(path: str, main_image: str | None = None) -> tuple[str, Any, list[Any], Any, Any, Any]:
-    """(status, main image, gallery, table-dropdown update, first table, first JSON) for a run folder."""
-    view: FolderView = scan_folder(path)
+def folder_outputs(path: str, main_image: str | None = None, *,
+                   root: str | Path) -> tuple[str, Any, list[Any], Any, Any, Any]:
+    """(status, main image, gallery, table-dropdown update, first table, first JSON) for a run folder inside
+    the runs root ``root``."""
+    view: FolderView = scan_folder(path, root=root)
     main = view.find(main_image) if main_image else None
     gallery = [(load_image(p), view.rel(p)) for p in view.images if p != main]
     tables = [view.rel(p) for p in view.tables]
     first = _pick_first_table(view)
-    df, js = table_outputs(str(view.root), first) if first else (None, None)
+    df, js = table_outputs(str(view.root), first, root=root) if first else (None, None)
     status = (f"{view.root}: {len(view.images)} plot(s), {len(view.tables)} table(s)"
               + ("" if main or not main_image else f"; no {main_image} here"))
     return (status, load_image(main) if main else None, gallery,
@@ -335,12 +352,13 @@ def _pick_first_table(view: FolderView) -> str | None:
     return view.rel((csvs or view.tables)[0]) if view.tables else None
 
 
-def table_outputs(root: str, rel: str | None) -> tuple[Any, Any]:
+def table_outputs(folder: str, rel: str | None, *, root: str | Path) -> tuple[Any, Any]:
+    """One table of a loaded run folder (``folder``/``rel``, which must lie inside the runs root ``root``)."""
     if not rel:
         return None, None
-    p = Path(root) / rel
-    if not p.exists():
-        raise WorkbenchError(f"no such table: {p}")
+    p = readable_file(Path(folder) / rel, root, "table")
+    if p.suffix.lower() not in TABLE_EXTS:
+        raise WorkbenchError(f"{rel} is not a table (.csv, .json)")
     t = read_table(p)
     import pandas as pd
 
@@ -371,12 +389,12 @@ def _folder_viewer(state: AppState, markers: tuple[str, ...], main_image: str | 
 
     @user_errors
     def do_load(path: str) -> tuple:
-        st, im, gal, pick, df, j = folder_outputs(path, main_image)
-        return st, im, gal, pick, df, j, str(scan_folder(path).root)
+        st, im, gal, pick, df, j = folder_outputs(path, main_image, root=state.runs_root)
+        return st, im, gal, pick, df, j, str(readable_folder(path, state.runs_root, "run folder"))
 
     @user_errors
-    def do_table(root: str, rel: str) -> tuple:
-        return table_outputs(root, rel) if root and rel else (None, None)
+    def do_table(folder: str, rel: str) -> tuple:
+        return table_outputs(folder, rel, root=state.runs_root) if folder and rel else (None, None)
 
     refresh.click(lambda: gr.update(choices=choices()), None, folder, api_visibility="private")
     load.click(do_load, folder, [status, main, gallery, table_pick, table, js, root_state],
@@ -401,15 +419,27 @@ def default_registry(dtype: str = "float32", device: str = "cpu",
 def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | None = None, *,
               state: AppState | None = None, default_model: str | None = None, max_new_tokens_limit: int = 128,
               max_prompt_tokens: int = 512, max_prompts: int = 8, concurrency: int = 2, max_queue: int = 32,
-              n_train: int = 32, disk_cache: bool = True, runs_roots: Sequence[str] = ("runs",),
-              runs_dir: str = "runs/app", system_prompt: str | None = None, raw: bool = False) -> gr.Blocks:
+              n_train: int = 32, disk_cache: bool = True, runs_roots: Sequence[str] | None = None,
+              runs_dir: str | None = None, system_prompt: str | None = None, raw: bool = False,
+              runs_root: str | None = None) -> gr.Blocks:
     """The app's Blocks, queue configured. ``models`` maps names to ``LoadedModel`` s or loaders (default: the
-    zoo, loaded lazily); or pass a ready ``state``."""
+    zoo, loaded lazily); or pass a ready ``state``.
+
+    ``runs_root`` is the only folder the app reads or writes (default: the first of ``runs_roots``, else
+    ``runs``; a ready ``state`` brings its own); ``runs_roots`` are the folders searched for run folders to
+    list (default: the runs root; each must lie inside it; ``()``: list none); ``runs_dir`` is where the app's
+    own probe sweeps go (default ``<runs root>/app``)."""
     if state is None:
+        if runs_root is None:
+            runs_root = runs_roots[0] if runs_roots else "runs"
         state = AppState(models if models is not None else default_registry(), default_model,
                          max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens,
                          max_prompts=max_prompts, n_train=n_train, disk_cache=disk_cache, runs_dir=runs_dir,
-                         system_prompt=system_prompt, raw=raw)
+                         system_prompt=system_prompt, raw=raw, runs_root=runs_root)
+    elif runs_root is not None and resolve_root(runs_root) != state.runs_root:
+        raise WorkbenchError(f"runs_root {runs_root} differs from the state's runs root {state.runs_root}")
+    runs_roots = [str(confine(r, state.runs_root, "a folder to list run folders from"))
+                  for r in (runs_roots if runs_roots is not None else (state.runs_root,))]
     if concurrency < 1:
         raise WorkbenchError(f"concurrency must be >= 1, got {concurrency}")
     steer_fn = make_steer_fn(state)
@@ -441,13 +471,18 @@ def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | No
                     with gr.Group(visible=False) as vec_group:
                         vector_file = gr.File(label="vector file (.safetensors, workbench format)",
                                               file_types=[".safetensors"], type="filepath")
-                        vector_path = gr.Textbox(value="", label="... or a path on the server", lines=1)
+                        vector_path = gr.Textbox(value="", lines=1,
+                                                 label=f"... or a file inside the runs folder {state.runs_root} "
+                                                       f"(relative to it)")
                     with gr.Group(visible=False) as probe_group:
                         probe_folder = gr.Dropdown(
                             choices=find_run_folders(list(runs_roots), ("probe_directions.safetensors",)),
                             allow_custom_value=True, value="",
-                            label="probes run folder (holds probe_directions.safetensors)")
+                            label="probes run folder inside the runs folder (holds probe_directions.safetensors)")
                         probe_method = gr.Radio(choices=list(PROBE_METHODS), value="logistic", label="probe method")
+                    force = gr.Checkbox(value=False, visible=False, elem_id="wb-force",
+                                        label="force: use a direction file computed on another model (its recorded "
+                                              "checksum differs from this model's)")
                     seed = gr.Number(value=0, precision=0, label="seed (random controls)")
                 with gr.Column(scale=2):
                     a_kind = gr.Radio(choices=[(KIND_LABELS[k], k) for k in ("addition", "ablation", "orthogonalised")],
@@ -494,9 +529,10 @@ def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | No
                 "direction. Greedy decoding.")
 
             def on_source(s: str) -> tuple:
-                return gr.update(visible=s == "saved vector"), gr.update(visible=s == "probe direction")
+                return (gr.update(visible=s == "saved vector"), gr.update(visible=s == "probe direction"),
+                        gr.update(visible=s in ("saved vector", "probe direction")))
 
-            source.change(on_source, source, [vec_group, probe_group], api_visibility="private")
+            source.change(on_source, source, [vec_group, probe_group, force], api_visibility="private")
             compare.change(lambda c: (gr.update(visible=c), gr.update(visible=c)), compare, [b_group, col_groups[2]],
                            api_visibility="private")
 
@@ -511,7 +547,7 @@ def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | No
             go.click(steer_fn,
                      [model, prompt, builtin, system_prompt, source, layer, vector_file, vector_path, probe_folder,
                       probe_method, seed, a_kind, a_strength, a_layers, compare, b_kind, b_strength, b_layers,
-                      b_direction, max_new],
+                      b_direction, max_new, force],
                      [status] + col_outputs, api_name="steer")
 
         with gr.Tab("Probes", id="probes"):
@@ -527,7 +563,8 @@ def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | No
                     sweep_boot = gr.Slider(50, 1000, value=100, step=50, label="bootstrap resamples (AUROC CI)")
                 with gr.Row():
                     sweep_overlap = gr.Checkbox(value=False, label="also run the activation-overlap analysis")
-                    sweep_out = gr.Textbox(label="output folder (empty = runs/app/probes-<time>)", lines=1)
+                    sweep_out = gr.Textbox(lines=1, label=f"output folder inside the runs folder {state.runs_root} "
+                                                          f"(relative to it; empty = {state.runs_dir}/probes-<time>)")
                     sweep_go = gr.Button("Run sweep", variant="primary")
                 sweep_status = gr.Markdown()
 
@@ -550,36 +587,59 @@ def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | No
 
 def run_probe_sweep(state: AppState, name: str, n: int, n_boot: int, overlap: bool, out: str | None,
                     system_prompt: str | None = None) -> Path:
-    """A quick probe sweep (and optionally the overlap analysis) into a run folder; returns its path."""
+    """A quick probe sweep (and optionally the overlap analysis) into a run folder inside the runs root (``out``
+    relative to it; default ``<runs_dir>/probes-<time>``); returns its final path."""
     from probes.cli import default_overlap_sets, run_overlap
     from probes.cli import run_probe_sweep as sweep
     from workbench.runs import RunFolder
 
     if not 4 <= n <= 400:
         raise WorkbenchError(f"prompts per class must be between 4 and 400, got {n}")
+    # checked before anything is loaded or written
+    if out and out.strip():
+        path = confine(out, state.runs_root, "an output folder", allow_root=False)
+    else:
+        path = state.runs_dir / time.strftime("probes-%Y%m%d-%H%M%S")
     slot = state.slot(name)
     lm = slot.get()
     fmt = state.chat_format(system_prompt if system_prompt is not None else state.default_system_prompt(name))
-    path = Path(out.strip()) if out and out.strip() else state.runs_dir / time.strftime("probes-%Y%m%d-%H%M%S")
-    run = RunFolder(path, config={"command": "app-probe-sweep", "model": slot.name, "n": n, "n_boot": n_boot},
-                    overwrite=False)
-    run.record_model(lm)
-    with slot.lock:
-        sweep(lm, fmt, run, "harmful", "harmless", n_boot=max(0, n_boot), limit=n)
-        if overlap:
-            sets = {k: v[:n] for k, v in default_overlap_sets().items()}
-            run_overlap(lm, fmt, RunFolder(run.path / "overlap", config={"stage": "overlap"}, overwrite=True), sets,
-                        n_boot=5)
-    return run.path
+    with _run_folder(RunFolder(path, config={"command": "app-probe-sweep", "model": slot.name, "n": n,
+                                             "n_boot": n_boot}, overwrite=False)) as run:
+        run.record_model(lm)
+        with slot.lock:
+            sweep(lm, fmt, run, "harmful", "harmless", n_boot=max(0, n_boot), limit=n)
+            if overlap:
+                sets = {k: v[:n] for k, v in default_overlap_sets().items()}
+                with _run_folder(RunFolder(run.path / "overlap", config={"stage": "overlap"},
+                                           overwrite=True)) as sub:
+                    run_overlap(lm, fmt, sub, sets, n_boot=5)
+    return Path(getattr(run, "final", run.path))
+
+
+def _run_folder(run: Any) -> Any:
+    """``with`` for a RunFolder: the RunFolder itself where it is a context manager (it writes into a staging
+    folder and moves it into place on success), else the folder as is."""
+    from contextlib import nullcontext
+
+    return run if hasattr(run, "__enter__") else nullcontext(run)
 
 
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, block: bool = True,
-           quiet: bool = False) -> Any:
-    """Start the server (127.0.0.1 unless ``host`` says otherwise). Offline-friendly theme: system fonts."""
+           quiet: bool = False, auth: Sequence[tuple[str, str]] | None = None, allow_no_auth: bool = False) -> Any:
+    """Start the server (127.0.0.1 unless ``host`` says otherwise). Offline-friendly theme: system fonts.
+
+    ``auth``: logins ``[(user, password), ...]`` (Gradio's login page). A host other than loopback needs them
+    unless ``allow_no_auth``."""
+    from apps.cli import is_loopback
+
+    if not is_loopback(host) and not auth and not allow_no_auth:
+        raise WorkbenchError(f"refusing to serve on {host} without a login: a non-loopback host exposes the app to "
+                             f"the network; pass auth=[(user, password)] (or allow_no_auth=True)")
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
     return demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=quiet,
-                       theme=theme, css=CSS, footer_links=["api"], show_error=True)
+                       theme=theme, css=CSS, footer_links=["api"], show_error=True,
+                       auth=[tuple(a) for a in auth] if auth else None)
 
 
 __all__ = ["build_app", "launch", "make_steer_fn", "default_registry", "folder_outputs", "run_probe_sweep",

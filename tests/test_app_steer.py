@@ -209,7 +209,7 @@ def test_state_saved_vector_and_probe_folder(make_tiny, tmp_path):
     from workbench.vectors import save_directions
 
     lm = make_tiny("llama")
-    state = AppState({"tiny": lm}, disk_cache=False)
+    state = AppState({"tiny": lm}, disk_cache=False, runs_root=tmp_path)
     fmt = state.chat_format("")
     good = _direction(lm, layer=0)
     p = save_directions(tmp_path / "v.safetensors", [good])
@@ -219,7 +219,7 @@ def test_state_saved_vector_and_probe_folder(make_tiny, tmp_path):
     pw = save_directions(tmp_path / "wide.safetensors", [wide])
     with pytest.raises(WorkbenchError, match="bad vector width"):
         state.resolve_direction("tiny", "saved vector", layer=0, fmt=fmt, vector_file=str(pw))
-    with pytest.raises(WorkbenchError, match="no such file"):
+    with pytest.raises(WorkbenchError, match="no readable direction file"):
         state.resolve_direction("tiny", "saved vector", layer=0, fmt=fmt, vector_file=str(tmp_path / "nope"))
     # a probes run folder
     run = tmp_path / "probes"

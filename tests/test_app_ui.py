@@ -12,13 +12,16 @@ import re
 import socket
 import sys
 import threading
-import time
 
 import pytest
 import torch
 
-pytest.importorskip("gradio")
-gradio_client = pytest.importorskip("gradio_client")
+try:  # declared dependencies (extras "app" and "test"): a missing one fails loudly instead of skipping every test
+    import gradio  # noqa: F401
+    import gradio_client
+except ImportError as e:
+    pytest.fail(f"{e.name} is not installed: install the project with its extras (bash scripts/setup.sh)",
+                pytrace=False)
 
 from apps.ui import SCORE_HEADERS, SCORE_NAMES, build_app, launch  # noqa: E402
 from workbench.loading import from_memory  # noqa: E402
@@ -148,7 +151,7 @@ def test_steer_second_setting_several_prompts_orthogonalised(served):
     (dict(a_layers="9"), "out of range"),
     (dict(layer=7), "out of range|greater than maximum value"),
     (dict(model="nope"), "not in the list of choices"),
-    (dict(source="saved vector", vector_path="/no/such/file.safetensors"), "no such file"),
+    (dict(source="saved vector", vector_path="/no/such/file.safetensors"), "no readable direction file"),
 ])
 def test_errors_are_messages(served, kw, message):
     _, client, _, _ = served
@@ -161,8 +164,8 @@ def test_errors_are_messages(served, kw, message):
 def test_bad_vector_width_is_a_message(served, tmp_path):
     from workbench.vectors import Direction, save_directions
 
-    _, client, _, _ = served
-    p = save_directions(tmp_path / "wide.safetensors",
+    _, client, _, runs = served
+    p = save_directions(runs / "wide.safetensors",
                         [Direction(torch.ones(96), layer=1, method="m", model_id="x", model_checksum="y", d_model=96)])
     with pytest.raises(Exception, match="bad vector width"):
         steer(client, source="saved vector", vector_path=str(p))
@@ -233,8 +236,8 @@ def _make_run_folder(root):
 
 
 def test_probes_and_weight_space_folders(served, tmp_path):
-    _, client, _, _ = served
-    run = tmp_path / "probe-run"
+    _, client, _, runs = served
+    run = runs / "probe-run"
     _make_run_folder(run)
     status, main, gallery, pick, table, js = client.predict(str(run), api_name="/probes_load")
     assert "2 plot(s), 3 table(s)" in status
@@ -242,24 +245,22 @@ def test_probes_and_weight_space_folders(served, tmp_path):
     assert table["headers"] == ["layer", "logistic_auroc"] and len(table["data"]) == 2
     status, main, gallery, pick, table, js = client.predict(str(run), api_name="/weights_load")
     assert len(gallery) == 2
-    with pytest.raises(Exception, match="no such folder"):
-        client.predict(str(tmp_path / "missing"), api_name="/probes_load")
+    with pytest.raises(Exception, match="no readable run folder"):
+        client.predict(str(runs / "missing"), api_name="/probes_load")
     with pytest.raises(Exception, match="holds no plots"):
-        (tmp_path / "empty").mkdir()
-        client.predict(str(tmp_path / "empty"), api_name="/probes_load")
+        (runs / "empty").mkdir()
+        client.predict(str(runs / "empty"), api_name="/probes_load")
 
 
 def test_probe_sweep_from_the_app(served, tmp_path):
-    _, client, lm, _ = served
-    t0 = time.perf_counter()
-    msg, folder = client.predict(MODEL, 8, 50, False, str(tmp_path / "sweep"), api_name="/probe_sweep")
-    assert "sweep written" in msg and folder == str(tmp_path / "sweep")
-    assert (tmp_path / "sweep" / "probe_directions.safetensors").exists()
+    _, client, lm, runs = served
+    msg, folder = client.predict(MODEL, 8, 50, False, str(runs / "sweep"), api_name="/probe_sweep")
+    assert "sweep written" in msg and folder == str((runs / "sweep").resolve())
+    assert (runs / "sweep" / "probe_directions.safetensors").exists()
     status, main, gallery, *_ = client.predict(folder, api_name="/probes_load")
     assert main is not None and "plot(s)" in status
     # and its directions can steer
     status, (base, a, _) = unpack(steer(client, source="probe direction", probe_folder=folder,
                                         probe_method="logistic", max_new_tokens=4))
     assert "logistic probe direction" in status and a["text"]
-    assert time.perf_counter() - t0 < 120
     assert no_hooks(lm.model)
