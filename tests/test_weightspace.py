@@ -20,6 +20,8 @@ import math
 from pathlib import Path
 
 import pytest
+
+from workbench.cli import run_command
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -250,8 +252,16 @@ def test_existing_output_folder_is_refused_unless_overwrite(planted, tmp_path):
     with pytest.raises(WorkbenchError, match="already exists"):
         project_checkpoint(cks["aligned"], cks["ft"], ref, ProjectionConfig(), out, progress=False)
     assert (out / "keep.txt").exists()
-    project_checkpoint(cks["aligned"], cks["ft"], ref, ProjectionConfig(), out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "model" / "model.safetensors").exists()
+    with pytest.raises(WorkbenchError, match="not a workbench run folder"):  # not ours: never replaced
+        project_checkpoint(cks["aligned"], cks["ft"], ref, ProjectionConfig(), out, overwrite=True, progress=False)
+    assert (out / "keep.txt").read_text() == "x"
+    res = project_checkpoint(cks["aligned"], cks["ft"], ref, ProjectionConfig(), tmp_path / "q", progress=False)
+    assert res.path == tmp_path / "q" and res.model_path == tmp_path / "q" / "model" and res.model_path.is_dir()
+    (tmp_path / "q" / "keep.txt").write_text("x")  # a run the workbench made may be replaced
+    project_checkpoint(cks["aligned"], cks["ft"], ref, ProjectionConfig(), tmp_path / "q", overwrite=True,
+                       progress=False)
+    assert not (tmp_path / "q" / "keep.txt").exists() and (tmp_path / "q" / "model" / "model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 # -- spectra and bases are the core's -----------------------------------------------------------------------
@@ -266,6 +276,10 @@ def test_cached_spectrum_bases_equal_the_core_functions():
                 mine = sp.rank_basis(rho, kind, seed=7)
                 core = basis_by_rank_fraction(M, rho, side=side, kind=kind, seed=7)
                 assert (mine.k, mine.kind, mine.indices) == (core.k, core.kind, core.indices)
+                if kind == "random":  # nested across rho (issue #10), so not the core's per-k draw
+                    V = mine.vectors
+                    assert torch.allclose(V.T @ V, torch.eye(mine.k, dtype=V.dtype), atol=1e-12)
+                    continue
                 assert torch.equal(mine.vectors, core.vectors), (side, rho, kind)
                 assert mine.energy == pytest.approx(core.energy, rel=1e-12, nan_ok=True)
         etas = [0.1, 0.5, 0.9, 0.99]
@@ -451,9 +465,11 @@ def test_direction_reference_planted_update_inside_the_span_keeps_all_energy(pla
     al = open_checkpoint(planted["aligned"], label="aligned")
     res = project_checkpoint(al, open_checkpoint(ft, label="ft"), ref, ProjectionConfig("orthogonal"),
                              tmp_path / "pd", progress=False)
-    assert res.energy.summary()["energy_kept"] == pytest.approx(1.0, abs=TOL)
+    # orthogonal mode: E_k is the energy of the update written, (I - P) D = 0 here (issue #10); P D kept it all
+    assert res.energy.summary()["energy_kept"] == pytest.approx(0.0, abs=TOL)
+    assert res.report["energy_kept_unrounded"]["energy_kept"] == pytest.approx(0.0, abs=TOL)
     recs = {x.name: x for x in res.records}
-    assert recs[O0].selected and recs[O0].k == 1 and recs[O0].energy_random == 1 / 64
+    assert recs[O0].selected and recs[O0].k == 1 and recs[O0].energy_random == 1 - 1 / 64
     assert not recs["model.layers.0.self_attn.k_proj.weight"].selected  # output width 32 != d_model
     assert recs["model.embed_tokens.weight"].selected and recs[Q].selected  # width-matched (q: 4 x 16 = 64)
     P = load_file(str(res.model_path / "model.safetensors"))
@@ -506,7 +522,7 @@ def test_cli_overlap_and_project(planted, tmp_path, capsys):
     args = ap.parse_args(["weightspace", "overlap", "--aligned", str(planted["aligned"]), "--base", str(planted["base"]),
                           "--model", f"ft={planted['ft']}", "--etas", "0.5,0.99", "--plot-eta", "0.99",
                           "--out", str(out), "--no-progress"])
-    assert args.func(args) == 0
+    assert run_command(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mso"]["alignment~ft"]["0.99"]["mso_pooled"] == pytest.approx(0.5, abs=TOL)
     for f in ("overlap_tensors.csv", "overlap_groups.csv", "ranks.csv", "cosine.csv", "spectra.safetensors",
@@ -517,10 +533,11 @@ def test_cli_overlap_and_project(planted, tmp_path, capsys):
     args = ap.parse_args(["weightspace", "project", "--aligned", str(planted["aligned"]), "--finetuned", str(planted["ft"]),
                           "--reference-base", str(planted["base"]), "--rho", "0.0625", "--mode", "orthogonal",
                           "--out", str(tmp_path / "pj"), "--no-progress"])
-    assert args.func(args) == 0
+    assert run_command(args) == 0
     rep = json.loads((tmp_path / "pj" / "report.json").read_text())
-    assert rep["energy_kept"]["energy_kept"] == pytest.approx(16 / 21.5, abs=TOL)
-    assert "energy kept E_k = 0.7442" in capsys.readouterr().out
+    # orthogonal mode: the written update (I - P) D keeps 1 - 16 / 21.5 of the energy (issue #10; P D: 16 / 21.5)
+    assert rep["energy_kept"]["energy_kept"] == pytest.approx(5.5 / 21.5, abs=TOL)
+    assert "energy kept E_k = 0.2558" in capsys.readouterr().out
 
 
 def test_cli_registers_the_finetune_hook_and_reports_errors(planted, tmp_path, monkeypatch, capsys):

@@ -88,7 +88,8 @@ def test_sweep_experiments_1_and_2(models, tmp_path, empty_cache, monkeypatch):
     assert h["energy_kept"] == pytest.approx(1 / 10, abs=TOL) and "utility_accuracy" not in h
     assert {"harm_compliance_phrase", "harm_refusal_logit_mean"} <= set(h)
     c = rows["exp2-contaminated-topk-rho0.0625"]
-    assert c["mode"] == "orthogonal" and c["energy_kept"] == pytest.approx((4 + 1) / (5 + 10), abs=TOL)
+    # orthogonal mode: E_k is the energy of the update written, (I - P) D: (1 + 9) / 15 (issue #10; P D: 5 / 15)
+    assert c["mode"] == "orthogonal" and c["energy_kept"] == pytest.approx((1 + 9) / (5 + 10), abs=TOL)
     assert {"utility_accuracy", "harm_compliance_phrase", "harm_refusal_logit_mean"} <= set(c)
     assert set(res.baselines) == {"aligned", "useful (full update)", "harmful (full update)",
                                   "contaminated (full update)"}

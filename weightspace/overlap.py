@@ -8,6 +8,10 @@ accumulated over all tensors (1-D ones included) in row blocks. An optional acti
 reference (:class:`~weightspace.reference.DirectionReference`) joins as one more "update" whose subspace
 is the span of the directions, on the matrices whose width matches ``d_model``.
 
+Embedding tables: ``embedding_orientation="stored"`` (default, the study's convention) takes the left space
+of the table as stored (``[vocab, d_model]``: the vocabulary space); ``"transposed"`` the ``d_model`` space.
+The setting is recorded in :meth:`OverlapConfig.describe`.
+
 Memory: one update of one tensor at a time, plus the bases kept for the pairs of that tensor.
 
 Example::
@@ -35,7 +39,7 @@ from weightspace.deltas import DeltaSpec, delta_blocks, load_delta
 from weightspace.grouping import CosineTable, OverlapTable
 from weightspace.plan import Selection, TensorInfo, TensorPlan
 from weightspace.reference import DirectionReference
-from weightspace.spectral import check_grid, compute_dtype, spectrum_of, tensor_seed
+from weightspace.spectral import check_grid, check_orientation, compute_dtype, effective_side, spectrum_of, tensor_seed
 
 __all__ = ["DEFAULT_ETAS", "OverlapConfig", "OverlapResult", "update_overlap", "pair_name"]
 
@@ -70,8 +74,10 @@ class OverlapConfig:
     selection: Selection | None = None
     seed: int = 0
     keep_angles: bool = True
+    embedding_orientation: str = "stored"
 
     def __post_init__(self) -> None:
+        check_orientation(self.embedding_orientation)
         object.__setattr__(self, "etas", tuple(check_grid(list(self.etas), "eta")))
         if self.side not in ("left", "right"):
             raise WorkbenchError(f"side must be 'left' or 'right', got {self.side!r}")
@@ -81,7 +87,8 @@ class OverlapConfig:
 
     def describe(self) -> dict[str, Any]:
         return {"etas": list(self.etas), "side": self.side, "method": self.method, "svd_dtype": self.svd_dtype,
-                "selection": self.selection.describe() if self.selection else "all", "seed": self.seed}
+                "selection": self.selection.describe() if self.selection else "all", "seed": self.seed,
+                "embedding_orientation": self.embedding_orientation}
 
 
 @dataclass
@@ -170,10 +177,11 @@ def update_overlap(deltas: Sequence[DeltaSpec], plan: TensorPlan, cfg: OverlapCo
             continue
         res.n_matrices += 1
         bases: dict[str, dict[float, Basis]] = {}
-        d = info.m if cfg.side == "left" else info.n
+        side = effective_side(info, cfg.side, cfg.embedding_orientation)
+        d = info.m if side == "left" else info.n
         for spec in deltas:
             D = load_delta(spec, info)
-            sp = spectrum_of(D, side=cfg.side, method=cfg.method, seed=tensor_seed(cfg.seed, info.name),
+            sp = spectrum_of(D, side=side, method=cfg.method, seed=tensor_seed(cfg.seed, info.name),
                              svd_dtype=cfg.svd_dtype, need=need)
             del D
             if sp is None:
@@ -185,7 +193,7 @@ def update_overlap(deltas: Sequence[DeltaSpec], plan: TensorPlan, cfg: OverlapCo
             for eta, b in bases[spec.label].items():
                 res.rank_rows.append({"tensor": info.name, "layer": info.role.layer_key, "module": info.module,
                                       "label": spec.label, "eta": eta, "k": b.k, "d": d, "energy": b.energy})
-        if directions is not None and directions.covers(info) and directions.side == cfg.side:
+        if directions is not None and directions.covers(info) and directions.side_of(info) == side:
             span = directions.basis
             bases[directions.label] = {eta: span for eta in cfg.etas}
         for a, b in itertools.combinations(all_labels, 2):

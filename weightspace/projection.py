@@ -9,7 +9,14 @@ Modes (``P`` from :mod:`weightspace.reference`, ``D = W_FT - W_A``):
 Tensors outside the :class:`~weightspace.plan.Selection` (layer range, module types) or not covered by
 the reference keep the fine-tuned weights (``unselected="finetuned"``, default) or go back to the aligned
 ones (``unselected="aligned"``). The checkpoint is written tensor by tensor in each tensor's original
-dtype with the aligned model's config and tokenizer files, so it loads with plain ``transformers``.
+dtype with the aligned model's config and tokenizer files, so it loads with plain ``transformers``
+(``write_dtype="float32"`` writes float32 instead).
+
+Energy kept is measured on what is written: ``W_new`` is computed in float32, rounded to the written dtype,
+and ``E_k = sum ||round(W_new) - W_A||^2 / sum ||D||^2`` for every mode (parallel: the kept part ``P D``;
+orthogonal: ``(I - P) D``; opposite: ``-P D``). The unrounded value (``||update||^2`` before rounding) is
+reported beside it, and a warning goes to the report and stderr when the two differ by more than
+``ROUNDING_WARN`` (absolute).
 
 Example::
 
@@ -21,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,11 +49,14 @@ from weightspace.reference import OPERATORS, DeltaReference, DirectionReference,
 from weightspace.spectral import KINDS, check_fraction
 from weightspace.writer import TensorEntry, copy_model_files, stream_safetensors
 
-__all__ = ["MODES", "UNSELECTED", "ProjectionConfig", "TensorRecord", "combine", "unique_checkpoints",
-           "validate_reference", "projected_tensors", "ProjectionResult", "project_checkpoint"]
+__all__ = ["MODES", "UNSELECTED", "WRITE_DTYPES", "ROUNDING_WARN", "ProjectionConfig", "TensorRecord", "combine",
+           "unique_checkpoints", "validate_reference", "projected_tensors", "ProjectionResult", "project_checkpoint",
+           "rounding_check"]
 
 MODES = ("parallel", "orthogonal", "opposite")
 UNSELECTED = ("finetuned", "aligned")
+WRITE_DTYPES = ("stored", "float32")
+ROUNDING_WARN = 0.01  # |E_k(written) - E_k(unrounded)| above this is reported as a warning
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,7 @@ class ProjectionConfig:
     selection: Selection | None = None
     unselected: str = "finetuned"
     seed: int = 0
+    write_dtype: str = "stored"  # "stored": each tensor's stored dtype; "float32"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -75,6 +87,8 @@ class ProjectionConfig:
             raise WorkbenchError(f"operator must be one of {', '.join(OPERATORS)}, got {self.operator!r}")
         if self.unselected not in UNSELECTED:
             raise WorkbenchError(f"unselected must be one of {', '.join(UNSELECTED)}, got {self.unselected!r}")
+        if self.write_dtype not in WRITE_DTYPES:
+            raise WorkbenchError(f"write_dtype must be one of {', '.join(WRITE_DTYPES)}, got {self.write_dtype!r}")
         if self.rho is not None:
             check_fraction(self.rho, "rho")
         if self.safelora_threshold is not None and self.operator != "safelora":
@@ -99,12 +113,16 @@ class TensorRecord:
     k: int
     d: int
     ref_energy: float  # share of the reference update's energy in the subspace
-    kept: float  # ||P D||^2
+    kept: float  # ||round(W_new) - W_A||^2: the energy of the update actually written (every mode)
     total: float  # ||D||^2
-    energy_kept: float
-    energy_random: float  # k / d
+    energy_kept: float  # kept / total
+    energy_random: float  # its expectation for a random subspace: k / d (orthogonal: 1 - k / d)
     cos_update_projected: float = float("nan")  # cos(D, P D): SafeLoRA's selection statistic
     applied: bool = True
+    kept_unrounded: float = float("nan")  # ||W_new - W_A||^2 before rounding to the written dtype (exact)
+    energy_kept_unrounded: float = float("nan")
+    n_update: int = 0  # entries the unrounded update changes
+    n_update_zeroed: int = 0  # ... of which rounding to the written dtype leaves W_A unchanged
 
 
 def combine(w_a: torch.Tensor, delta: torch.Tensor, p_delta: torch.Tensor, mode: str) -> torch.Tensor:
@@ -160,6 +178,36 @@ def validate_reference(reference: Reference, plan: TensorPlan, tensors: list[Ten
                                  f"width of {reference.d_model}: the directions cover nothing")
 
 
+def _sq(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+
+
+def _intended(delta: torch.Tensor, p_delta: torch.Tensor, mode: str, applied: bool) -> float:
+    """``||W_new - W_A||^2`` of the exact (unrounded) update, in float64."""
+    if not applied:
+        return _sq(delta)
+    if mode == "orthogonal":
+        return _sq(delta.double() - p_delta.double())
+    return _sq(p_delta)
+
+
+def rounding_check(written: float, unrounded: float, *, where: str = "") -> str | None:
+    """A warning text when ``|written - unrounded| > ROUNDING_WARN`` (energy-kept ratios), else ``None``.
+
+    Example::
+
+        >>> rounding_check(0.030, 0.120) is not None, rounding_check(0.5, 0.505)
+        (True, None)
+    """
+    if written is None or unrounded is None or math.isnan(written) or math.isnan(unrounded):
+        return None
+    if abs(written - unrounded) <= ROUNDING_WARN:
+        return None
+    return (f"{where}energy kept of the written weights {written:.4f} differs from the unrounded value "
+            f"{unrounded:.4f} by {abs(written - unrounded):.4f} (> {ROUNDING_WARN}): rounding to the stored dtype "
+            f"changes the update; consider write_dtype='float32'")
+
+
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     acc = CosineAccumulator()
     acc.add(a, b)
@@ -184,7 +232,7 @@ def projected_tensors(plan: TensorPlan, tensors: list[TensorInfo], aligned: Chec
                                         False, "unselected", 0, 0, float("nan"), 0.0, 0.0, float("nan"),
                                         float("nan"), applied=False)
             continue
-        w = load_f32(aligned, info)
+        w_a = load_f32(aligned, info)
         delta = load_delta(spec, info)
         if prepared is not None and info.name in prepared:
             prep = prepared[info.name]
@@ -193,15 +241,31 @@ def projected_tensors(plan: TensorPlan, tensors: list[TensorInfo], aligned: Chec
         op: TensorOperator = reference.operator(info, prep, cfg.rho, cfg.kind, cfg.seed, cfg.operator)
         del prep
         p_delta = op.apply(delta)
-        kept, total = op.energy(delta, p_delta)
+        total = _sq(delta)
         cos = _cos(delta, p_delta) if op.kind == "safelora" else float("nan")
         applied = not (cfg.safelora_threshold is not None and not math.isnan(cos) and cos >= cfg.safelora_threshold)
-        rec = TensorRecord(info.name, info.role.layer_key, info.module, "x".join(map(str, info.shape)), True, op.kind,
-                           op.k, op.d, op.ref_energy, kept, total, kept / total if total > 0 else float("nan"),
-                           op.random_expectation, cos, applied)
-        w = combine(w, delta, p_delta, cfg.mode) if applied else w.add_(delta)
+        unrounded = _intended(delta, p_delta, cfg.mode, applied)
+        # W_new in float32, rounded to the dtype it is written in; E_k is measured on round(W_new) - W_A
+        w = combine(w_a.clone(), delta, p_delta, cfg.mode) if applied else w_a.clone().add_(delta)
         del delta, p_delta
-        yield info, w, rec
+        dt = aligned.dtype(info.name) if cfg.write_dtype == "stored" else torch.float32
+        w_r = w.to(dt).to(torch.float32)
+        changed = w != w_a
+        n_update, n_zeroed = int(changed.sum()), int((changed & (w_r == w_a)).sum())
+        del w, changed
+        kept = _sq(w_r - w_a)
+        expected = op.random_expectation
+        if cfg.mode == "orthogonal" and applied and not math.isnan(expected):
+            expected = 1.0 - expected
+        elif not applied:
+            expected = float("nan")
+        ratio = (lambda x: x / total if total > 0 else float("nan"))
+        rec = TensorRecord(info.name, info.role.layer_key, info.module, "x".join(map(str, info.shape)), True, op.kind,
+                           op.k, op.d, op.ref_energy, kept, total, ratio(kept), expected, cos, applied,
+                           kept_unrounded=unrounded, energy_kept_unrounded=ratio(unrounded), n_update=n_update,
+                           n_update_zeroed=n_zeroed)
+        del w_a
+        yield info, w_r, rec
 
 
 @dataclass
@@ -265,8 +329,13 @@ def project_checkpoint(aligned: Checkpoint, finetuned: Checkpoint, reference: Re
         model_dir = run.sub("model")
         copied = copy_model_files(aligned.folder, model_dir)
         energy = EnergyTable()
+        energy_unrounded = EnergyTable()
         records: dict[str, TensorRecord] = {}
         by_name = {t.name: t for t in tensors}
+
+        def out_dtype(name: str) -> torch.dtype:
+            return aligned.dtype(name) if cfg.write_dtype == "stored" else torch.float32
+
         gen = projected_tensors(plan, tensors, aligned, finetuned, reference, cfg)
         pending: dict[str, torch.Tensor] = {}
 
@@ -279,11 +348,12 @@ def project_checkpoint(aligned: Checkpoint, finetuned: Checkpoint, reference: Re
                 records[i.name] = rec
                 if rec.selected:
                     energy.add(i.role, kept=rec.kept, total=rec.total, expected=rec.energy_random)
-                pending[i.name] = to_stored(w, i, aligned.dtype(i.name))
+                    energy_unrounded.add(i.role, kept=rec.kept_unrounded, total=rec.total, expected=rec.energy_random)
+                pending[i.name] = to_stored(w, i, out_dtype(i.name))
             return pending.pop(name)
 
         # Ask for tensors in plan order (the writer only reorders by item size), so `pending` stays small.
-        entries = [TensorEntry(t.name, aligned.dtype(t.name), t.stored_shape) for t in tensors]
+        entries = [TensorEntry(t.name, out_dtype(t.name), t.stored_shape) for t in tensors]
         entries += [TensorEntry(s["name"], aligned.dtype(s["name"]), aligned.shape(s["name"]))
                     for s in plan.skipped if s["name"] in aligned.index]
         stream_safetensors(model_dir / "model.safetensors", entries, produce,
@@ -305,6 +375,14 @@ def project_checkpoint(aligned: Checkpoint, finetuned: Checkpoint, reference: Re
                                                                  f"energy kept per layer ({cfg.mode}, {cfg.kind})"))
         run.save_figure("energy_by_module.png", plots.energy_bars(energy.rows("module"), "module",
                                                                   f"energy kept per module type ({cfg.mode}, {cfg.kind})"))
+        ek_w = energy.summary().get("energy_kept")
+        ek_u = energy_unrounded.summary().get("energy_kept")
+        warn = rounding_check(ek_w, ek_u)
+        warnings = [warn] if warn else []
+        if warn:
+            print(f"[weightspace project] warning: {warn}", file=sys.stderr)
+        n_upd = sum(r.n_update for r in recs if r.selected)
+        n_zero = sum(r.n_update_zeroed for r in recs if r.selected)
         report = {
             "config": cfg.describe(),
             "reference": reference.describe(),
@@ -316,6 +394,12 @@ def project_checkpoint(aligned: Checkpoint, finetuned: Checkpoint, reference: Re
             "n_zero_reference": sum(r.operator == "zero" for r in recs),
             "n_not_applied_safelora": sum(r.selected and not r.applied for r in recs),
             "energy_kept": energy.summary(),
+            "energy_kept_unrounded": energy_unrounded.summary(),
+            "rounding": {"write_dtype": cfg.write_dtype, "energy_kept_written": ek_w, "energy_kept_unrounded": ek_u,
+                         "abs_diff": abs(ek_w - ek_u) if ek_w is not None and ek_u is not None else None,
+                         "warn_above": ROUNDING_WARN, "n_update_entries": n_upd, "n_update_entries_zeroed": n_zero,
+                         "share_update_entries_zeroed": n_zero / n_upd if n_upd else None},
+            "warnings": warnings,
             "energy_by_layer": energy.rows("layer"),
             "energy_by_module": energy.rows("module"),
             "cosine_update_reference": next((r for r in cos_rows if r["level"] == "model"), None),

@@ -6,8 +6,12 @@ A reference turns one tensor into a :class:`TensorOperator` ``P`` that the proje
   update ``Delta_ref`` (``Delta_A = W_A - W_0``, ``Delta_S = W_S - W_A`` or any ``Delta_T``), or a random
   k-dim subspace (``"random"``), ``k = k(rho)``; left (output) space by default, right (input) space as an
   option. 1-D (and other non-matrix) tensors use the rank-1 rule ``(<D, Dref> / ||Dref||^2) Dref``. Where
-  ``Delta_ref`` is zero the operator is zero for every kind (no subspace to project on). The
-  SafeLoRA operator ``V V^T / ||V||_F`` (``V = Delta_ref``) is available as ``operator="safelora"``.
+  ``Delta_ref`` is zero the TopK / RandomK operator is zero (no subspace to project on). The ``"random"``
+  control never looks at ``Delta_ref``: a seeded random ``k(rho)``-dim subspace (nested across rho) for
+  matrices, a seeded random unit direction for 1-D tensors, also where ``Delta_ref`` is zero. Embedding
+  tables use the left space of the weight *as stored* (``[vocab, d_model]``: vocabulary space) unless
+  ``embedding_orientation="transposed"`` (``d_model`` space). The SafeLoRA operator ``V V^T / ||V||_F``
+  (``V = Delta_ref``) is available as ``operator="safelora"``.
 * :class:`DirectionReference` - the span of activation-space directions (a refusal direction, probe
   directions; :func:`workbench.vectors.load_directions`) in the output space of every matrix whose output
   width equals ``d_model`` (``side="right"``: input width), optionally only the modules that write to
@@ -36,8 +40,8 @@ from weightspace.checkpoints import Checkpoint
 from weightspace.deltas import DeltaSpec, load_delta
 from weightspace.naming import RESIDUAL_READERS, RESIDUAL_WRITERS
 from weightspace.plan import TensorInfo
-from weightspace.spectral import (KINDS, Spectrum, check_fraction, compute_dtype, random_basis, spectrum_of,
-                                  tensor_seed)
+from weightspace.spectral import (KINDS, Spectrum, check_fraction, check_orientation, compute_dtype,
+                                  effective_side, random_basis, random_unit_vector, spectrum_of, tensor_seed)
 
 __all__ = ["TensorOperator", "Reference", "Prepared", "DeltaReference", "DirectionReference", "OPERATORS"]
 
@@ -168,6 +172,8 @@ class DeltaReference(Reference):
         side: ``"left"`` (output space, default) or ``"right"`` (input space).
         svd_dtype: ``"auto"`` (float64 unless huge), ``"float64"`` or ``"float32"``.
         method: ``"exact"`` SVD, or ``"randomized"`` (seeded sketch of the top ``k``; TopK only).
+        embedding_orientation: ``"stored"`` (default, the study's convention: the left space of the
+            embedding as stored, i.e. the vocabulary space) or ``"transposed"`` (``d_model`` space).
 
     Example::
 
@@ -177,8 +183,10 @@ class DeltaReference(Reference):
         (16, 0.25)
     """
 
-    def __init__(self, spec: DeltaSpec, *, side: str = "left", svd_dtype: str = "auto", method: str = "exact") -> None:
+    def __init__(self, spec: DeltaSpec, *, side: str = "left", svd_dtype: str = "auto", method: str = "exact",
+                 embedding_orientation: str = "stored") -> None:
         self.spec = spec
+        self.embedding_orientation = check_orientation(embedding_orientation)
         self.label = spec.label
         self.side = _check_side(side)
         compute_dtype(1, svd_dtype)  # validate early
@@ -186,6 +194,10 @@ class DeltaReference(Reference):
             raise WorkbenchError(f"svd method must be 'exact' or 'randomized', got {method!r}")
         self.svd_dtype = svd_dtype
         self.method = method
+
+    def side_of(self, info: TensorInfo) -> str:
+        """The side of this tensor's analysis layout that the reference subspace lives in."""
+        return effective_side(info, self.side, self.embedding_orientation)
 
     def checkpoints(self) -> dict[str, Checkpoint]:
         return {self.spec.new.label: self.spec.new, self.spec.old.label: self.spec.old}
@@ -201,9 +213,10 @@ class DeltaReference(Reference):
         if set(kinds) <= {"random"}:
             return Prepared(zero=False)  # the random control needs only the shape
         exact = self.method == "exact" or "randomk" in kinds
-        m, n = (info.m, info.n) if self.side == "left" else (info.n, info.m)
+        side = self.side_of(info)
+        m, n = (info.m, info.n) if side == "left" else (info.n, info.m)
         rank = None if exact else k_for_rank_fraction(m, n, max_rho)
-        sp = spectrum_of(D, side=self.side, method="exact" if exact else "randomized",
+        sp = spectrum_of(D, side=side, method="exact" if exact else "randomized",
                          seed=tensor_seed(0, info.name), rank=rank, svd_dtype=self.svd_dtype)
         return Prepared(zero=False, spectrum=sp)
 
@@ -214,25 +227,32 @@ class DeltaReference(Reference):
         if operator not in OPERATORS:
             raise WorkbenchError(f"operator must be one of {', '.join(OPERATORS)}, got {operator!r}")
         matrix = info.is_matrix
-        d = (info.m if self.side == "left" else info.n) if matrix else info.numel
-        if prepared.zero:
-            return TensorOperator("zero", self.side, d=d, meta={"zero_reference": True})
-        if not matrix:
-            return TensorOperator("rank1", self.side, vector=prepared.vector, d=d, ref_energy=1.0)
-        if operator == "safelora":
-            return TensorOperator("safelora", self.side, vector=prepared.vector, d=d)
-        rho = check_fraction(rho, "rho")
+        side = self.side_of(info) if matrix else self.side
+        d = (info.m if side == "left" else info.n) if matrix else info.numel
         sd = tensor_seed(seed, info.name)
-        if kind == "random":
-            other = info.n if self.side == "left" else info.m
+        meta = {"zero_reference": True} if prepared.zero else {}
+        if kind == "random" and operator == "projector":
+            # the random control ignores Delta_ref (its direction and whether it is zero)
+            if not matrix:
+                v = random_unit_vector(info.numel, sd).reshape(info.shape)
+                return TensorOperator("rank1", side, vector=v, d=d, meta={"random": True, **meta})
+            rho = check_fraction(rho, "rho")
+            other = info.n if side == "left" else info.m
             b = random_basis(d, other, rho, sd, dtype=compute_dtype(info.numel, self.svd_dtype))
-        else:
-            b = prepared.spectrum.rank_basis(rho, kind, sd)  # type: ignore[union-attr]
-        return TensorOperator("basis", self.side, basis=b, ref_energy=b.energy)
+            return TensorOperator("basis", side, basis=b, ref_energy=b.energy, meta=meta)
+        if prepared.zero:
+            return TensorOperator("zero", side, d=d, meta=meta)
+        if not matrix:
+            return TensorOperator("rank1", side, vector=prepared.vector, d=d, ref_energy=1.0)
+        if operator == "safelora":
+            return TensorOperator("safelora", side, vector=prepared.vector, d=d)
+        rho = check_fraction(rho, "rho")
+        b = prepared.spectrum.rank_basis(rho, kind, sd)  # type: ignore[union-attr]
+        return TensorOperator("basis", side, basis=b, ref_energy=b.energy)
 
     def describe(self) -> dict[str, Any]:
         return {"type": "delta", **self.spec.describe(), "side": self.side, "svd_dtype": self.svd_dtype,
-                "method": self.method}
+                "method": self.method, "embedding_orientation": self.embedding_orientation}
 
 
 class DirectionReference(Reference):
@@ -248,6 +268,11 @@ class DirectionReference(Reference):
     ``"topk"`` means the span itself; ``"random"`` a random subspace of the same dimension; ``rho`` is
     not used. Biases of matching width in residual writers are projected on the span too.
 
+    ``embedding_orientation`` defaults to ``"transposed"`` here (unlike :class:`DeltaReference`): activation
+    directions live in ``d_model``, which is the embedding's output space only in the transposed layout;
+    ``"stored"`` takes the embedding's stored left space (vocabulary), which no direction covers. The
+    setting is recorded in :meth:`describe`.
+
     Example::
 
         >>> ref = DirectionReference(torch.eye(4)[:, :1])
@@ -259,7 +284,7 @@ class DirectionReference(Reference):
     kinds = ("topk", "random")
 
     def __init__(self, vectors: Any, *, side: str = "left", residual_only: bool = False, label: str = "directions",
-                 meta: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, Any] | None = None, embedding_orientation: str = "transposed") -> None:
         from workbench.vectors import Direction
 
         if isinstance(vectors, torch.Tensor):
@@ -279,6 +304,7 @@ class DirectionReference(Reference):
         except ValueError as e:
             raise WorkbenchError(f"directions do not span a subspace: {e}") from e
         self.side = _check_side(side)
+        self.embedding_orientation = check_orientation(embedding_orientation)
         self.residual_only = residual_only
         self.label = label
         self.meta = meta or {}
@@ -305,9 +331,13 @@ class DirectionReference(Reference):
     def d_model(self) -> int:
         return self.basis.d
 
+    def side_of(self, info: TensorInfo) -> str:
+        """The side of this tensor's analysis layout that the directions act on."""
+        return effective_side(info, self.side, self.embedding_orientation) if info.is_matrix else "left"
+
     def covers(self, info: TensorInfo) -> bool:
         if info.is_matrix:
-            width = info.m if self.side == "left" else info.n
+            width = info.m if self.side_of(info) == "left" else info.n
             if width != self.d_model:
                 return False
             if self.residual_only:
@@ -325,17 +355,17 @@ class DirectionReference(Reference):
         self.check_kind(kind)
         if operator != "projector":
             raise WorkbenchError("the SafeLoRA operator needs a reference update, not directions")
-        side = self.side if info.is_matrix else "left"
+        side = self.side_of(info)
         if not self.covers(info):
             return TensorOperator("zero", side, d=self.d_model, meta={"uncovered": True})
         dtype = compute_dtype(info.numel)
         if kind == "topk":
             b = Basis(vectors=self.basis.vectors.to(dtype), k=self.k, d=self.d_model, energy=1.0, kind="given")
         else:
-            other = (info.n if self.side == "left" else info.m) if info.is_matrix else self.d_model
+            other = (info.n if side == "left" else info.m) if info.is_matrix else self.d_model
             b = random_basis(self.d_model, max(other, self.k), None, tensor_seed(seed, info.name), k=self.k, dtype=dtype)
         return TensorOperator("basis", side, basis=b, ref_energy=float("nan"))
 
     def describe(self) -> dict[str, Any]:
         return {"type": "directions", "label": self.label, "k": self.k, "d_model": self.d_model, "side": self.side,
-                "residual_only": self.residual_only, **self.meta}
+                "residual_only": self.residual_only, "embedding_orientation": self.embedding_orientation, **self.meta}

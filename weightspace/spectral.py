@@ -3,8 +3,10 @@
 The math is :mod:`workbench.subspace`'s: :func:`~workbench.subspace.svd_spectrum` computes the spectrum,
 :func:`~workbench.subspace.k_for_energy` / :func:`~workbench.subspace.k_for_rank_fraction` pick ``k``, and
 the bases are built with the same rules as :func:`~workbench.subspace.bases_for_grid` and
-:func:`~workbench.subspace.basis_by_rank_fraction` (the tests check they are identical), so a grid of
-eta or rho values costs one SVD per tensor instead of one per grid point.
+:func:`~workbench.subspace.basis_by_rank_fraction` (the tests check they are identical for TopK and
+RandomK), so a grid of eta or rho values costs one SVD per tensor instead of one per grid point. The
+``"random"`` control differs from the core's on purpose: it is the first ``k`` columns of one seeded random
+orthonormal frame per tensor (:func:`random_frame`), so it is nested across rho as in the study.
 
 Compute dtype: float64 (the core default) unless the matrix is large. ``svd_dtype="auto"`` switches to
 float32 above ``AUTO_FLOAT64_MAX`` elements (e.g. a 151936 x 896 or 49152 x 576 embedding), where a float64
@@ -24,22 +26,62 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.subspace import (Basis, SpectrumTooShortError, basis_by_rank_fraction, k_for_energy,
-                                k_for_rank_fraction, svd_spectrum)
+from workbench.subspace import Basis, SpectrumTooShortError, k_for_energy, k_for_rank_fraction, svd_spectrum
 
-__all__ = ["AUTO_FLOAT64_MAX", "KINDS", "Spectrum", "spectrum_of", "compute_dtype", "tensor_seed",
-           "random_basis", "check_fraction", "check_grid"]
+__all__ = ["AUTO_FLOAT64_MAX", "KINDS", "EMBEDDING_ORIENTATIONS", "Spectrum", "spectrum_of", "compute_dtype",
+           "tensor_seed", "random_basis", "random_frame", "random_unit_vector", "check_fraction", "check_grid",
+           "check_orientation", "effective_side"]
 
 AUTO_FLOAT64_MAX = 1 << 24  # 16.8 M elements (134 MB as float64)
 KINDS = ("topk", "randomk", "random")
 SVD_DTYPES = ("auto", "float64", "float32")
+EMBEDDING_ORIENTATIONS = ("stored", "transposed")
+RANDOM_BLOCK = 32  # columns of the random frame drawn per seeded block (the frame is nested across k)
+
+
+def check_orientation(value: str) -> str:
+    """``value`` if it is an embedding orientation (``"stored"`` or ``"transposed"``), else a WorkbenchError.
+
+    Example::
+
+        >>> check_orientation("stored")
+        'stored'
+    """
+    if value not in EMBEDDING_ORIENTATIONS:
+        raise WorkbenchError(f"embedding_orientation must be one of {', '.join(EMBEDDING_ORIENTATIONS)}, "
+                             f"got {value!r}")
+    return value
+
+
+def effective_side(info: Any, side: str, orientation: str) -> str:
+    """The side (in the analysis layout) whose space is "the left space of the weight" for ``orientation``.
+
+    Embedding tables are stored ``[vocab, d_model]`` and analysed transposed (``[d_model, vocab]``, see
+    :mod:`weightspace.naming`). The study takes the left space of every weight *as stored*
+    (``orientation="stored"``, the default of delta references and overlaps): for an embedding that is
+    the vocabulary space, i.e. the *right* space of the analysis layout, so the side flips.
+    ``"transposed"`` keeps the analysis layout (left = ``d_model``). Other tensors are unaffected.
+
+    Example::
+
+        >>> from weightspace.naming import classify
+        >>> from weightspace.plan import TensorInfo
+        >>> emb = TensorInfo(classify("model.embed_tokens.weight"), (384, 64), "F32")
+        >>> effective_side(emb, "left", "stored"), effective_side(emb, "left", "transposed")
+        ('right', 'left')
+    """
+    check_orientation(orientation)
+    role = getattr(info, "role", None)
+    if (orientation == "stored" and role is not None and role.transpose and role.module in ("embed", "pos_embed")
+            and len(info.stored_shape) == 2):
+        return "right" if side == "left" else "left"
+    return side
 
 
 def check_fraction(x: float, name: str) -> float:
@@ -108,25 +150,63 @@ def tensor_seed(seed: int, name: str) -> int:
     return int(h[:8], 16) & 0x7FFFFFFF
 
 
+def random_frame(d: int, k: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The first ``k`` columns of ONE seeded Haar-random orthonormal ``d x d`` frame (``[d, k]``).
+
+    The Gaussian columns are drawn in seeded blocks of ``RANDOM_BLOCK`` (block ``b`` from
+    ``tensor_seed(seed, "#random-block-b")``), so column ``j`` does not depend on ``k``; the QR of the first
+    ``k`` columns (sign fixed on ``diag(R)``) gives the first ``k`` columns of the QR of any wider prefix.
+    Hence the random control is *nested* across rho: the rho=0.25 subspace lies inside the rho=0.5 one,
+    as in the study (the first ``k`` columns of one random orthonormal matrix per tensor).
+
+    Example::
+
+        >>> a, b = random_frame(10, 2, 0), random_frame(10, 5, 0)
+        >>> bool(torch.allclose(a, b[:, :2], atol=1e-12))
+        True
+    """
+    if not 1 <= k <= d:
+        raise WorkbenchError(f"internal: a random frame needs 1 <= k <= d, got k={k}, d={d}")
+    blocks = []
+    for b in range(-(-k // RANDOM_BLOCK)):
+        gen = torch.Generator(device="cpu").manual_seed(tensor_seed(seed, f"#random-block-{b}"))
+        blocks.append(torch.randn(RANDOM_BLOCK, d, generator=gen, dtype=dtype))
+    G = torch.cat(blocks)[:k].T
+    Q, R = torch.linalg.qr(G)
+    s = torch.sign(torch.diagonal(R))
+    s[s == 0] = 1
+    return (Q * s).contiguous()
+
+
+def random_unit_vector(numel: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A seeded uniformly random unit vector of ``R^numel`` (the random control of 1-D tensors).
+
+    Example::
+
+        >>> round(float(random_unit_vector(5, 0).norm()), 12)
+        1.0
+    """
+    gen = torch.Generator(device="cpu").manual_seed(tensor_seed(seed, "#random-vector"))
+    v = torch.randn(max(1, int(numel)), generator=gen, dtype=dtype)
+    return v / v.norm()
+
+
 def random_basis(d: int, n: int, rho: float | None, seed: int, *, k: int | None = None,
                  dtype: torch.dtype = torch.float64) -> Basis:
-    """The core ``"random"`` control: a Haar-random ``k``-dim subspace of ``R^d``.
+    """The ``"random"`` control: a Haar-random ``k``-dim subspace of ``R^d``, nested across ``k``.
 
-    ``k`` is ``k_for_rank_fraction(d, n, rho)`` unless given. Calls
-    :func:`workbench.subspace.basis_by_rank_fraction` on a zero-stride placeholder of shape ``[d, n]``, so
-    the control is exactly the core's for the same seed (and costs no ``d x n`` memory).
+    ``k`` is ``k_for_rank_fraction(d, n, rho)`` unless given; the basis is :func:`random_frame`'s first
+    ``k`` columns (one random orthonormal matrix per seed, as the study does), so a grid of rho values
+    gives nested subspaces. ``energy`` is ``nan``.
 
     Example::
 
         >>> random_basis(8, 4, 0.5, seed=0).k
         2
     """
-    if k is not None:
-        rho = min(1.0, k / min(d, n))
-        while k_for_rank_fraction(d, n, rho) < k:  # guard against round-off in k / min(d, n)
-            rho = min(1.0, math.nextafter(rho, 2.0))
-    placeholder = torch.zeros((), dtype=dtype).expand(d, n)
-    return basis_by_rank_fraction(placeholder, rho, kind="random", seed=seed, dtype=dtype)
+    if k is None:
+        k = k_for_rank_fraction(d, n, check_fraction(rho, "rho"))
+    return Basis(vectors=random_frame(d, int(k), seed, dtype), k=int(k), d=d, energy=float("nan"), kind="random")
 
 
 @dataclass
@@ -166,7 +246,8 @@ class Spectrum:
                          kind="topk", indices=tuple(range(k))) for e, k in ks.items()}
 
     def rank_basis(self, rho: float, kind: str = "topk", seed: int = 0) -> Basis:
-        """The ``k(rho)`` basis of ``kind`` (same as :func:`workbench.subspace.basis_by_rank_fraction`)."""
+        """The ``k(rho)`` basis of ``kind`` (TopK / RandomK: as :func:`workbench.subspace.basis_by_rank_fraction`;
+        Random: :func:`random_basis`, nested across rho)."""
         rho = check_fraction(rho, "rho")
         if kind not in KINDS:
             raise WorkbenchError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")

@@ -9,7 +9,10 @@ The aligned model is loaded once; each projected model's tensors are built from 
 tensors and written into it in memory (rounded to the stored dtype first, so the scores are those of the
 checkpoint ``weightspace project`` would write). The reference SVD of every tensor is computed once for
 the whole grid. The aligned model and every unprojected fine-tune are scored too (reference lines).
-Every per-prompt output is saved under ``evals/<config>/``.
+Every per-prompt output is saved under ``evals/<config>/``. ``E_k`` is the energy of the update written
+(after rounding to the stored dtype; the unrounded value is in ``energy_kept_unrounded``, a difference above
+1 % is a warning in ``results.json`` and on stderr); per-tensor energies go to ``energy_tensors.csv`` (for
+the bootstrap intervals of :mod:`weightspace.verdicts`).
 
 Example::
 
@@ -19,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +35,8 @@ from weightspace.deltas import load_f32, to_stored
 from weightspace.evaluation import EvalConfig, EvalSets, InMemoryModel, score_model, scorer_notes
 from weightspace.grouping import EnergyTable
 from weightspace.plan import Selection, match_checkpoints
-from weightspace.projection import ProjectionConfig, projected_tensors, unique_checkpoints, validate_reference
+from weightspace.projection import (ProjectionConfig, projected_tensors, rounding_check, unique_checkpoints,
+                                    validate_reference)
 from weightspace.reference import Reference
 from weightspace.spectral import KINDS, check_grid
 
@@ -154,26 +159,40 @@ def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Check
             for rho in (cfg.rhos if reference.uses_rho else (None,)) for kind in cfg.kinds]
     rows: list[dict[str, Any]] = []
     energy_rows: list[dict[str, Any]] = []
+    tensor_rows: list[dict[str, Any]] = []
+    warnings: list[str] = []
     for exp, role, mode, scores, rho, kind in _progress(grid, progress, "sweep", "model"):
         pcfg = ProjectionConfig(mode=mode, rho=rho, kind=kind, selection=cfg.selection, unselected=cfg.unselected,
                                 seed=cfg.seed)
-        energy = EnergyTable()
+        energy, energy_u = EnergyTable(), EnergyTable()
+        cid = f"{exp}-{role}-{kind}" + (f"-rho{rho:g}" if rho is not None else "")
         for info, w, rec in projected_tensors(plan, tensors, aligned, models[role], reference, pcfg, prepared=prepared):
             state.set(info.name, to_stored(w, info, aligned.dtype(info.name)))
             if rec.selected:
                 energy.add(info.role, kept=rec.kept, total=rec.total, expected=rec.energy_random)
+                energy_u.add(info.role, kept=rec.kept_unrounded, total=rec.total, expected=rec.energy_random)
+                tensor_rows.append({"config": cid, "experiment": exp, "model": role, "mode": mode, "rho": rho,
+                                    "kind": kind, "tensor": info.name, "layer": info.role.layer_key,
+                                    "module": info.module, "kept": rec.kept, "kept_unrounded": rec.kept_unrounded,
+                                    "total": rec.total, "k": rec.k, "d": rec.d})
         metrics, prompt_rows = score_model(backend, sets, fmt, cfg.eval, utility="utility" in scores,
                                            harm="harm" in scores)
-        cid = f"{exp}-{role}-{kind}" + (f"-rho{rho:g}" if rho is not None else "")
         _save_eval(run, cid, prompt_rows)
         summ = energy.summary()
+        ek_u = energy_u.summary().get("energy_kept")
+        warn = rounding_check(summ.get("energy_kept"), ek_u, where=f"{cid}: ")
+        if warn:
+            warnings.append(warn)
+            print(f"[weightspace sweep] warning: {warn}", file=sys.stderr)
         rows.append({"config": cid, "experiment": exp, "model": role, "mode": mode, "rho": rho, "kind": kind,
                      "energy_kept": summ.get("energy_kept"), "energy_random": summ.get("energy_random"),
-                     "energy_over_random": summ.get("over_random"), **metrics})
+                     "energy_over_random": summ.get("over_random"), "energy_kept_unrounded": ek_u, **metrics})
         energy_rows += [{"config": cid, **r} for r in energy.all_rows() if r["level"] != "tensor"]
     run.write_csv("results.csv", rows)
     run.write_csv("energy.csv", energy_rows)
+    run.write_csv("energy_tensors.csv", tensor_rows)
     run.write_json("results.json", {"rows": rows, "baselines": baselines, "scorers": scorer_notes(),
+                                    "warnings": warnings,
                                     "config": cfg.describe(), "reference": reference.describe(),
                                     "eval_sets": sets.describe(),
                                     "plan": {"n_tensors": len(tensors), "skipped": plan.skipped, "notes": plan.notes},
