@@ -91,7 +91,7 @@ def check_exposure(args: argparse.Namespace, environ: dict[str, str] | None = No
                     f"--host {args.host} serves the app to the network and needs credentials: set "
                     f"{AUTH_ENV}=user:password or pass --auth-file FILE (lines user:password); --no-auth serves it "
                     f"without a login (not recommended)")
-            print(f"[app] warning: --no-auth: no login at all; anyone on the network can use the app",
+            print("[app] warning: --no-auth: no login at all; anyone on the network can use the app",
                   file=sys.stderr, flush=True)
     return creds or None
 

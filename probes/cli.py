@@ -8,20 +8,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from probes import plots
 from probes.overlap import DEFAULT_ETAS, activation_overlap
 from probes.sweep import ProbeSweep
 from workbench.capture import Activations, capture
 from workbench.errors import WorkbenchError
 from workbench.prompts import PromptSet, builtin, resolve_prompts, split_prompts
-from workbench.runs import RunFolder, seed_everything
+from workbench.argtypes import check_context, finite_float, finite_float_list, input_paths, nonnegative_int
+from workbench.runs import RunFolder, check_out, seed_everything
+from workbench.sites import parse_layers
 from workbench.vectors import Direction, save_directions
 
 
 def stack_layers(acts: Activations, position: str = "last") -> torch.Tensor:
     """``[n, layers, d]`` for the resid_post sites of a capture."""
     idx = [i for i, s in enumerate(acts.sites) if s.component == "resid_post"]
-    return acts.get(position)[:, idx]
+    key = f"pos{int(position)}" if str(position).lstrip("-").isdigit() else position  # "-2" is captured as "pos-2"
+    return acts.get(key)[:, idx]
+
+
+def _check_position(position: str) -> str:
+    """One reading position for probes / overlap: last, mean, or a token index like -2."""
+    position = position.strip()
+    if position in ("last", "mean") or position.lstrip("-").isdigit():
+        return position
+    raise WorkbenchError(f"--position {position!r} is not valid here; use last, mean, or a token index like -2")
 
 
 def _splits(spec: str) -> tuple[PromptSet, PromptSet]:
@@ -38,6 +48,8 @@ def run_probe_sweep(lm: Any, fmt: Any, run: RunFolder, positive: str, negative: 
                     seed: int = 0, acts: dict[str, Activations] | None = None) -> dict[str, Any]:
     """Fit on the train splits, evaluate on the test splits. ``acts`` may hold precomputed captures keyed
     ``pos:train``, ``pos:test``, ``neg:train``, ``neg:test`` (the main job passes its shared capture)."""
+    from probes import plots  # matplotlib: imported when a run draws, not when the CLI starts
+
     sets: dict[str, tuple[Activations, Any]] = {}
     t_cap = 0.0
     for label, spec in (("pos", positive), ("neg", negative)):
@@ -103,6 +115,8 @@ def run_overlap(lm: Any, fmt: Any, run: RunFolder, sets: dict[str, Any], *, posi
                 backend: str = "native", etas: Any = DEFAULT_ETAS, n_boot: int = 30, plot_eta: float = 0.5,
                 seed: int = 0, ceiling: str | None = "H1~H2") -> dict[str, Any]:
     """``sets[name]`` is a list of prompts (captured here) or precomputed :class:`Activations`."""
+    from probes import plots
+
     X = {}
     for name, item in sets.items():
         a = item if isinstance(item, Activations) else capture(lm, item, layers="all", positions=[position], fmt=fmt,
@@ -140,9 +154,16 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from workbench.cli import format_from_args, load_from_args
 
     seed_everything(args.seed)
+    # everything that needs no model first: prompt sets and their splits, the position, the output folder
+    splits = [*_splits(args.positive), *_splits(args.negative)]
+    _check_position(args.position)
+    inputs = input_paths(args.model, args.positive, args.negative)
+    check_out(args.out, overwrite=args.overwrite, inputs=inputs)
     lm = load_from_args(args)
     fmt = format_from_args(args, lm)
-    run = RunFolder(args.out, config=vars(args) | {"command": "probe"}, overwrite=args.overwrite)
+    parse_layers(args.layers, lm.n_layers)
+    check_context(lm, fmt, [ps.texts for ps in splits])
+    run = RunFolder(args.out, config=vars(args) | {"command": "probe"}, overwrite=args.overwrite, inputs=inputs)
     run.record_model(lm)
     out = run_probe_sweep(lm, fmt, run, args.positive, args.negative, layers=args.layers, position=args.position,
                           backend=args.backend, n_boot=args.n_boot, seed=args.seed)
@@ -165,19 +186,36 @@ def cmd_overlap(args: argparse.Namespace) -> int:
     from workbench.cli import format_from_args, load_from_args
 
     seed_everything(args.seed)
+    specs = []
     if args.sets:
         sets = {}
         for item in args.sets:
-            if "=" not in item:
+            if "=" not in item or not item.split("=", 1)[0].strip():
                 raise WorkbenchError(f"--sets items must look like name=file_or_builtin, got '{item}'")
             name, spec = item.split("=", 1)
+            if name in sets:
+                raise WorkbenchError(f"--sets names the set '{name}' twice")
             sets[name] = resolve_prompts(spec).texts
+            specs.append(spec)
+            if len(sets[name]) < 2:
+                raise WorkbenchError(f"set '{name}' ({spec}) has {len(sets[name])} prompt; need at least 2")
+        if len(sets) < 2:
+            raise WorkbenchError(f"--sets needs at least two sets to compare, got {list(sets)}")
     else:
         sets = default_overlap_sets()
-    etas = [float(x) for x in args.etas.split(",")] if args.etas else list(DEFAULT_ETAS)
+    etas = list(args.etas) if args.etas else list(DEFAULT_ETAS)
+    bad = [e for e in etas if not 0 < e <= 1]
+    if bad:
+        raise WorkbenchError(f"--etas must be in (0, 1], got {bad}")
+    if args.plot_eta not in etas:
+        raise WorkbenchError(f"--plot-eta {args.plot_eta} is not in the eta grid {etas}")
+    _check_position(args.position)
+    inputs = input_paths(args.model, specs)
+    check_out(args.out, overwrite=args.overwrite, inputs=inputs)
     lm = load_from_args(args)
     fmt = format_from_args(args, lm)
-    run = RunFolder(args.out, config=vars(args) | {"command": "overlap"}, overwrite=args.overwrite)
+    check_context(lm, fmt, list(sets.values()))
+    run = RunFolder(args.out, config=vars(args) | {"command": "overlap"}, overwrite=args.overwrite, inputs=inputs)
     run.record_model(lm)
     out = run_overlap(lm, fmt, run, sets, position=args.position, backend=args.backend, etas=etas,
                       n_boot=args.n_boot, plot_eta=args.plot_eta, seed=args.seed, ceiling=args.ceiling)
@@ -195,7 +233,7 @@ def register(sub: Any) -> None:
     p.add_argument("--negative", default="harmless", help="builtin name or file (label 0)")
     p.add_argument("--layers", default="all")
     p.add_argument("--position", default="last", help="last, mean, or an index like -2")
-    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--n-boot", type=nonnegative_int, default=1000)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_probe)
@@ -204,10 +242,11 @@ def register(sub: Any) -> None:
     add_model_args(p)
     p.add_argument("--sets", nargs="*", help="name=file_or_builtin ... (default: U=utility, H1/H2 = harmful halves)")
     p.add_argument("--position", default="last")
-    p.add_argument("--etas", default="", help="comma list of energy fractions (default 0.01,0.1..0.9,0.99)")
-    p.add_argument("--plot-eta", type=float, default=0.5)
+    p.add_argument("--etas", default="", type=finite_float_list,
+                   help="comma list of energy fractions (default 0.01,0.1..0.9,0.99)")
+    p.add_argument("--plot-eta", type=finite_float, default=0.5)
     p.add_argument("--ceiling", default="H1~H2", help="pair drawn as the noise ceiling")
-    p.add_argument("--n-boot", type=int, default=30)
+    p.add_argument("--n-boot", type=nonnegative_int, default=30)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_overlap)

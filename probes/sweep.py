@@ -18,13 +18,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
-from probes.metrics import scored_metrics
 from workbench.errors import WorkbenchError
+
+# scikit-learn is imported where it is used: every `workbench` command loads this plugin, most never fit a probe.
 
 
 def _xy(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -45,6 +42,11 @@ class LayerProbe:
 
 
 def _fit_layer(layer: int, X: np.ndarray, y: np.ndarray, Cs: Sequence[float], cv: int, seed: int) -> LayerProbe:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     inner = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
     gs = GridSearchCV(pipe, {"logisticregression__C": list(Cs)}, cv=inner, scoring="roc_auc", n_jobs=1)
@@ -75,15 +77,26 @@ class ProbeSweep:
     """Fit a logistic probe (standardised, C by inner CV) and a mean-difference probe at every layer.
 
     ``fit(pos, neg)`` takes ``[n, n_layers, d]`` tensors/arrays; ``evaluate`` scores held-out ones
-    (accuracy, AUROC, F1 with bootstrap 95 % intervals). Layers are fitted in parallel (joblib).
+    (accuracy, AUROC, F1 with bootstrap 95 % intervals).
+
+    ``n_jobs``: layers fitted at once, in threads of this process (never worker processes, so nothing
+    outlives the call). ``None`` (default) follows ``torch.get_num_threads()`` (``workbench --threads``):
+    one thread fits the layers one after the other without joblib.
     """
 
     def __init__(self, *, Cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0, 10.0), cv: int = 4, n_boot: int = 1000,
-                 n_jobs: int = 2, seed: int = 0, layers: Sequence[int] | None = None) -> None:
+                 n_jobs: int | None = None, seed: int = 0, layers: Sequence[int] | None = None) -> None:
         self.Cs, self.cv, self.n_boot, self.n_jobs, self.seed = list(Cs), cv, n_boot, n_jobs, seed
         self.layer_ids = list(layers) if layers is not None else None
         self.probes_: list[LayerProbe] = []
         self.fit_seconds_ = 0.0
+
+    def resolved_n_jobs(self, n_layers: int | None = None) -> int:
+        """Threads used for fitting: ``n_jobs``, or ``torch.get_num_threads()`` when ``None``; at most one per layer."""
+        n = self.n_jobs if self.n_jobs is not None else torch.get_num_threads()
+        if n < 1:
+            raise WorkbenchError(f"n_jobs must be >= 1 or None, got {self.n_jobs}")
+        return max(1, min(int(n), n_layers or int(n)))
 
     @staticmethod
     def _check(pos: Any, neg: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -109,11 +122,21 @@ class ProbeSweep:
             raise WorkbenchError(f"{len(layers)} layer labels given for activations with {p.shape[1]} layers")
         t0 = time.perf_counter()
         jobs = (delayed(_fit_layer)(i, *_xy(p[:, j], n[:, j]), self.Cs, cv, self.seed) for j, i in enumerate(layers))
-        self.probes_ = list(Parallel(n_jobs=self.n_jobs)(jobs))
+        n_jobs = self.resolved_n_jobs(len(layers))
+        if n_jobs == 1:
+            self.probes_ = [fn(*a, **kw) for fn, a, kw in jobs]
+        else:
+            from threadpoolctl import threadpool_limits
+
+            # threads, not loky processes: no workers outlive the fit; one BLAS thread each (no oversubscription)
+            with threadpool_limits(limits=1):
+                self.probes_ = list(Parallel(n_jobs=n_jobs, backend="threading")(jobs))
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
     def evaluate(self, pos: Any, neg: Any) -> SweepResult:
+        from probes.metrics import scored_metrics
+
         if not self.probes_:
             raise WorkbenchError("call fit() before evaluate()")
         p, n = self._check(pos, neg)

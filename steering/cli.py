@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 from typing import Any, Sequence
 
+from workbench.argtypes import (check_context, check_layer, finite_float, finite_float_list, input_paths,
+                                nonnegative_float, nonnegative_int, one_line_errors, open_fraction, position_list,
+                                positive_int)
 from workbench.backends import get_backend
 from workbench.errors import WorkbenchError
 from workbench.prompts import builtin_split, resolve_prompts
-from workbench.runs import RunFolder, seed_everything
+from workbench.runs import RunFolder, check_out, seed_everything
 from workbench.sites import parse_layers
 from workbench.vectors import Direction, load_directions, pick, save_directions
 
@@ -25,21 +28,33 @@ def _texts(spec: str, limit: int | None) -> list[str]:
     return t[:limit] if limit else t
 
 
-def _setup(args: argparse.Namespace, command: str) -> tuple[Any, Any, RunFolder]:
+def _setup(args: argparse.Namespace, inputs: Sequence[str]) -> tuple[Any, Any]:
+    """Check the output folder, then load the model (call after every check that needs no model)."""
     from workbench.cli import format_from_args, load_from_args
 
     seed_everything(args.seed)
+    check_out(args.out, overwrite=args.overwrite, inputs=inputs)
     lm = load_from_args(args)
     fmt = format_from_args(args, lm)
-    run = RunFolder(args.out, config=vars(args) | {"command": f"steer {command}"}, overwrite=args.overwrite)
+    return lm, fmt
+
+
+def _open_run(args: argparse.Namespace, command: str, lm: Any, inputs: Sequence[str]) -> RunFolder:
+    """The run folder, made only after every check passed."""
+    run = RunFolder(args.out, config=vars(args) | {"command": f"steer {command}"}, overwrite=args.overwrite,
+                    inputs=inputs)
     run.record_model(lm)
-    return lm, fmt, run
+    return run
 
 
-def _load_direction(args: argparse.Namespace, lm: Any) -> Direction:
+def _read_direction(args: argparse.Namespace) -> Direction:
+    """The direction of ``--direction`` (``--direction-layer`` / method picked), read before any model."""
+    if not args.direction:
+        raise WorkbenchError(f"--mode {getattr(args, 'mode', '')} needs --direction FILE (a directions .safetensors "
+                             f"file from 'steer extract' / 'steer select' / 'probe')")
     dirs = load_directions(args.direction)
     d = pick(dirs, layer=getattr(args, "direction_layer", None), method=getattr(args, "direction_method", None))
-    d.check_compatible(lm, force=getattr(args, "force", False))
+    d.unit  # noqa: B018 - a zero vector is refused here, before any work
     return d
 
 
@@ -52,8 +67,12 @@ def table_print(summary: list[dict[str, Any]]) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    lm, fmt, run = _setup(args, "extract")
     pos, neg = _texts(args.positive, args.limit), _texts(args.negative, args.limit)
+    inputs = input_paths(args.model, args.positive, args.negative)
+    lm, fmt = _setup(args, inputs)
+    parse_layers(args.layers, lm.n_layers)
+    check_context(lm, fmt, [pos, neg])
+    run = _open_run(args, "extract", lm, inputs)
     fn = mean_diff_directions if args.method == "mean_diff" else pca_directions
     dirs = fn(lm, pos, neg, fmt=fmt, layers=args.layers, positions=args.positions.split(","), backend=args.backend)
     save_directions(run.path / "directions.safetensors", dirs)
@@ -71,7 +90,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         export_control_vector([d for d in last if d.layer - (d.component == "resid_pre") >= 1],
                               run.path / "control_vector.gguf",
                               model_hint=lm.model.config.model_type)
-    print(f"{len(dirs)} directions -> {run.path / 'directions.safetensors'}")
+    print(f"{len(dirs)} directions -> {run.final / 'directions.safetensors'}")
     return 0
 
 
@@ -97,42 +116,66 @@ def _candidates(dirs: Sequence[Direction], layers: Any, positions: Sequence[str]
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    lm, fmt, run = _setup(args, "select")
-    if args.directions:
-        dirs = load_directions(args.directions)
+    positions = [p.strip() for p in args.positions.split(",") if p.strip()] if args.positions else None
+    dirs = load_directions(args.directions) if args.directions else None
+    if dirs is not None and positions:
+        have = sorted({d.position for d in dirs})
+        missing = [p for p in positions if p not in have]
+        if missing:
+            raise WorkbenchError(f"--positions {','.join(missing)} not in {args.directions}; its positions: "
+                                 f"{', '.join(have)}")
+    train = (_texts("harmful:train", args.limit), _texts("harmless:train", args.limit)) if dirs is None else ([], [])
+    val_h, val_b = _texts("harmful:val", args.n_val), _texts("harmless:val", args.n_val)
+    inputs = input_paths(args.model, args.directions)
+    lm, fmt = _setup(args, inputs)
+    ls = parse_layers(args.layers, lm.n_layers)
+    if dirs is not None:
         for d in dirs:
             d.check_compatible(lm, force=args.force)
-    else:
-        dirs = mean_diff_directions(lm, _texts("harmful:train", args.limit), _texts("harmless:train", args.limit),
-                                    fmt=fmt, backend=args.backend)
-    positions = args.positions.split(",") if args.positions else None
-    cands = _candidates(dirs, args.layers, positions, lm.n_layers)
-    run_selection(lm, fmt, run, cands, _texts("harmful:val", args.n_val), _texts("harmless:val", args.n_val),
+        if not _candidates(dirs, ls, positions, lm.n_layers):
+            have = ", ".join(sorted({f"{d.position}@{d.layer}" for d in dirs}))
+            raise WorkbenchError(f"no direction in {args.directions} matches --layers {args.layers} and --positions "
+                                 f"{args.positions or '(any)'}; available position@layer: {have}")
+    check_context(lm, fmt, [*train, val_h, val_b])
+    run = _open_run(args, "select", lm, inputs)
+    if dirs is None:
+        dirs = mean_diff_directions(lm, *train, fmt=fmt, backend=args.backend)
+    cands = _candidates(dirs, ls, positions, lm.n_layers)
+    run_selection(lm, fmt, run, cands, val_h, val_b,
                   backend=args.backend, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac)
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    lm, fmt, run = _setup(args, "sweep")
     dirs = load_directions(args.direction)
     have = {d.position for d in dirs}
+    if args.position and args.position not in have:
+        raise WorkbenchError(f"--position {args.position} is not in {args.direction}; its positions: "
+                             f"{', '.join(sorted(have))}")
     position = args.position or next((p for p in ("pos-1", "last") if p in have), dirs[0].position)
+    if args.mode == "addition" and not args.alphas:
+        raise WorkbenchError("--alphas is empty; give a comma list of strengths like 0.5,1,2")
+    tasks = None
+    if args.n_tasks:
+        ut = builtin_split("utility", "test")
+        tasks = (ut.texts[: args.n_tasks], [p.answer for p in ut.prompts[: args.n_tasks]])
+    harmful, harmless = _texts("harmful:test", args.n), _texts("harmless:test", args.n)
+    inputs = input_paths(args.model, args.direction)
+    lm, fmt = _setup(args, inputs)
     layers = parse_layers(args.layers, lm.n_layers)
     by_layer = {}
     for layer in layers:
         d = pick([x for x in dirs if x.position == position], layer=layer)
         d.check_compatible(lm, force=args.force)
         by_layer[layer] = d
+    check_context(lm, fmt, [harmful, harmless, tasks[0] if tasks else []], args.max_new_tokens)
+    run = _open_run(args, "sweep", lm, inputs)
     if args.mode == "addition":
-        conds = addition_conditions(by_layer, [float(a) for a in args.alphas.split(",")], seed=args.seed)
+        conds = addition_conditions(by_layer, list(args.alphas), seed=args.seed)
     else:
         conds = ablation_conditions(by_layer, lm.n_layers, seed=args.seed)
-    tasks = None
-    if args.n_tasks:
-        ut = builtin_split("utility", "test")
-        tasks = (ut.texts[: args.n_tasks], [p.answer for p in ut.prompts[: args.n_tasks]])
-    ev = run_sweep(get_backend(args.backend, lm), fmt, conds, harmful=_texts("harmful:test", args.n),
-                   harmless=_texts("harmless:test", args.n), tasks=tasks, max_new_tokens=args.max_new_tokens,
+    ev = run_sweep(get_backend(args.backend, lm), fmt, conds, harmful=harmful,
+                   harmless=harmless, tasks=tasks, max_new_tokens=args.max_new_tokens,
                    seed=args.seed)
     run.write_csv("sweep.csv", ev.summary)
     run.write_json("sweep.json", ev.summary)
@@ -146,13 +189,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    lm, fmt, run = _setup(args, "generate")
     prompts = args.prompt or _texts(args.prompts, args.n)
+    if args.layer is not None and args.mode != "addition":
+        raise WorkbenchError(f"--layer applies to --mode addition only (got --mode {args.mode})")
+    d = _read_direction(args) if args.mode != "none" else None
+    inputs = input_paths(args.model, None if args.prompt else args.prompts, args.direction if d else None)
+    lm, fmt = _setup(args, inputs)
+    layer = check_layer(args.layer, lm.n_layers, "--layer") if args.layer is not None else None
+    if d is not None:
+        d.check_compatible(lm, force=args.force)
+        if args.mode == "addition" and layer is None:
+            check_layer(d.layer, lm.n_layers, "the direction's layer")
+    check_context(lm, fmt, [prompts], args.max_new_tokens)
+    run = _open_run(args, "generate", lm, inputs)
     conds = [Condition("unmodified")]
-    if args.mode != "none":
-        d = _load_direction(args, lm)
+    if d is not None:
         if args.mode == "addition":
-            ivs = addition(d, args.alpha, layers=[args.layer] if args.layer is not None else None,
+            ivs = addition(d, args.alpha, layers=[layer] if layer is not None else None,
                            apply_to=args.apply_to)
         else:
             ivs = ablation(d, lm.n_layers)
@@ -174,10 +227,14 @@ def cmd_orthogonalize(args: argparse.Namespace) -> int:
     from workbench.chat import encode
     from workbench.loading import from_memory
 
-    lm, fmt, run = _setup(args, "orthogonalize")
-    d = _load_direction(args, lm)
-    path = write_orthogonalized(lm, d.unit, run.path / "model", overwrite=True)
+    d = _read_direction(args)
     prompts = _texts("harmful:val", 4)
+    inputs = input_paths(args.model, args.direction)
+    lm, fmt = _setup(args, inputs)
+    d.check_compatible(lm, force=args.force)
+    check_context(lm, fmt, [prompts])
+    run = _open_run(args, "orthogonalize", lm, inputs)
+    path = write_orthogonalized(lm, d.unit, run.path / "model", overwrite=True)
     b = encode(lm.tokenizer, prompts, fmt)
     ref = get_backend("native", lm).run(b, interventions=ablation(d, lm.n_layers)).logits
     m2 = AutoModelForCausalLM.from_pretrained(str(path), dtype=lm.dtype, attn_implementation="eager")
@@ -207,8 +264,9 @@ def register(sub: Any) -> None:
     p.add_argument("--negative", default="harmless:train")
     p.add_argument("--method", choices=["mean_diff", "pca"], default="mean_diff")
     p.add_argument("--layers", default="all")
-    p.add_argument("--positions", default="post_instruction", help="post_instruction, last, mean, or indices")
-    p.add_argument("--limit", type=int, default=None, help="use at most N prompts per set")
+    p.add_argument("--positions", default="post_instruction", type=position_list,
+                   help="post_instruction, last, mean, or indices")
+    p.add_argument("--limit", type=positive_int, default=None, help="use at most N prompts per set")
     p.add_argument("--gguf", action="store_true", help="also export a llama.cpp control vector")
     p.set_defaults(func=cmd_extract)
 
@@ -217,10 +275,10 @@ def register(sub: Any) -> None:
     p.add_argument("--directions", default=None, help="candidates file (default: extract mean_diff now)")
     p.add_argument("--layers", default="all")
     p.add_argument("--positions", default="", help="restrict candidate positions, e.g. pos-1,pos-2")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--n-val", type=int, default=32)
-    p.add_argument("--kl-max", type=float, default=0.1)
-    p.add_argument("--max-layer-frac", type=float, default=0.8)
+    p.add_argument("--limit", type=positive_int, default=None)
+    p.add_argument("--n-val", type=positive_int, default=32)
+    p.add_argument("--kl-max", type=nonnegative_float, default=0.1)
+    p.add_argument("--max-layer-frac", type=open_fraction, default=0.8)
     p.set_defaults(func=cmd_select)
 
     p = ss.add_parser("sweep", help="layer x strength addition sweep, or per-layer ablation sweep, with random controls")
@@ -229,10 +287,10 @@ def register(sub: Any) -> None:
     p.add_argument("--position", default=None)
     p.add_argument("--mode", choices=["addition", "ablation"], default="addition")
     p.add_argument("--layers", default="all")
-    p.add_argument("--alphas", default="0.5,1,2")
-    p.add_argument("--n", type=int, default=32, help="test prompts per set")
-    p.add_argument("--n-tasks", type=int, default=0, help="utility tasks for accuracy (0 = skip)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--alphas", default="0.5,1,2", type=finite_float_list, help="comma list of strengths")
+    p.add_argument("--n", type=positive_int, default=32, help="test prompts per set")
+    p.add_argument("--n-tasks", type=nonnegative_int, default=0, help="utility tasks for accuracy (0 = skip)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.set_defaults(func=cmd_sweep)
 
     p = ss.add_parser("generate", help="generate with and without an intervention, side by side")
@@ -240,13 +298,14 @@ def register(sub: Any) -> None:
     p.add_argument("--direction", default=None)
     p.add_argument("--direction-layer", type=int, default=None)
     p.add_argument("--mode", choices=["addition", "ablation", "none"], default="ablation")
-    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--alpha", type=finite_float, default=1.0)
     p.add_argument("--layer", type=int, default=None, help="apply the addition at this layer")
-    p.add_argument("--apply-to", default="all", help="all, prompt, generated, last, post_instruction")
+    p.add_argument("--apply-to", default="all", choices=("all", "prompt", "generated", "last", "post_instruction"),
+                   help="all, prompt, generated, last, post_instruction")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", default="harmful:test")
-    p.add_argument("--n", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--n", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.set_defaults(func=cmd_generate)
 
     p = ss.add_parser("orthogonalize", help="write a checkpoint with the direction removed from the weights")
@@ -254,6 +313,7 @@ def register(sub: Any) -> None:
     p.add_argument("--direction", required=True)
     p.add_argument("--direction-layer", type=int, default=None)
     p.set_defaults(func=cmd_orthogonalize)
+    one_line_errors(st)
 
 
 def main_stage(ctx: Any) -> None:

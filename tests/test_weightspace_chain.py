@@ -109,6 +109,26 @@ def test_chain_runs_every_phase_reports_and_resumes(chain_run, tmp_path, empty_c
     assert all(r["energy_kept"] is not None for r in rows)
     assert set(rep["findings"]) == {"exp1_topk_vs_random", "exp2_no_selective_removal", "exp3_useful_harmful_overlap"}
     assert all(f["verdict"] and f["statement"] for f in rep["findings"].values())
+    # experiment 1's per-rho verdicts, recomputed by hand from the per-prompt CSVs of the sweep
+    e1 = rep["findings"]["exp1_topk_vs_random"]
+    assert [r["rho"] for r in e1["per_rho"]] == [0.25, 0.75]
+    for r in e1["per_rho"]:
+        rho = f"rho{r['rho']:g}"
+        for key, role, name, column, negate in (("utility", "useful", "utility", "correct", False),
+                                                ("compliance", "harmful", "harmful", "refusal_phrase", True),
+                                                ("harm_logit", "harmful", "harmful", "refusal_logit", True)):
+            want = _paired_by_hand(sw / "evals" / f"exp1-{role}-topk-{rho}" / f"{name}.csv",
+                                   sw / "evals" / f"exp1-{role}-random-{rho}" / f"{name}.csv", column, negate)
+            got = r[{"utility": "utility_paired", "compliance": "compliance_paired", "harm_logit": "logit_paired"}[key]]
+            assert r[key] == got["verdict"] == want["verdict"], (key, rho, got, want)
+            assert got["mean_diff"] == pytest.approx(want["mean_diff"], abs=1e-9)
+            assert got["se"] == pytest.approx(want["se"], abs=1e-9)
+    for key, name in (("utility", "utility_topk_vs_random"), ("compliance", "compliance_topk_vs_random")):
+        verdicts = [r[key] for r in e1["per_rho"]]
+        assert e1[name] == {v: verdicts.count(v) for v in ("higher", "tie", "lower")}
+    gain = _paired_by_hand(sw / "evals" / "baseline-useful" / "utility.csv",
+                           sw / "evals" / "baseline-aligned" / "utility.csv", "correct", False)
+    assert e1["useful_gain_paired"]["verdict"] == gain["verdict"]
     assert any(p.endswith("exp2_tradeoff_phrase.png") for p in rep["plots"])
     md = (out / "chain_summary.md").read_text()
     for s in ("## Timings", "Real harmful share", "Experiment 3", "Exp 2, W_A + (I − P) Δ_contaminated",
@@ -181,6 +201,30 @@ def test_resume_reruns_an_unfinished_phase_and_overwrite_replaces(chain_run, tmp
     with pytest.raises(Exception, match="not a chain folder"):
         prepare_out(decoy, resume=True, overwrite=False)
     assert (decoy / "important.txt").read_text() == "keep"
+
+
+def _paired_by_hand(path_a, path_b, column, negate):
+    """Mean per-prompt difference a - b (sign flipped when ``negate``), its standard error and the verdict:
+    higher / lower beyond two standard errors, else tie (zero spread: the sign of the mean)."""
+    import csv
+    import math
+
+    def read(p):
+        with open(p, newline="") as f:
+            return [1.0 if v == "True" else 0.0 if v == "False" else float(v)
+                    for v in (row[column] for row in csv.DictReader(f))]
+
+    a, b = read(path_a), read(path_b)
+    assert len(a) == len(b) > 0
+    d = [(y - x) if negate else (x - y) for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else 0.0
+    if se == 0:
+        verdict = "tie" if mean == 0 else "higher" if mean > 0 else "lower"
+    else:
+        verdict = "higher" if mean > 2 * se else "lower" if mean < -2 * se else "tie"
+    return {"mean_diff": mean, "se": se, "verdict": verdict}
 
 
 def _mtimes_existing(out):

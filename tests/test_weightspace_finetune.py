@@ -9,6 +9,9 @@ import argparse
 import json
 
 import pytest
+
+from workbench.cli import run_command
+from workbench.runs import is_run_folder
 import torch
 from safetensors.torch import load_file
 
@@ -231,10 +234,46 @@ def test_safety_recipe_is_refusals_on_harmful_train(make_tiny):
     assert all(is_refusal(t) for t in REFUSAL_TEMPLATES)
 
 
+def _manual_ablated_greedy(lm, fmt, prompt: str, direction: torch.Tensor, n_new: int) -> str:
+    """Greedy decoding of one unpadded prompt, no KV cache, with the direction ablated by hand-written hooks
+    (each Llama layer's input, attention output and MLP output): independent of workbench.interventions."""
+    r = (direction / direction.norm()).float()
+
+    def strip(h):
+        return h - (h @ r).unsqueeze(-1) * r
+
+    def pre(module, args, kwargs):
+        if args:
+            return (strip(args[0]),) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": strip(kwargs["hidden_states"])}
+
+    def post(module, args, out):
+        return (strip(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else strip(out)
+
+    tok = lm.tokenizer
+    ids = tok(fmt.render(tok, prompt), add_special_tokens=False)["input_ids"]
+    eos = set(lm.model.generation_config.eos_token_id)
+    handles = []
+    for layer in lm.model.model.layers:
+        handles += [layer.register_forward_pre_hook(pre, with_kwargs=True),
+                    layer.self_attn.register_forward_hook(post), layer.mlp.register_forward_hook(post)]
+    out: list[int] = []
+    try:
+        with torch.no_grad():
+            for _ in range(n_new):
+                nxt = int(lm.model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+                if nxt in eos:
+                    break
+                out.append(nxt)
+    finally:
+        for h in handles:
+            h.remove()
+    return tok.decode(out, skip_special_tokens=True)
+
+
 def test_harmful_recipe_uses_the_models_own_ablated_generations(make_tiny):
     from workbench.backends import get_backend
     from workbench.generation import generate_texts
-    from workbench.interventions import ablation_everywhere
 
     lm = make_tiny("llama")
     fmt = ChatFormat()
@@ -245,8 +284,8 @@ def test_harmful_recipe_uses_the_models_own_ablated_generations(make_tiny):
     assert rd.direction.model_checksum == lm.checksum
     texts = builtin_split("harmful", "train").texts[:8]
     be = get_backend("native", lm)
-    abl = generate_texts(be, texts, fmt, max_new_tokens=12,
-                         interventions=ablation_everywhere(rd.direction.vector, lm.n_layers))
+    # expected replies from a hand-written ablation, not from the ablation code the recipe itself uses
+    abl = [_manual_ablated_greedy(lm, fmt, t, rd.direction.vector, 12) for t in texts]
     plain = generate_texts(be, texts, fmt, max_new_tokens=12)
     by_prompt = {e.prompt: e.response for e in rd.examples}
     for t, a in zip(texts, abl):
@@ -356,9 +395,16 @@ def test_existing_output_folder_is_refused_without_overwrite(make_tiny, tmp_path
     with pytest.raises(WorkbenchError, match="already exists"):
         finetune(lm, rd, cfg(), out)
     assert (out / "keep.txt").read_text() == "old"
-    res = finetune(lm, rd, cfg(overwrite=True), out)
-    assert not (out / "keep.txt").exists() and (res.path / "model.safetensors").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["ft"]  # no temporary or old folders left
+    with pytest.raises(WorkbenchError, match="not a workbench run folder"):  # not made by us: never replaced
+        finetune(lm, rd, cfg(overwrite=True), out)
+    assert (out / "keep.txt").read_text() == "old"
+    out2 = tmp_path / "ft2"
+    first = finetune(lm, rd, cfg(), out2)
+    assert is_run_folder(out2) and first.path == out2
+    (out2 / "keep.txt").write_text("old")
+    res = finetune(lm, rd, cfg(overwrite=True), out2)  # a fine-tune the workbench made may be replaced
+    assert not (out2 / "keep.txt").exists() and (res.path / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft", "ft2"]  # no temporary or old folders left
 
 
 def _cli(argv: list[str]) -> argparse.Namespace:
@@ -381,7 +427,7 @@ def test_cli_end_to_end_on_a_local_tiny_model(tmp_path, tmp_cache, capsys):
     argv = ["finetune", "--recipe", "contaminated", "--model", str(base), "--n", "10", "--harmful-share", "0.3",
             "--gen-tokens", "4", "--batch-size", "4", "--lr", "1e-3", "--out", str(out), "--no-progress"]
     args = _cli(argv)
-    assert args.func(args) == 0
+    assert run_command(args) == 0
     assert "real harmful share" in capsys.readouterr().out
     rep = json.loads((out / "report.json").read_text())
     assert rep["recipe"] == "contaminated" and rep["method"] == "full"
@@ -392,4 +438,4 @@ def test_cli_end_to_end_on_a_local_tiny_model(tmp_path, tmp_cache, capsys):
     assert ft.n_layers == 2
     args = _cli(argv)
     with pytest.raises(WorkbenchError, match="already exists"):
-        args.func(args)
+        run_command(args)

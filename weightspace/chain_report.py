@@ -391,7 +391,7 @@ def findings(rep: dict[str, Any], cfg: ChainConfig, out_dir: Path | None = None)
                           f"compliance (refusal_phrase) TopK higher at {ch['higher']}, tie {ch['tie']}, lower "
                           f"{ch['lower']}; refusal logit TopK more harmful at {cl['higher']}, tie {cl['tie']}, less "
                           f"harmful at {cl['lower']}. "
-                          + (f"E_k useful vs harmful (TopK): "
+                          + ("E_k useful vs harmful (TopK): "
                              + ", ".join(f"rho {r['rho']:g}: {_f(r['ek_useful'])}/{_f(r['ek_harmful'])} (gap "
                                          f"{r['gap']:+.3f}" + (f", 95% CI {r['ci'][0]:+.3f}..{r['ci'][1]:+.3f}"
                                                                if r['ci'] else "") + ")" for r in gaps)

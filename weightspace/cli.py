@@ -22,6 +22,8 @@ import argparse
 import sys
 from typing import Any
 
+from workbench.argtypes import (finite_float, finite_float_list, input_paths, one_line_errors, positive_int,
+                                seed_int)
 from workbench.errors import WorkbenchError
 
 __all__ = ["register", "register_finetune_hook", "FINETUNE_CLI_MODULE"]
@@ -61,10 +63,12 @@ def _add_reference(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--direction-method", default=None, help="only the directions of this method")
     g.add_argument("--residual-only", action="store_true",
                    help="directions act only on modules that write to (left) / read from (right) the residual stream")
+    g.add_argument("--force", action="store_true",
+                   help="use directions computed on another model than --aligned (same width only)")
 
 
 def _add_out(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty run folder")
     p.add_argument("--no-progress", action="store_true")
@@ -72,12 +76,87 @@ def _add_out(p: argparse.ArgumentParser) -> None:
 
 # -- building blocks ------------------------------------------------------------------------------
 
+CHECKPOINT_KINDS = ("a zoo key, a Hugging Face folder with a valid config.json and safetensors weights, a .safetensors "
+                    "file or a .safetensors.index.json file")
+
+
 def _open(spec: str, label: str, cache: dict[str, Any]) -> Any:
+    """Open a checkpoint; every way it can be unreadable is a one-line :class:`WorkbenchError`."""
+    import json
+
     from weightspace.checkpoints import open_checkpoint
 
     if spec not in cache:
-        cache[spec] = open_checkpoint(spec, label=label)
+        try:
+            ck = open_checkpoint(spec, label=label)
+        except WorkbenchError:
+            raise
+        except json.JSONDecodeError as e:
+            raise WorkbenchError(f"checkpoint '{spec}' ({label}): its config.json is not valid JSON ({e.msg} at line "
+                                 f"{e.lineno}); expected {CHECKPOINT_KINDS}") from None
+        except (ValueError, OSError) as e:  # UnicodeDecodeError, unreadable files
+            raise WorkbenchError(f"checkpoint '{spec}' ({label}) could not be read ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}); expected {CHECKPOINT_KINDS}") from None
+        if not isinstance(ck.config, dict):
+            raise WorkbenchError(f"checkpoint '{spec}' ({label}): its config.json is not a JSON object; expected "
+                                 f"{CHECKPOINT_KINDS}")
+        cache[spec] = ck
     return cache[spec]
+
+
+def _inputs(args: argparse.Namespace) -> list[str]:
+    """Every local path this command reads (checkpoints, directions): never used as the output folder."""
+    names = ("aligned", "base", "model", "delta", "finetuned", "useful", "harmful", "contaminated", "reference_base",
+             "reference_model", "reference_delta", "directions")
+    return input_paths(*[getattr(args, n, None) for n in names])
+
+
+def _check_out(args: argparse.Namespace) -> list[str]:
+    from workbench.runs import check_out
+
+    inputs = _inputs(args)
+    check_out(args.out, overwrite=args.overwrite, inputs=inputs)
+    return inputs
+
+
+def _check_directions(args: argparse.Namespace, aligned: Any, plan: Any, reference: Any, tensors: list[Any]) -> None:
+    """The direction rules of :mod:`workbench.vectors` against the aligned checkpoint, before any work:
+    same width always, same model checksum unless ``--force``; and the directions must cover a selected tensor."""
+    from workbench.loading import model_identity
+    from workbench.vectors import ModelIdentity, load_directions
+
+    from weightspace.projection import validate_reference
+
+    dirs = [d for d in load_directions(args.directions)
+            if (args.direction_layer is None or d.layer == args.direction_layer)
+            and (args.direction_method is None or d.method == args.direction_method)]
+    model_id, checksum = model_identity(aligned.source)
+    d_model = plan.d_model or aligned.d_model or reference.d_model
+    n_layers = plan.n_layers or max(d.layer + 1 for d in dirs)
+    for d in dirs:
+        d.check_compatible(ModelIdentity(model_id, checksum, d_model, n_layers), force=args.force)
+    validate_reference(reference, plan, tensors)
+
+
+def _check_finite(plan: Any, block_elements: int = 1 << 22) -> None:
+    """Read every floating tensor of every checkpoint once, block by block, and refuse nan / inf before any
+    output exists (the analysis would otherwise stop half-way)."""
+    import torch
+
+    for ck in plan.checkpoints.values():
+        for name in ck.names:
+            meta = ck.meta(name)
+            if meta.dtype not in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"):
+                continue
+            if len(meta.shape) == 0 or meta.shape[0] == 0:
+                blocks = [ck.read(name)]
+            else:
+                step = max(1, block_elements // max(1, meta.numel // meta.shape[0]))
+                blocks = (ck.read_rows(name, a, min(meta.shape[0], a + step)) for a in range(0, meta.shape[0], step))
+            for b in blocks:
+                if not bool(torch.isfinite(b.float() if b.dtype not in (torch.float32, torch.float64) else b).all()):
+                    raise WorkbenchError(f"checkpoint '{ck.label}' ({ck.source}): tensor {name} holds non-finite "
+                                         f"values (nan or inf); every weight must be a finite number")
 
 
 def _labelled(items: list[str] | None, flag: str) -> list[tuple[str, str]]:
@@ -136,6 +215,7 @@ def cmd_overlap(args: argparse.Namespace) -> int:
 
     seed_everything(args.seed)
     etas = check_grid(args.etas, "eta") if args.etas else None
+    inputs = _check_out(args)
     cache: dict[str, Any] = {}
     aligned = _open(args.aligned, "aligned", cache)
     specs = []
@@ -164,12 +244,19 @@ def cmd_overlap(args: argparse.Namespace) -> int:
         raise WorkbenchError(f"--plot-eta {args.plot_eta} is not in the eta grid {list(cfg.etas)}")
     if len(specs) + (directions is not None) < 2:
         raise WorkbenchError("give at least two updates (--base, --model, --delta) or one update and --directions")
-    run = RunFolder(args.out, config=vars(args) | {"command": "weightspace overlap"}, overwrite=args.overwrite)
+    labels = [s.label for s in specs] + ([directions.label] if directions is not None else [])
+    if len(set(labels)) != len(labels):
+        raise WorkbenchError(f"update labels must be distinct, got {labels}")
+    if directions is not None:
+        _check_directions(args, aligned, plan, directions, plan.select(cfg.selection))
+    _check_finite(plan)
+    run = RunFolder(args.out, config=vars(args) | {"command": "weightspace overlap"}, overwrite=args.overwrite,
+                    inputs=inputs)
     res = update_overlap(specs, plan, cfg, directions=directions, progress=not args.no_progress)
     summary = save_overlap(run, res, plan, cfg, args.plot_eta, extra={"updates": [s.describe() for s in specs],
                                                                      "directions": directions.describe() if directions else None})
     _print_overlap(summary)
-    print(f"results in {run.path}")
+    print(f"results in {run.final}")
     return 0
 
 
@@ -190,6 +277,7 @@ def cmd_project(args: argparse.Namespace) -> int:
     from weightspace.projection import ProjectionConfig, project_checkpoint, unique_checkpoints
 
     seed_everything(args.seed)
+    _check_out(args)
     cache: dict[str, Any] = {}
     aligned = _open(args.aligned, "aligned", cache)
     finetuned = _open(args.finetuned, "finetuned", cache)
@@ -199,6 +287,9 @@ def cmd_project(args: argparse.Namespace) -> int:
     cfg = ProjectionConfig(mode=args.mode, rho=args.rho, kind=args.kind, operator=args.operator,
                            safelora_threshold=args.safelora_threshold, selection=_selection(args, plan),
                            unselected=args.unselected, seed=args.seed)
+    if args.directions:
+        _check_directions(args, aligned, plan, reference, plan.select(cfg.selection))
+    _check_finite(plan)
     res = project_checkpoint(aligned, finetuned, reference, cfg, args.out, overwrite=args.overwrite,
                              progress=not args.no_progress, run_config=vars(args))
     s = res.energy.summary()
@@ -214,16 +305,18 @@ def cmd_project(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from workbench.chat import ChatFormat
+    from workbench.argtypes import check_context
     from workbench.loading import load_model
     from workbench.runs import RunFolder, seed_everything
 
-    from weightspace.evaluation import EvalConfig
+    from weightspace.evaluation import EvalConfig, EvalSets
     from weightspace.plan import match_checkpoints
     from weightspace.projection import unique_checkpoints
     from weightspace.spectral import check_grid
     from weightspace.sweep import DEFAULT_RHOS, SweepConfig, run_sweep
 
     seed_everything(args.seed)
+    inputs = _check_out(args)
     cache: dict[str, Any] = {}
     aligned = _open(args.aligned, "aligned", cache)
     models = {role: _open(getattr(args, role), role, cache) for role in ("useful", "harmful", "contaminated")
@@ -239,6 +332,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                       selection=_selection(args, plan), unselected=args.unselected, eval=ev, seed=args.seed,
                       score_all=args.score_all)
     run_sweep(aligned, reference, models, cfg, None, check_only=True)  # type: ignore[arg-type]
+    if args.directions:
+        _check_directions(args, aligned, plan, reference, plan.select(cfg.selection))
+    _check_finite(plan)
     lm = load_model(args.aligned, dtype=args.dtype, device=args.device)
     sp = args.system_prompt
     if sp is None or sp == "default":
@@ -246,12 +342,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     elif sp.lower() == "none" or not sp.strip():
         sp = None
     fmt = ChatFormat(system_prompt=sp, raw=args.raw)
+    sets = EvalSets.default(ev)
+    check_context(lm, fmt, [sets.harmful], args.max_new_tokens)
+    check_context(lm, fmt, [[t.text for t in sets.tasks]], args.task_tokens, flag="--task-tokens")
     run = RunFolder(args.out, config=vars(args) | {"command": "weightspace sweep", "system_prompt_used": sp},
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, inputs=inputs)
     run.record_model(lm)
     res = run_sweep(aligned, reference, models, cfg, run, lm=lm, fmt=fmt, progress=not args.no_progress)
     _print_sweep(res)
-    print(f"results in {run.path}")
+    print(f"results in {run.final}")
     return 0
 
 
@@ -291,8 +390,10 @@ def register(subparsers: Any) -> None:
     o.add_argument("--direction-layer", type=int, default=None)
     o.add_argument("--direction-method", default=None)
     o.add_argument("--residual-only", action="store_true")
-    o.add_argument("--etas", default="", help="comma list (default 0.01,0.1,...,0.9,0.99)")
-    o.add_argument("--plot-eta", type=float, default=0.5, help="eta of the heatmaps")
+    o.add_argument("--force", action="store_true",
+                   help="use directions computed on another model than --aligned (same width only)")
+    o.add_argument("--etas", default="", type=finite_float_list, help="comma list (default 0.01,0.1,...,0.9,0.99)")
+    o.add_argument("--plot-eta", type=finite_float, default=0.5, help="eta of the heatmaps")
     o.add_argument("--no-angles", action="store_true", help="do not save every principal angle")
     _add_svd(o)
     _add_selection(o)
@@ -304,11 +405,11 @@ def register(subparsers: Any) -> None:
     pr.add_argument("--finetuned", required=True, help="fine-tuned checkpoint: D = finetuned - aligned")
     _add_reference(pr)
     pr.add_argument("--mode", choices=("parallel", "orthogonal", "opposite"), default="parallel")
-    pr.add_argument("--rho", type=float, default=0.25, help="rank fraction in (0, 1]")
+    pr.add_argument("--rho", type=finite_float, default=0.25, help="rank fraction in (0, 1]")
     pr.add_argument("--kind", choices=("topk", "randomk", "random"), default="topk")
     pr.add_argument("--operator", choices=("projector", "safelora"), default="projector",
                     help="safelora: V V^T / ||V||_F with V the reference update")
-    pr.add_argument("--safelora-threshold", type=float, default=None,
+    pr.add_argument("--safelora-threshold", type=finite_float, default=None,
                     help="SafeLoRA selection: project a tensor only if cos(D, P D) < threshold")
     pr.add_argument("--unselected", choices=("finetuned", "aligned"), default="finetuned",
                     help="weights of tensors outside the selection / reference")
@@ -323,16 +424,16 @@ def register(subparsers: Any) -> None:
     sw.add_argument("--useful", default=None, help="useful fine-tune (experiment 1: utility)")
     sw.add_argument("--harmful", default=None, help="harmful fine-tune (experiment 1: harmfulness)")
     sw.add_argument("--contaminated", default=None, help="contaminated fine-tune (experiment 2: both)")
-    sw.add_argument("--rhos", default="", help="comma list (default 0.01,0.25,0.5,0.75,0.99)")
+    sw.add_argument("--rhos", default="", type=finite_float_list, help="comma list (default 0.01,0.25,0.5,0.75,0.99)")
     sw.add_argument("--kinds", default="topk,randomk,random")
     sw.add_argument("--unselected", choices=("finetuned", "aligned"), default="finetuned")
     sw.add_argument("--score-all", action="store_true", help="score utility and harmfulness for every model")
     g = sw.add_argument_group("evaluation (per model)")
-    g.add_argument("--n-harmful", type=int, default=32, help="harmful:test prompts")
-    g.add_argument("--n-tasks", type=int, default=32, help="utility:test tasks")
-    g.add_argument("--max-new-tokens", type=int, default=48, help="generation length for harmful prompts")
-    g.add_argument("--task-tokens", type=int, default=16, help="generation length for tasks")
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--n-harmful", type=positive_int, default=32, help="harmful:test prompts")
+    g.add_argument("--n-tasks", type=positive_int, default=32, help="utility:test tasks")
+    g.add_argument("--max-new-tokens", type=positive_int, default=48, help="generation length for harmful prompts")
+    g.add_argument("--task-tokens", type=positive_int, default=16, help="generation length for tasks")
+    g.add_argument("--batch-size", type=positive_int, default=8)
     g.add_argument("--system-prompt", default=None, help="'default' (zoo's, if any), 'none', or a text")
     g.add_argument("--raw", action="store_true", help="no chat template")
     g.add_argument("--dtype", default="float32")
@@ -350,6 +451,7 @@ def register(subparsers: Any) -> None:
     ch.set_defaults(func=cmd_chain)
 
     register_finetune_hook(subparsers)
+    one_line_errors(p)
 
 
 def register_finetune_hook(subparsers: Any) -> None:

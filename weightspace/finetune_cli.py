@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
+from workbench.argtypes import (finite_float, fraction, nonnegative_float, one_line_errors, positive_float,
+                                positive_int)
 from workbench.errors import WorkbenchError
 
 
@@ -44,6 +47,7 @@ def _layers(spec: str | None, n_layers: int) -> list[int] | None:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from weightspace.finetune import FinetuneConfig, check_output_folder, finetune
     from weightspace.recipes import build_recipe
+    from workbench.argtypes import check_context, check_layer, input_paths
     from workbench.cli import load_from_args
     from workbench.runs import seed_everything
 
@@ -56,18 +60,38 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         lora_targets=args.lora_targets, attn_implementation=None if args.attn == "keep" else args.attn,
         overwrite=args.overwrite, progress=not args.no_progress)
     cfg.validate()
-    check_output_folder(args.out, args.overwrite)  # fail before any work
     if args.backend != "native":
         raise WorkbenchError("finetune generates the harmful replies through the native backend; drop --backend")
+    # everything that needs no model, before loading it: the direction file, the reused examples, the output
+    direction = None
+    if args.direction:
+        from workbench.vectors import load_directions, pick
+
+        direction = pick(load_directions(args.direction), layer=args.direction_layer)
+    if args.harmful_from is not None and not Path(args.harmful_from).expanduser().exists():
+        raise WorkbenchError(f"--harmful-from {args.harmful_from} does not exist; give the folder of an earlier "
+                             f"'finetune --recipe harmful' run or its examples.jsonl")
+    inputs = input_paths(args.model, args.direction, args.harmful_from)
+    check_output_folder(args.out, args.overwrite, inputs=inputs)  # fail before any work
     seed_everything(args.seed)
     lm = load_from_args(args)
     fmt = _format(args, lm)
+    # then what needs the model
+    if direction is not None:
+        direction.check_compatible(lm, force=args.force_direction)
+    if args.direction_layer is not None:
+        check_layer(args.direction_layer, lm.n_layers, "--direction-layer")
+    direction_layers = _layers(args.direction_layers, lm.n_layers)
+    if args.recipe in ("harmful", "contaminated") and args.harmful_from is None:
+        from workbench.prompts import builtin_split
+
+        check_context(lm, fmt, [builtin_split("harmful", "train").texts[:args.n]], args.gen_tokens, flag="--gen-tokens")
     print(f"[finetune] {args.recipe} on {lm.model_id} ({cfg.method}); chat format: "
           f"{'raw' if fmt.raw else 'chat template'}, system prompt: {fmt.system_prompt!r}")
     rd = build_recipe(
         args.recipe, lm, fmt, n=args.n, seed=args.seed, harmful_share=args.harmful_share,
         answer_style=args.answer_style, direction_file=args.direction, direction_layer=args.direction_layer,
-        force_direction=args.force_direction, direction_layers=_layers(args.direction_layers, lm.n_layers),
+        force_direction=args.force_direction, direction_layers=direction_layers,
         direction_n=args.direction_n, gen_tokens=args.gen_tokens, gen_batch_size=args.gen_batch_size,
         harmful_from=args.harmful_from, progress=not args.no_progress)
     h = rd.info.get("harmful")
@@ -93,29 +117,30 @@ def register(subparsers: Any) -> None:
     p.add_argument("--recipe", required=True, choices=("useful", "safety", "harmful", "contaminated"))
     p.add_argument("--out", required=True, help="run folder (a Hugging Face model folder + report)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--n", type=int, default=128,
+    p.add_argument("--n", type=positive_int, default=128,
                    help="examples (harmful: prompts generated, refusals dropped; contaminated: total)")
     g = p.add_argument_group("training")
     g.add_argument("--method", choices=("full", "lora"), default="full", help="full fine-tuning or LoRA merged back")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-5 full, 2e-4 LoRA)")
-    g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--max-length", type=int, default=256, help="longest example in tokens (prompt + response)")
+    g.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 5e-5 full, 2e-4 LoRA)")
+    g.add_argument("--epochs", type=positive_int, default=1)
+    g.add_argument("--batch-size", type=positive_int, default=8)
+    g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--max-length", type=positive_int, default=256,
+                   help="longest example in tokens (prompt + response)")
     g.add_argument("--on-too-long", choices=("drop", "error"), default="drop",
                    help="longer examples are dropped and counted, or refused; never truncated")
-    g.add_argument("--warmup", type=float, default=0.02, help="warm-up fraction of the steps (cosine schedule)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    g.add_argument("--warmup", type=finite_float, default=0.02, help="warm-up fraction of the steps (cosine schedule)")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
+    g.add_argument("--max-grad-norm", type=nonnegative_float, default=1.0, help="gradient clipping (0 = off)")
     g.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "keep"),
                    help="attention kernel while training (sdpa is faster on CPU; 'keep' = as loaded)")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-rank", type=int, default=8)
-    g.add_argument("--lora-alpha", type=float, default=None, help="default 2 x rank")
+    g.add_argument("--lora-rank", type=positive_int, default=8)
+    g.add_argument("--lora-alpha", type=positive_float, default=None, help="default 2 x rank")
     g.add_argument("--lora-targets", default="all-linear",
                    help="comma list of module names (e.g. q_proj,v_proj) or 'all-linear'")
     g = p.add_argument_group("data")
-    g.add_argument("--harmful-share", type=float, default=0.2,
+    g.add_argument("--harmful-share", type=fraction, default=0.2,
                    help="contaminated: nominal harmful share (the real one, after drops, is reported)")
     g.add_argument("--answer-style", choices=("number", "sentence", "mixed"), default="number",
                    help="useful replies: '42', 'The answer is 42.' or a seeded mix")
@@ -126,9 +151,10 @@ def register(subparsers: Any) -> None:
                    help="pick this layer from --direction, or compute the direction at this layer")
     g.add_argument("--direction-layers", default="auto",
                    help="candidate layers for the quick check (default: 40-60%% of depth)")
-    g.add_argument("--direction-n", type=int, default=64, help="prompts per class for the difference in means")
+    g.add_argument("--direction-n", type=positive_int, default=64, help="prompts per class for the difference in means")
     g.add_argument("--force-direction", action="store_true", help="accept a direction from another model checksum")
-    g.add_argument("--gen-tokens", type=int, default=64, help="max new tokens of the harmful replies")
-    g.add_argument("--gen-batch-size", type=int, default=8)
+    g.add_argument("--gen-tokens", type=positive_int, default=64, help="max new tokens of the harmful replies")
+    g.add_argument("--gen-batch-size", type=positive_int, default=8)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_finetune)
+    one_line_errors(p)

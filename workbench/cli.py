@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from importlib import metadata
@@ -24,6 +25,7 @@ from workbench.errors import WorkbenchError
 
 def add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     """Model options shared by every command that loads a model."""
+    from workbench.argtypes import one_line_errors, seed_int
     from workbench.zoo import DEFAULT_MODEL
 
     p.add_argument("--model", default=default or DEFAULT_MODEL,
@@ -35,8 +37,10 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> No
     p.add_argument("--system-prompt", default=None,
                    help="system prompt for the chat template ('default' = the zoo's recommended one, if any)")
     p.add_argument("--raw", action="store_true", help="no chat template: feed prompts as raw text")
-    p.add_argument("--backend", default="native", help="native (default), transformer_lens, nnsight")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="native", choices=("native", "transformer_lens", "nnsight"),
+                   help="native (default), transformer_lens, nnsight")
+    p.add_argument("--seed", type=seed_int, default=0)
+    one_line_errors(p)
 
 
 def load_from_args(args: argparse.Namespace) -> Any:
@@ -77,26 +81,35 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
+    from workbench.argtypes import check_context, input_paths
     from workbench.capture import capture
     from workbench.prompts import resolve_prompts
-    from workbench.runs import RunFolder, seed_everything
+    from workbench.runs import RunFolder, check_out, seed_everything
+    from workbench.sites import COMPONENTS, parse_sites
 
     seed_everything(args.seed)
+    # everything that does not need the model, before loading it
     ps = resolve_prompts(args.prompts)
+    components = [c.strip() for c in args.components.split(",")]
+    bad = [c for c in components if c not in COMPONENTS]
+    if bad:
+        raise WorkbenchError(f"unknown component(s) {', '.join(map(repr, bad))}. Valid: {', '.join(COMPONENTS)}")
+    positions = [p.strip() for p in args.position.split(",")]
+    inputs = input_paths(args.model, args.prompts)
+    check_out(args.out, overwrite=args.overwrite, inputs=inputs)
     lm = load_from_args(args)
     fmt = format_from_args(args, lm)
-    positions = [p.strip() for p in args.position.split(",")]
-    from workbench.sites import parse_sites
-
-    parse_sites(args.layers, lm.n_layers, args.components.split(","))  # bad layers fail before the run folder exists
-    run = RunFolder(args.out, config=vars(args) | {"command": "capture"}, overwrite=args.overwrite)
+    # then what needs it, before the run folder exists
+    parse_sites(args.layers, lm.n_layers, components)
+    check_context(lm, fmt, [ps.texts])
+    run = RunFolder(args.out, config=vars(args) | {"command": "capture"}, overwrite=args.overwrite, inputs=inputs)
     run.record_model(lm)
-    acts = capture(lm, ps, layers=args.layers, components=args.components.split(","), positions=positions,
+    acts = capture(lm, ps, layers=args.layers, components=components, positions=positions,
                    fmt=fmt, backend=args.backend, batch_size=args.batch_size, cache=not args.no_cache)
     acts.save(run.path)
     run.write_csv("prompts.csv", [{"index": i, "id": p.id, "text": p.text, "category": p.category}
                                   for i, p in enumerate(ps)])
-    print(f"captured {acts.n_prompts} prompts x {len(acts.sites)} sites x {list(acts.data)} -> {run.path}")
+    print(f"captured {acts.n_prompts} prompts x {len(acts.sites)} sites x {list(acts.data)} -> {run.final}")
     return 0
 
 
@@ -133,21 +146,26 @@ def plugin_stages() -> list[tuple[int, str, Callable[..., Any]]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from workbench.argtypes import one_line_errors, positive_int
+
     ap = argparse.ArgumentParser(prog="workbench", description="safety-subspace workbench")
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=positive_int, default=None,
                     help="torch CPU threads (default: torch's choice; use 1 when other jobs share the cores)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the model zoo, sizes, licenses and cache state")
     p.set_defaults(func=cmd_models)
 
+    from workbench.argtypes import position_list, positive_int
+
     p = sub.add_parser("capture", help="capture activations of a prompt set")
     add_model_args(p)
     p.add_argument("--prompts", required=True, help="builtin name (harmful, harmless, utility[:split]) or a file")
     p.add_argument("--layers", default="all", help="'all', '5', '0,3,-1', '4-10'")
     p.add_argument("--components", default="resid_post", help="comma list of resid_pre,resid_post,attn_out,mlp_out")
-    p.add_argument("--position", default="last", help="comma list: last, post_instruction, mean, all, or indices")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--position", default="last", type=position_list,
+                   help="comma list: last, post_instruction, mean, all, or indices")
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
@@ -164,7 +182,39 @@ def build_parser() -> argparse.ArgumentParser:
         reg = getattr(m, "register", None)
         if reg is not None:
             reg(sub)
-    return ap
+    return one_line_errors(ap)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command as one transaction: the run folders it opened are moved into place when it
+    returns 0, and discarded (earlier results kept) when it fails, returns non-zero or is interrupted."""
+    from workbench import runs
+
+    before = runs.open_runs()  # runs opened by an embedding program (a notebook) are not this command's
+    try:
+        rc = int(args.func(args) or 0)
+    except BaseException:
+        runs.abort_open_runs(exclude=before)
+        raise
+    if rc != 0:
+        runs.abort_open_runs(exclude=before)
+        return rc
+    for final in runs.commit_open_runs(exclude=before):
+        print(f"[workbench] run folder: {final}", file=sys.stderr)
+    return rc
+
+
+def _terminate_as_interrupt() -> Any:
+    """SIGTERM raises KeyboardInterrupt (main thread only), so cleanup runs and no staging folder is left."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,14 +231,18 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    previous = _terminate_as_interrupt()
     try:
-        rc = int(args.func(args) or 0)
+        rc = run_command(args)
     except WorkbenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted; unfinished run folders discarded (earlier results kept)", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if args.command not in ("models",):
         print(f"[workbench] {args.command} finished in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return rc

@@ -12,6 +12,7 @@ dequantised) and then load in seconds.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -35,6 +36,17 @@ DTYPES = {
     "fp16": torch.float16,
 }
 CONVERSION_VERSION = 1
+VALID_MODELS = ("a zoo key ({zoo}), a Hugging Face model folder (config.json, model.safetensors or sharded "
+                "*.safetensors with an index, tokenizer files), a .gguf file, or a hub id 'org/name' (online only)")
+
+
+def _valid_models() -> str:
+    return VALID_MODELS.format(zoo=", ".join(ZOO))
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 @dataclass
@@ -127,6 +139,97 @@ def parse_device(device: str | torch.device) -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise WorkbenchError(f"unsupported device '{device}'. Valid: cpu, cuda, cuda:N, mps")
     return dev
+
+
+def check_model_folder(folder: str | Path) -> Path:
+    """Refuse a folder that cannot be a Hugging Face model before transformers is asked to load it.
+
+    Checks: a ``config.json`` that parses as a JSON object, and weight files.
+    """
+    p = Path(folder)
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise WorkbenchError(f"{p} is a folder but has no config.json; expected {_valid_models()}")
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise WorkbenchError(f"{cfg} is not UTF-8 text; expected the JSON config of a Hugging Face model") from None
+    except json.JSONDecodeError as e:
+        raise WorkbenchError(f"{cfg} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); expected the "
+                             f"config of a Hugging Face model folder (fix or replace the file)") from None
+    except OSError as e:
+        raise WorkbenchError(f"could not read {cfg}: {e}") from None
+    if not isinstance(data, dict):
+        raise WorkbenchError(f"{cfg} is not a JSON object; expected the config.json written by save_pretrained of "
+                             f"a Hugging Face causal LM")
+    weights = [f for f in p.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".bin")
+                                                           or f.name.endswith((".safetensors.index.json",
+                                                                               ".bin.index.json")))]
+    if not weights:
+        raise WorkbenchError(f"{p} has a config.json but no weights: expected model.safetensors, sharded "
+                             f"*.safetensors with model.safetensors.index.json, or pytorch_model.bin")
+    return p
+
+
+def _check_gguf_file(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise WorkbenchError(f"could not read {path}: {e}") from None
+    if magic != b"GGUF":
+        raise WorkbenchError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); expected "
+                             f"{_valid_models()}")
+
+
+def _explain_load_error(what: str, e: Exception) -> WorkbenchError:
+    """A one-line WorkbenchError for an exception raised by transformers / torch / safetensors while loading."""
+    import pickle
+
+    import re
+
+    msg = re.sub(r"\x1b\[[0-9;]*m", "", _first_line(e)).rstrip(" .:")
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) or "Weights only load failed" in str(e):
+        return WorkbenchError(
+            f"could not load the model {what}: its pytorch_model.bin holds pickled Python objects besides tensors, "
+            f"which are refused because loading them could run code. Use safetensors weights (convert on a "
+            f"machine you trust with model.save_pretrained(..., safe_serialization=True))")
+    if what.endswith(".gguf"):
+        hint = "the GGUF file looks truncated or damaged (copy it again and check its sha256)"
+    else:
+        hint = (f"check that the weights and tokenizer files are complete and match config.json; expected "
+                f"{_valid_models()}")
+    return WorkbenchError(f"could not load the model {what} ({type(e).__name__}: {msg}); {hint}")
+
+
+def _load_checked(what: str, *a: Any, **kw: Any) -> tuple[Any, Any]:
+    """:func:`_load_hf` with every loading failure turned into a one-line :class:`WorkbenchError`."""
+    try:
+        return _load_hf(*a, **kw)
+    except WorkbenchError:
+        raise
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # transformers, torch, safetensors and the GGUF reader raise many kinds
+        raise _explain_load_error(what, e) from e
+
+
+def model_identity(name: str) -> tuple[str, str]:
+    """``(model_id, checksum)`` that :func:`load_model` records for ``name``, without loading the model.
+
+    A ``.safetensors`` file (or index file) stands for the folder holding it. Directions carry these two
+    values (see :mod:`workbench.vectors`), so their model can be checked before anything is loaded.
+    """
+    if name in ZOO:
+        return name, ZOO[name].sha256
+    p = Path(name).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return str(p.resolve()), sha256_file(p)
+    if p.is_file():
+        p = p.parent
+    if p.is_dir():
+        return str(p.resolve()), _weights_checksum(p)
+    raise WorkbenchError(f"unknown model '{name}'; expected {_valid_models()}")
 
 
 def _finish(model: Any) -> Any:
@@ -297,21 +400,28 @@ def load_model(
     if name in ZOO:
         entry = ZOO[name]
         folder = ensure_zoo_cache(name)
-        model, tok = _load_hf(str(folder), dt, dev, device_map, False, attn_implementation)
+        try:
+            model, tok = _load_hf(str(folder), dt, dev, device_map, False, attn_implementation)
+        except (KeyboardInterrupt, MemoryError, WorkbenchError):
+            raise
+        except Exception as e:
+            raise WorkbenchError(f"could not load the converted cache of zoo model '{name}' in {folder} "
+                                 f"({type(e).__name__}: {_first_line(e)}); delete that folder and the model is "
+                                 f"converted again from its verified GGUF") from e
         return LoadedModel(model, tok, name, entry.sha256, "zoo", entry.default_system_prompt)
     p = Path(name).expanduser()
     if p.exists():
         if p.is_file() and p.suffix == ".gguf":
-            model, tok = _load_hf(str(p.parent), dt, dev, device_map, trust_remote_code, attn_implementation,
-                                  gguf_file=p.name)
+            _check_gguf_file(p)
+            model, tok = _load_checked(str(p), str(p.parent), dt, dev, device_map, trust_remote_code,
+                                       attn_implementation, gguf_file=p.name)
             model.hf_quantizer = None
             return LoadedModel(model, tok, str(p.resolve()), sha256_file(p), "gguf")
         if p.is_dir():
-            if not (p / "config.json").exists():
-                raise WorkbenchError(f"{p} is a folder but has no config.json; expected a Hugging Face model folder")
-            model, tok = _load_hf(str(p), dt, dev, device_map, trust_remote_code, attn_implementation)
+            check_model_folder(p)
+            model, tok = _load_checked(str(p), str(p), dt, dev, device_map, trust_remote_code, attn_implementation)
             return LoadedModel(model, tok, str(p.resolve()), _weights_checksum(p), "local")
-        raise WorkbenchError(f"{p} exists but is neither a model folder nor a .gguf file")
+        raise WorkbenchError(f"{p} exists but is neither a model folder nor a .gguf file; expected {_valid_models()}")
     looks_like_hub = "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1
     if not looks_like_hub:
         raise WorkbenchError(

@@ -19,7 +19,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from workbench.backends.base import Backend
-from workbench.chat import ChatFormat, encode
+from workbench.chat import ChatFormat
 from workbench.errors import WorkbenchError
 from workbench.generation import batches, generate_texts, map_last_logits
 from workbench.interventions import Intervention

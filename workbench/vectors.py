@@ -101,9 +101,15 @@ def load_directions(path: str | Path) -> list[Direction]:
     """Read directions written by :func:`save_directions`."""
     from safetensors import safe_open
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise WorkbenchError(f"no such vector file: {path}")
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.safetensors") if p.is_file())
+        hint = (f"; it holds {', '.join(found[:6])}{' ...' if len(found) > 6 else ''}" if found else "")
+        raise WorkbenchError(f"{path} is a folder, not a direction file: give the .safetensors file written by "
+                             f"'steer extract' (directions.safetensors), 'steer select' (selected_direction.safetensors) "
+                             f"or 'probe' (probe_directions.safetensors){hint}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -118,8 +124,26 @@ def load_directions(path: str | Path) -> list[Direction]:
     except WorkbenchError:
         raise
     except Exception as e:
-        raise WorkbenchError(f"could not read {path} as a safetensors direction file: {e}") from e
+        raise WorkbenchError(f"could not read {path} as a safetensors direction file ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'}); give a file "
+                             f"written by 'steer extract', 'steer select' or 'probe'") from e
+    if not out:
+        raise WorkbenchError(f"{path} holds no directions")
     return out
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What :meth:`Direction.check_compatible` needs of a model, for checks before (or without) loading it.
+
+    >>> ModelIdentity("m", "c", d_model=4, n_layers=2).d_model
+    4
+    """
+
+    model_id: str
+    checksum: str
+    d_model: int
+    n_layers: int
 
 
 def pick(directions: Sequence[Direction], layer: int | None = None, method: str | None = None) -> Direction:
@@ -131,4 +155,4 @@ def pick(directions: Sequence[Direction], layer: int | None = None, method: str 
     return c[0]
 
 
-__all__ = ["Direction", "save_directions", "load_directions", "pick", "asdict"]
+__all__ = ["Direction", "ModelIdentity", "save_directions", "load_directions", "pick", "asdict"]
