@@ -53,16 +53,21 @@ def evaluate_conditions(
     harmless: Sequence[str],
     tasks: tuple[Sequence[str], Sequence[str]] | None = None,
     max_new_tokens: int = 32,
-    batch_size: int = 8,
-    perplexity_tokens: int = 32,
+    batch_size: int | None = None,
     n_boot: int = 1000,
     seed: int = 0,
     progress: bool = True,
 ) -> Evaluation:
-    """Generate and score every condition. The unmodified model is always evaluated first (reference)."""
+    """Generate and score every condition. The unmodified model is always evaluated first (reference).
+
+    Generation batches are sized for the machine unless ``batch_size`` is given. Work is not repeated:
+    when ``harmful`` and ``harmless`` are the same prompts they are generated and scored once, and the
+    perplexity reference text is the unmodified model's own harmless completions from the same pass.
+    """
     conds = list(conditions)
     if not conds or conds[0].interventions:
         conds = [Condition("unmodified")] + conds
+    same = list(harmful) == list(harmless)
     ref_logp = next_token_logprobs(backend, harmless, fmt, batch_size=16)
     ppl_texts: list[str] | None = None
     summary, rows = [], []
@@ -70,14 +75,14 @@ def evaluate_conditions(
         tag = c.name
         gh = generate_texts(backend, harmful, fmt, max_new_tokens=max_new_tokens, interventions=c.interventions,
                             batch_size=batch_size, progress=f"{tag}: harmful" if progress else False)
-        gb = generate_texts(backend, harmless, fmt, max_new_tokens=max_new_tokens, interventions=c.interventions,
-                            batch_size=batch_size, progress=f"{tag}: harmless" if progress else False)
+        gb = gh if same else generate_texts(backend, harmless, fmt, max_new_tokens=max_new_tokens,
+                                            interventions=c.interventions, batch_size=batch_size,
+                                            progress=f"{tag}: harmless" if progress else False)
         sh = refusal_scores(backend, harmful, fmt, interventions=c.interventions)
-        sb = refusal_scores(backend, harmless, fmt, interventions=c.interventions)
+        sb = sh if same else refusal_scores(backend, harmless, fmt, interventions=c.interventions)
         kl = kl_divergence(backend, harmless, fmt, interventions=c.interventions, reference=ref_logp)
         if ppl_texts is None:  # the unmodified model's own completions are the perplexity reference text
-            ppl_texts = generate_texts(backend, harmless, fmt, max_new_tokens=perplexity_tokens, batch_size=batch_size) \
-                if perplexity_tokens != max_new_tokens else gb
+            ppl_texts = gb
         nll = completion_nll(backend, harmless, ppl_texts, fmt, interventions=c.interventions)
         fh, fb = [is_refusal(t) for t in gh], [is_refusal(t) for t in gb]
         r_h, r_h_lo, r_h_hi = _rate(fh, n_boot, seed)

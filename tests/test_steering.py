@@ -256,7 +256,7 @@ def test_evaluate_conditions_on_a_tiny_model(make_tiny):
              Condition("add", addition(d, 4.0), {"mode": "addition", "layer": 1, "alpha": 4.0, "control": False})]
     tasks = (["What is 2 + 2?", "What is 3 + 4?"], ["4", "7"])
     ev = evaluate_conditions(be, FMT, conds, harmful=HARMFUL, harmless=HARMLESS, tasks=tasks, max_new_tokens=3,
-                             perplexity_tokens=3, n_boot=50, progress=False)
+                             n_boot=50, progress=False)
     assert [r["condition"] for r in ev.summary] == ["unmodified", "ablate", "add"]
     assert ev.summary[1]["info_mode"] == "ablation" and ev.summary[2]["info_alpha"] == 4.0
     for row in ev.summary:
@@ -289,7 +289,7 @@ def test_evaluate_conditions_on_a_tiny_model(make_tiny):
 
     # an explicit unmodified first condition is not duplicated
     ev2 = run_sweep(be, FMT, [Condition("base")], harmful=HARMFUL[:1], harmless=HARMLESS[:1], max_new_tokens=2,
-                    perplexity_tokens=2, n_boot=10, progress=False)
+                    n_boot=10, progress=False)
     assert [r["condition"] for r in ev2.summary] == ["base"]
     with pytest.raises(WorkbenchError, match="no conditions"):
         run_sweep(be, FMT, [])
@@ -309,7 +309,7 @@ def test_evaluate_conditions_rates_with_a_stubbed_generator(make_tiny, monkeypat
     monkeypatch.setattr(steering.evaluate, "generate_texts", fake_generate)
     d = _rand_direction(lm)
     ev = evaluate_conditions(be, FMT, [Condition("ablate", ablation(d, lm.n_layers))], harmful=HARMFUL,
-                             harmless=HARMLESS, max_new_tokens=3, perplexity_tokens=5, n_boot=200, progress=False)
+                             harmless=HARMLESS, max_new_tokens=3, n_boot=200, progress=False)
     base, abl = ev.summary
     assert base["harmful_refusal_rate"] == pytest.approx(2 / 3)
     assert base["harmless_refusal_rate"] == pytest.approx(2 / 3)
@@ -319,8 +319,15 @@ def test_evaluate_conditions_rates_with_a_stubbed_generator(make_tiny, monkeypat
         _check_rates(row)
     flags = [r["refusal_phrase"] for r in ev.per_prompt if r["condition"] == "unmodified" and r["set"] == "harmful"]
     assert flags == [True, False, True]
-    # the perplexity reference text is generated once, unmodified, with perplexity_tokens
-    assert [c for c in calls if c[1] == 5] == [(HARMLESS, 5, 0)]
+    # nothing is generated twice: each condition generates each set once, and the perplexity reference
+    # text is the unmodified model's own harmless completions from that same pass
+    k = len(ablation(d, lm.n_layers))
+    assert calls == [(HARMFUL, 3, 0), (HARMLESS, 3, 0), (HARMFUL, 3, k), (HARMLESS, 3, k)]
+    # the same prompts as both sets (steer generate): one generation per condition
+    calls.clear()
+    evaluate_conditions(be, FMT, [Condition("ablate", ablation(d, lm.n_layers))], harmful=HARMFUL,
+                        harmless=list(HARMFUL), max_new_tokens=3, n_boot=20, progress=False)
+    assert calls == [(HARMFUL, 3, 0), (HARMFUL, 3, k)]
     ref_text = fake_generate(be, HARMLESS)
     assert base["perplexity"] == pytest.approx(perplexity(completion_nll(be, HARMLESS, ref_text, FMT)), rel=1e-4)
 

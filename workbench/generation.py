@@ -42,12 +42,59 @@ def batches(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | None, ba
         yield idx, encode(lm.tokenizer, [prompts[i] for i in idx], fmt)
 
 
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 4 << 30
+
+
+def auto_batch_size(backend: Backend, n_prompts: int, max_tokens: int, *, cap: int = 128,
+                    budget_bytes: int | None = None) -> int:
+    """The widest generation batch that fits a memory budget (default: a quarter of the available RAM,
+    at most 8 GiB), at most ``cap`` and ``n_prompts`` rows.
+
+    Decoding on a CPU is memory-bound: a decode step at batch 64 costs little more than at batch 8, so
+    wide batches are nearly free. Per row the estimate counts the KV cache (2 x layers x KV heads x head
+    dim x ``max_tokens``) and the eager attention scores of one layer at prefill (heads x ``max_tokens``^2),
+    in the model's dtype, times 2 for transient copies.
+
+    >>> from workbench.tiny import build_tiny
+    >>> from workbench.loading import from_memory
+    >>> from workbench.backends import get_backend
+    >>> auto_batch_size(get_backend("native", from_memory(*build_tiny("llama"))), 40, 96)
+    40
+    """
+    cfg = backend.lm.model.config
+    cfg = getattr(cfg, "text_config", cfg)
+    layers = int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 1))
+    heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1))
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    d = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 64))
+    head_dim = int(getattr(cfg, "head_dim", None) or max(1, d // heads))
+    elem = torch.finfo(backend.lm.dtype).bits // 8 if backend.lm.dtype.is_floating_point else 4
+    per_row = 2 * (2 * layers * kv * head_dim * max_tokens + heads * max_tokens * max_tokens + 4 * d * max_tokens) * elem
+    budget = budget_bytes if budget_bytes is not None else min(_available_bytes() // 4, 8 << 30)
+    return int(max(1, min(cap, n_prompts, budget // max(1, per_row))))
+
+
 def generate_texts(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | None = None, *,
-                   max_new_tokens: int = 64, interventions: Sequence[Intervention] = (), batch_size: int = 8,
-                   do_sample: bool = False, seed: int = 0, progress: bool | str = False) -> list[str]:
-    """Generate a completion for every prompt (greedy by default) under the given interventions."""
+                   max_new_tokens: int = 64, interventions: Sequence[Intervention] = (),
+                   batch_size: int | None = None, do_sample: bool = False, seed: int = 0,
+                   progress: bool | str = False) -> list[str]:
+    """Generate a completion for every prompt (greedy by default) under the given interventions.
+
+    ``batch_size=None`` (default) sizes the batches for the machine (:func:`auto_batch_size`); a batch
+    stops as soon as every row has ended."""
     if max_new_tokens < 1:
         raise WorkbenchError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size is None:
+        longest = max((len(t) for t in prompts), default=1) // 2 + 64  # a cheap upper bound on prompt tokens
+        batch_size = auto_batch_size(backend, len(prompts), longest + max_new_tokens)
     out: list[str] = [""] * len(prompts)
     for idx, b in batches(backend, prompts, fmt, batch_size, progress):
         toks = backend.generate(b, max_new_tokens=max_new_tokens, interventions=interventions, do_sample=do_sample,

@@ -119,11 +119,42 @@ def from_memory(model: Any, tokenizer: Any, model_id: str = "in-memory") -> Load
     return LoadedModel(model, tokenizer, model_id, h.hexdigest(), "memory")
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def auto_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """``--dtype auto``: bfloat16 on a GPU that supports it or a CPU with native bf16 (AVX512-BF16 / AMX),
+    float32 elsewhere. Only for forward passes and generation; weight deltas, SVDs and projections stay fp32.
+
+    >>> auto_dtype("cpu") in (torch.bfloat16, torch.float32)
+    True
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if dev.type == "cpu":
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.float32
+
+
+def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A torch dtype from a name (``float32``, ``bfloat16``, ``float16``, or ``auto``: see :func:`auto_dtype`)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return auto_dtype(device)
     if dtype not in DTYPES:
-        raise WorkbenchError(f"unknown dtype '{dtype}'. Valid: {', '.join(DTYPES)}")
+        raise WorkbenchError(f"unknown dtype '{dtype}'. Valid: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -395,8 +426,8 @@ def load_model(
     the same attention kind (transformer-lens forces eager anyway); pass ``"sdpa"`` for speed.
     """
     name = name or DEFAULT_MODEL
-    dt = parse_dtype(dtype)
     dev = parse_device(device)
+    dt = parse_dtype(dtype, dev)
     if name in ZOO:
         entry = ZOO[name]
         folder = ensure_zoo_cache(name)

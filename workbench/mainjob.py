@@ -7,6 +7,7 @@ Later stages (probe sweep, overlap, steering, ...) are added by the plugin packa
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -106,7 +107,9 @@ def run_main(args: argparse.Namespace, stages: list[tuple[int, str, Callable[[Ma
     if prev.exists() and any(prev.iterdir()) and not is_run_folder(prev):
         raise WorkbenchError(f"{prev} exists and is not a workbench run folder; move it away (the main job keeps "
                              f"the previous results there)")
+    t0 = time.perf_counter()
     lm = load_from_args(args)
+    t_load = time.perf_counter() - t0
     sp = args.system_prompt
     if sp is None or sp == "default":
         sp = lm.default_system_prompt
@@ -117,15 +120,28 @@ def run_main(args: argparse.Namespace, stages: list[tuple[int, str, Callable[[Ma
     run.record_model(lm)
     ctx = MainContext(args, lm, fmt, run, args.quick)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    print(f"[workbench] main job on {lm.model_id} -> {run.final} (staged in {run.path})")
-    core_stage(ctx)
+    print(f"[workbench] main job on {lm.model_id} ({lm.dtype}) -> {run.final} (staged in {run.path})")
+    times: list[dict[str, Any]] = [{"stage": "load_model", "seconds": round(t_load, 2), "status": "ran"}]
+
+    def timed(name: str, fn: Callable[[MainContext], Any]) -> None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn(ctx)
+        times.append({"stage": name, "seconds": round(time.perf_counter() - t0, 2),
+                      "cpu_seconds": round(time.process_time() - c0, 2), "status": "ran"})
+        run.write_json("stage_times.json", {"stages": times, "dtype": str(lm.dtype).replace("torch.", ""),
+                                            "torch_threads": torch.get_num_threads(),
+                                            "total_seconds": round(sum(t["seconds"] for t in times), 2)})
+
+    timed("core", core_stage)
     for _, name, fn in stages:
         short = name.split(".")[0]
         if short in skip:
             print(f"[workbench] skipping stage {short}")
+            times.append({"stage": short, "seconds": 0.0, "status": "skipped"})
             continue
         print(f"\n[workbench] stage: {short}")
-        fn(ctx)
+        timed(short, fn)
+    print("\n[workbench] stage times: " + ", ".join(f"{t['stage']} {t['seconds']:.0f} s" for t in times))
     final = run.commit()
     print(f"\n[workbench] results in {final}")
     return 0
