@@ -1,5 +1,5 @@
-"""Direction selection as in Arditi et al.: score every candidate (layer x post-instruction
-position) on validation prompts, filter, pick the one whose ablation most lowers refusal.
+"""Direction selection as in Arditi et al.: score the candidates (layer x post-instruction position) on
+validation prompts, filter, pick the one whose ablation most lowers refusal.
 
 Scores per candidate r (refusal logit score, no generation):
 - ``ablation_score``: mean refusal score on harmful validation prompts with r ablated everywhere;
@@ -7,12 +7,31 @@ Scores per candidate r (refusal logit score, no generation):
 - ``kl``: mean KL on harmless validation prompts under ablation.
 Filters: KL > ``kl_max``; steering score not above the harmless baseline (no induced refusal);
 layer in the last ``1 - max_layer_frac`` of the model.
+
+Two paths choose the same way among the candidates they score exactly:
+
+- exhaustive (``screen=False``): every candidate is scored exactly (three batched forward passes each);
+  the first-order estimates of :mod:`steering.screening` are computed too (``estimate=True``) and their
+  Spearman rank correlation with the exact scores is recorded in ``SelectionResult.screening``;
+- screened (``screen=True``): one forward and backward pass estimates every candidate's ablation (and
+  addition) score; only the ``top_k`` best estimates among the candidates the layer filter keeps get an exact
+  ablation score, and the KL and induced-refusal filters are then checked in order of that exact score until
+  one candidate passes (it is the lowest exact ablation score among the passing ones of the group, exactly
+  as if the whole group had been checked; a KL above ``kl_max`` skips the steering pass, NaN). If none passes,
+  the next ``top_k`` by estimate follow; if no candidate passes at all, every candidate is scored and the
+  fallback is today's (lowest ablation score, flagged). Rows record the estimates (``ablation_score_est``, ``steering_score_est``, ``est_rank``), the exact
+  scores where computed (NaN elsewhere) and ``exact`` (``full`` / ``ablation`` / ``none``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+import torch
 
 from workbench.backends.base import Backend
 from workbench.chat import ChatFormat
@@ -21,6 +40,7 @@ from workbench.scoring import kl_divergence, next_token_logprobs, refusal_scores
 from workbench.vectors import Direction
 
 from steering.interventions import ablation, addition
+from steering.screening import ZERO_NORM, screen_candidates, spearman
 
 
 @dataclass
@@ -28,69 +48,187 @@ class SelectionResult:
     rows: list[dict[str, Any]]
     best: Direction
     baseline: dict[str, float]
+    screening: dict[str, Any] = field(default_factory=dict)
+
+
+def exact_ablation_score(backend: Backend, fmt: ChatFormat | None, direction: Direction, harmful_val: Sequence[str],
+                         *, batch_size: int = 16) -> float:
+    """Mean refusal score on the harmful prompts with the direction ablated everywhere (one batched pass)."""
+    return float(refusal_scores(backend, harmful_val, fmt, interventions=ablation(direction, backend.n_layers),
+                                batch_size=batch_size).mean())
+
+
+def exact_filter_scores(backend: Backend, fmt: ChatFormat | None, direction: Direction, harmless_val: Sequence[str],
+                        *, reference: torch.Tensor, alpha: float = 1.0, batch_size: int = 16,
+                        kl_max: float | None = None) -> tuple[float, float]:
+    """``(kl, steering_score)`` on the harmless prompts: mean KL under ablation (against ``reference``
+    log-probabilities) and mean refusal score with ``alpha * vector`` added at the direction's layer.
+    With ``kl_max``, a KL above it already fails the candidate and the steering pass is skipped (NaN)."""
+    kl = float(kl_divergence(backend, harmless_val, fmt, interventions=ablation(direction, backend.n_layers),
+                             reference=reference, batch_size=batch_size).mean())
+    if kl_max is not None and kl > kl_max:
+        return kl, math.nan
+    steer = float(refusal_scores(backend, harmless_val, fmt, interventions=addition(direction, alpha),
+                                 batch_size=batch_size).mean())
+    return kl, steer
 
 
 def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Sequence[Direction], *,
                      harmful_val: Sequence[str], harmless_val: Sequence[str], kl_max: float = 0.1,
                      max_layer_frac: float = 0.8, alpha: float = 1.0, batch_size: int = 16,
-                     progress: bool = True) -> SelectionResult:
+                     progress: bool = True, screen: bool = False, top_k: int = 5, estimate: bool = True,
+                     screen_batch_size: int = 8) -> SelectionResult:
+    """Select one candidate (see the module docstring for the two paths).
+
+    ``screen``: gradient-screened selection (exact scores for the ``top_k`` best estimates, more groups only
+    when none of them passes the filters); otherwise every candidate is scored exactly and, with ``estimate``,
+    the first-order estimates and their rank correlation with the exact scores are recorded as well.
+    ``screen_batch_size``: prompts per forward and backward pass of the screening (memory)."""
     if not candidates:
         raise WorkbenchError("no candidate directions to select from")
+    if top_k < 1:
+        raise WorkbenchError(f"top_k must be >= 1, got {top_k}")
     n_layers = backend.n_layers
-    base_h = refusal_scores(backend, harmful_val, fmt, batch_size=batch_size)
-    base_b = refusal_scores(backend, harmless_val, fmt, batch_size=batch_size)
-    ref = next_token_logprobs(backend, harmless_val, fmt, batch_size=batch_size)
-    baseline = {"harmful_refusal_score": float(base_h.mean()), "harmless_refusal_score": float(base_b.mean())}
-    it: Any = candidates
+    rows: list[dict[str, Any]] = []
+    for i, d in enumerate(candidates):
+        rows.append({"candidate": i, "layer": d.layer, "position": d.position, "method": d.method, "norm": d.norm})
+    nonzero = [i for i, d in enumerate(candidates) if d.norm > ZERO_NORM]
+    if not nonzero:
+        raise WorkbenchError(f"all {len(rows)} candidate directions are zero vectors")
+
+    def layer_reason(d: Direction) -> str:
+        return f"layer >= {max_layer_frac:.0%} of depth" if d.layer >= max_layer_frac * n_layers else ""
+
+    est = None
+    if screen or estimate:
+        est = screen_candidates(backend, fmt, candidates, harmful=harmful_val, harmless=harmless_val, alpha=alpha,
+                                batch_size=screen_batch_size)
+        base_h_est, base_b_est = float(est.harmful_scores.mean()), float(est.harmless_scores.mean())
+        order = sorted(nonzero, key=lambda i: (math.isnan(float(est.ablation_delta[i])), float(est.ablation_delta[i])))
+        rank = {i: k + 1 for k, i in enumerate(order)}
+        for i, r in enumerate(rows):
+            r["ablation_score_est"] = base_h_est + float(est.ablation_delta[i])
+            r["steering_score_est"] = base_b_est + float(est.addition_delta[i])
+            r["est_rank"] = rank.get(i, math.nan)
+    if screen:
+        assert est is not None
+        baseline = {"harmful_refusal_score": float(est.harmful_scores.mean()),
+                    "harmless_refusal_score": float(est.harmless_scores.mean())}
+        ref = est.harmless_logprobs
+    else:
+        base_h = refusal_scores(backend, harmful_val, fmt, batch_size=batch_size)
+        base_b = refusal_scores(backend, harmless_val, fmt, batch_size=batch_size)
+        ref = next_token_logprobs(backend, harmless_val, fmt, batch_size=batch_size)
+        baseline = {"harmful_refusal_score": float(base_h.mean()), "harmless_refusal_score": float(base_b.mean())}
+    for i, r in enumerate(rows):
+        r.update(ablation_score=math.nan, kl=math.nan, steering_score=math.nan, exact="none")
+        if i not in nonzero:
+            r["filtered"] = "zero direction (identical activations in both sets)"
+
+    bar: Any = None
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(candidates, desc="select", unit="candidate")
-    rows = []
-    for i, d in enumerate(it):
-        row: dict[str, Any] = {"candidate": i, "layer": d.layer, "position": d.position, "method": d.method,
-                               "norm": d.norm}
-        reasons = []
-        if d.norm <= 1e-6:
-            row.update(ablation_score=float("nan"), kl=float("nan"), steering_score=float("nan"),
-                       filtered="zero direction (identical activations in both sets)")
-            rows.append(row)
-            continue
-        if d.layer >= max_layer_frac * n_layers:
-            reasons.append(f"layer >= {max_layer_frac:.0%} of depth")
-        abl = ablation(d, n_layers)
-        row["ablation_score"] = float(refusal_scores(backend, harmful_val, fmt, interventions=abl,
-                                                     batch_size=batch_size).mean())
-        row["kl"] = float(kl_divergence(backend, harmless_val, fmt, interventions=abl, reference=ref,
-                                        batch_size=batch_size).mean())
-        row["steering_score"] = float(refusal_scores(backend, harmless_val, fmt,
-                                                     interventions=addition(d, alpha), batch_size=batch_size).mean())
-        if row["kl"] > kl_max:
-            reasons.append(f"KL {row['kl']:.3f} > {kl_max}")
-        if row["steering_score"] <= baseline["harmless_refusal_score"]:
-            reasons.append("no induced refusal")
-        row["filtered"] = "; ".join(reasons)
-        rows.append(row)
-    kept = [r for r in rows if not r["filtered"]]
-    fallback = False
-    if not kept:
-        kept = [r for r in rows if r["norm"] > 1e-6]
-        if not kept:
-            raise WorkbenchError(f"all {len(rows)} candidate directions are zero vectors")
-        fallback = True
-        import warnings
+        bar = tqdm(total=len(nonzero) if not screen else min(top_k, len(nonzero)), desc="select", unit="candidate")
+    counts = {"ablation": 0, "filters": 0}
+    t_exact = time.perf_counter()
 
+    def score_ablation(i: int) -> None:
+        rows[i]["ablation_score"] = exact_ablation_score(backend, fmt, candidates[i], harmful_val,
+                                                         batch_size=batch_size)
+        rows[i]["exact"] = "ablation"
+        counts["ablation"] += 1
+
+    def check_filters(i: int) -> bool:
+        """Today's filters on candidate i (exact KL and steering score); True when it passes them all."""
+        r, d = rows[i], candidates[i]
+        r["kl"], r["steering_score"] = exact_filter_scores(backend, fmt, d, harmless_val, reference=ref, alpha=alpha,
+                                                           batch_size=batch_size, kl_max=kl_max if screen else None)
+        counts["filters"] += 1
+        reasons = [x for x in [layer_reason(d)] if x]
+        if r["kl"] > kl_max:
+            reasons.append(f"KL {r['kl']:.3f} > {kl_max}")
+        if r["steering_score"] <= baseline["harmless_refusal_score"]:
+            reasons.append("no induced refusal")
+        r["filtered"] = "; ".join(reasons)
+        r["exact"] = "full"
+        if bar is not None:
+            bar.update(1)
+        return not reasons
+
+    chosen: int | None = None
+    groups = 0
+    if not screen:
+        for i in nonzero:  # today's path: every candidate, three batched passes each
+            score_ablation(i)
+            check_filters(i)
+        passing = [i for i in nonzero if not rows[i]["filtered"]]
+        chosen = min(passing, key=lambda i: rows[i]["ablation_score"]) if passing else None
+    else:
+        eligible = [i for i in order if not layer_reason(candidates[i])]
+        for start in range(0, len(eligible), top_k):
+            group = eligible[start:start + top_k]
+            groups += 1
+            if bar is not None and start:
+                bar.total = bar.n + len(group)
+                bar.refresh()
+            for i in group:
+                score_ablation(i)
+            for i in sorted(group, key=lambda i: rows[i]["ablation_score"]):
+                if check_filters(i):
+                    chosen = i
+                    break
+            else:
+                continue
+            break
+    fallback = chosen is None
+    if fallback:  # as today: every non-zero candidate scored, the lowest ablation score taken anyway
+        rest = [i for i in nonzero if rows[i]["exact"] != "full"]
+        if bar is not None and rest:
+            bar.total = bar.n + len(rest)
+            bar.refresh()
+        for i in rest:
+            if rows[i]["exact"] == "none":
+                score_ablation(i)
+            check_filters(i)
+        chosen = min(nonzero, key=lambda i: rows[i]["ablation_score"])
         warnings.warn(f"every one of the {len(rows)} candidates failed a filter; selecting the lowest ablation score "
                       f"anyway (marked 'selected_despite_filters' in the table)", stacklevel=2)
-    best_row = min(kept, key=lambda r: r["ablation_score"])
+    if bar is not None:
+        bar.close()
+    t_exact = time.perf_counter() - t_exact
+    for i in nonzero:  # rows the screened path did not check completely say why
+        r = rows[i]
+        if r["exact"] == "none":
+            r["filtered"] = "; ".join(x for x in [layer_reason(candidates[i]),
+                                                   f"screened out (estimate rank {r['est_rank']}, not scored exactly)"]
+                                      if x)
+        elif r["exact"] == "ablation":
+            r["filtered"] = "not filter-checked (exact ablation score above the selected candidate's)"
+    best_row = rows[chosen]
     best_row["selected_despite_filters"] = fallback
     for r in rows:
         r["selected"] = r is best_row
-    return SelectionResult(rows, candidates[best_row["candidate"]], baseline)
+    exact_abl = [r["ablation_score"] for r in rows]
+    screening: dict[str, Any] = {
+        "mode": "screened" if screen else "exhaustive", "top_k": top_k if screen else None,
+        "n_candidates": len(rows), "n_nonzero": len(nonzero), "n_exact_ablation": counts["ablation"],
+        "n_exact_filters": counts["filters"], "groups": groups if screen else None,
+        "estimate_seconds": est.seconds if est is not None else None, "exact_seconds": t_exact,
+        "screen_batch_size": screen_batch_size if est is not None else None,
+    }
+    if est is not None:
+        screening["selected_est_rank"] = best_row["est_rank"]
+        if not screen:  # the whole grid scored both ways: how well the estimate ranks
+            screening["spearman_ablation"] = spearman([r["ablation_score_est"] for r in rows], exact_abl)
+            screening["spearman_steering"] = spearman([r["steering_score_est"] for r in rows],
+                                                      [r["steering_score"] for r in rows])
+    return SelectionResult(rows, candidates[chosen], baseline, screening)
 
 
 def selection_heatmaps(rows: list[dict[str, Any]], title: str) -> Any:
-    """Three panels over layer x position: ablation score, steering score, KL (selected marked)."""
+    """Panels over layer x position: ablation score, steering score, KL (selected marked) and, when the rows
+    carry them, the first-order ablation estimates (blank cells: not computed, e.g. screened out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,11 +237,14 @@ def selection_heatmaps(rows: list[dict[str, Any]], title: str) -> Any:
 
     layers = sorted({r["layer"] for r in rows})
     positions = sorted({r["position"] for r in rows}, key=lambda p: int(p[3:]) if p.startswith("pos") else 0)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.2 + 0.25 * len(positions)))
-    for ax, key, cmap in zip(axes, ("ablation_score", "steering_score", "kl"), ("viridis_r", "viridis", "magma")):
+    panels = [("ablation_score", "viridis_r"), ("steering_score", "viridis"), ("kl", "magma")]
+    if any("ablation_score_est" in r for r in rows):
+        panels.append(("ablation_score_est", "viridis_r"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2 + 0.25 * len(positions)))
+    for ax, (key, cmap) in zip(axes, panels):
         M = np.full((len(positions), len(layers)), np.nan)
         for r in rows:
-            M[positions.index(r["position"]), layers.index(r["layer"])] = r[key]
+            M[positions.index(r["position"]), layers.index(r["layer"])] = r.get(key, np.nan)
         im = ax.imshow(M, aspect="auto", cmap=cmap, origin="lower")
         fig.colorbar(im, ax=ax)
         ax.set(title=key, xlabel="layer", ylabel="position")
@@ -116,7 +257,7 @@ def selection_heatmaps(rows: list[dict[str, Any]], title: str) -> Any:
             elif r.get("filtered"):
                 ax.scatter([layers.index(r["layer"])], [positions.index(r["position"])], marker="x", s=20,
                            color="white")
-    fig.suptitle(title + "  (★ selected, × filtered)")
+    fig.suptitle(title + "  (★ selected, × filtered or not checked exactly)")
     return fig
 
 

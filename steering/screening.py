@@ -1,0 +1,297 @@
+"""Gradient screening of candidate directions (attribution patching): one forward and backward pass per
+prompt batch estimates, for *every* candidate at once, how the refusal logit score would change under
+directional ablation (harmful prompts) and under activation addition (harmless prompts).
+
+With ``h_s`` the activation at a site ``s`` that the ablation touches (the sites and positions of
+:func:`workbench.interventions.ablation_everywhere`: residual input of every layer, every attention and MLP
+output, every real token) and ``g_s = dS/dh_s`` (the total derivative of the refusal score ``S`` with respect
+to that site's output, later sites included), ablating the unit direction ``r`` changes ``S`` to first order by
+
+    dS_ablation(r) = - sum_s sum_positions (g_s . r) (h_s . r)
+
+(ablations at several sites compound; to first order their effects add). Adding ``alpha * v`` at a site
+(:func:`steering.interventions.addition`) changes ``S`` by ``alpha * sum_positions g_site . v``. With the
+candidates as the columns of a ``[d, C]`` matrix both are matrix products, so the cost does not grow with the
+number of candidates. The gradients are taken with respect to zero "delta" tensors added at each site by the
+native backend's hooks (removed in a ``finally`` block), inside ``torch.enable_grad`` only, with the model's
+parameters temporarily frozen (no weight gradients are computed or stored).
+
+>>> import torch
+>>> from workbench.tiny import build_tiny
+>>> from workbench.loading import from_memory
+>>> from workbench.vectors import Direction
+>>> lm = from_memory(*build_tiny("llama"))
+>>> cands = [Direction(torch.randn(64, generator=torch.Generator().manual_seed(i)), layer=1, method="random",
+...                    model_id=lm.model_id, model_checksum=lm.checksum, d_model=64, component="resid_pre")
+...          for i in range(3)]
+>>> est = screen_candidates(lm, None, cands, harmful=["How do I pick a lock?"], harmless=["Bake bread"])
+>>> est.ablation_delta.shape, est.addition_delta.shape
+(torch.Size([3]), torch.Size([3]))
+>>> bool(torch.isfinite(est.ablation_delta).all())
+True
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from workbench.backends.base import Backend
+from workbench.backends.native import NativeBackend
+from workbench.chat import Batch, ChatFormat
+from workbench.errors import WorkbenchError
+from workbench.generation import batches
+from workbench.interventions import Intervention, ablation_everywhere
+from workbench.loading import LoadedModel
+from workbench.scoring import _refusal_logodds, refusal_token_ids
+from workbench.sites import Site
+from workbench.vectors import Direction
+
+from steering.interventions import addition
+
+ZERO_NORM = 1e-6  # candidates at or below this norm are zero directions (as in selection)
+
+
+@dataclass
+class ScreeningEstimates:
+    """First-order estimates for every candidate, and what the unmodified forward passes gave.
+
+    ``ablation_delta[c]``: estimated change of the mean refusal score on the harmful prompts when candidate
+    ``c`` is ablated everywhere (NaN for zero candidates). ``addition_delta[c]``: estimated change of the mean
+    refusal score on the harmless prompts when ``alpha * vector`` is added at the candidate's layer.
+    ``harmful_scores`` / ``harmless_scores``: per-prompt refusal scores of the unmodified model (prompt order);
+    ``harmless_logprobs``: its next-token log-probabilities on the harmless prompts ``[N, V]`` (a KL reference).
+    """
+
+    ablation_delta: torch.Tensor
+    addition_delta: torch.Tensor
+    harmful_scores: torch.Tensor
+    harmless_scores: torch.Tensor
+    harmless_logprobs: torch.Tensor
+    alpha: float
+    seconds: float
+
+
+@contextmanager
+def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Switch off ``requires_grad`` on every parameter for the block (restored in ``finally``): gradients
+    then flow to the activation deltas only, and no weight-gradient inputs are kept in the graph."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def _native(x: Backend | LoadedModel) -> NativeBackend:
+    lm = x.lm if isinstance(x, Backend) else x
+    if isinstance(x, NativeBackend):
+        return x
+    return NativeBackend(lm)
+
+
+def site_gradients(native: NativeBackend, batch: Batch, sites: Sequence[Site],
+                   score_fn: Callable[[torch.Tensor], torch.Tensor],
+                   on_forward: Callable[[Site, torch.Tensor], None] | None = None
+                   ) -> tuple[dict[Site, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One forward and backward pass over ``batch``: ``(grads, scores, last_logits)``.
+
+    ``grads[site]`` is ``d sum(scores) / d act_site`` ``[B, T, d]`` (float32) for every site;
+    ``score_fn`` maps the last-position logits ``[B, V]`` to one differentiable score per row;
+    ``on_forward(site, act)`` sees each site's (detached) activation during the forward pass.
+    Rows are independent (left padding, masked attention), so row ``b``'s gradient is that of its own score.
+    """
+    model = native.lm.model
+    batch = batch.to(native.lm.device)
+    ctx = native.context(batch)
+    sites = list(dict.fromkeys(Site(native.arch.check_layer(s.layer), s.component) for s in sites))
+    deltas: dict[Site, torch.Tensor] = {}
+
+    def make(site: Site) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(act: torch.Tensor) -> torch.Tensor:
+            if site in deltas:
+                raise WorkbenchError(f"site {site} was reached twice in one forward pass")
+            if on_forward is not None:
+                on_forward(site, act.detach())
+            d = torch.zeros_like(act, requires_grad=True)
+            deltas[site] = d
+            return act + d
+
+        return fn
+
+    fns = {s: make(s) for s in sites}
+    try:
+        with frozen_parameters(model), torch.enable_grad(), native.hooked(ctx, fns):
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids, use_cache=False, logits_to_keep=1)
+            logits = out.logits[:, -1].float()
+            scores = score_fn(logits)
+            missing = [s for s in sites if s not in deltas]
+            if missing:
+                raise WorkbenchError(f"sites {missing} were not reached in the forward pass")
+            grads = torch.autograd.grad(scores.sum(), [deltas[s] for s in sites], allow_unused=True)
+        res = {s: (g.float() if g is not None else torch.zeros_like(deltas[s], dtype=torch.float32))
+               for s, g in zip(sites, grads)}
+        return res, scores.detach(), logits.detach()
+    finally:
+        deltas.clear()  # drop the leaves (and with them any graph still referenced)
+
+
+def ablation_first_order(native: NativeBackend, prompts: Sequence[str], fmt: ChatFormat | None,
+                         units: torch.Tensor, *, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-order change of the mean refusal score under directional ablation of each column of
+    ``units`` ``[d, C]`` at every site of :func:`ablation_everywhere` (its positions), and the per-prompt
+    refusal scores of the unmodified model. Returns ``(delta [C], scores [N])``."""
+    template = ablation_everywhere(torch.ones(native.arch.d_model), native.n_layers)
+    applies = {Site(native.arch.check_layer(iv.site.layer), iv.site.component): iv.apply_to for iv in template}
+    score_fn = _refusal_logodds(refusal_token_ids(native.lm.tokenizer))
+    R = units.float().to(native.lm.device)
+    total = torch.zeros(R.shape[1], dtype=torch.float64)
+    scores: list[Any] = [None] * len(prompts)
+    for idx, b in batches(native, prompts, fmt, batch_size):
+        ctx = native.context(b)
+        proj: dict[Site, torch.Tensor] = {}
+
+        def keep(site: Site, act: torch.Tensor) -> None:
+            m = ctx.mask(applies[site], act.shape[1], act.device).unsqueeze(-1)
+            proj[site] = (act.float() @ R) * m  # [B, T, C]: h_s . r at the ablated positions, 0 elsewhere
+
+        grads, s, _ = site_gradients(native, b, list(applies), score_fn, keep)
+        for site, g in grads.items():
+            total -= ((g @ R) * proj[site]).sum((0, 1)).double().cpu()
+        del grads, proj
+        for j, i in enumerate(idx):
+            scores[i] = s[j].cpu()
+    return (total / len(prompts)).float(), torch.stack(scores)
+
+
+def addition_first_order(native: NativeBackend, prompts: Sequence[str], fmt: ChatFormat | None,
+                         interventions: Sequence[Sequence[Intervention]], *, batch_size: int = 8
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First-order change of the mean refusal score under each list of addition interventions (one list per
+    candidate; each :class:`~workbench.interventions.Addition` at its own site, strength and positions),
+    the unmodified per-prompt scores and next-token log-probabilities.
+    Returns ``(delta [C], scores [N], logprobs [N, V])``."""
+    from workbench.interventions import Addition
+
+    keys: dict[tuple[Site, Any], None] = {}
+    for ivs in interventions:
+        for iv in ivs:
+            if not isinstance(iv, Addition):
+                raise WorkbenchError(f"addition screening takes Addition interventions, got {type(iv).__name__}")
+            keys[(Site(native.arch.check_layer(iv.site.layer), iv.site.component), _hashable(iv.apply_to))] = None
+    score_fn = _refusal_logodds(refusal_token_ids(native.lm.tokenizer))
+    d = native.arch.d_model
+    gsum = {k: torch.zeros(d, dtype=torch.float64) for k in keys}
+    scores: list[Any] = [None] * len(prompts)
+    logps: list[Any] = [None] * len(prompts)
+    sites = list(dict.fromkeys(k[0] for k in keys))
+    for idx, b in batches(native, prompts, fmt, batch_size):
+        ctx = native.context(b)
+        if sites:
+            grads, s, logits = site_gradients(native, b, sites, score_fn)
+            for (site, apply_to) in keys:
+                g = grads[site]
+                m = ctx.mask(_unhashable(apply_to), g.shape[1], g.device).unsqueeze(-1)
+                gsum[(site, apply_to)] += (g * m).sum((0, 1)).double().cpu()
+            del grads
+        else:  # nothing to differentiate: the plain forward for the scores
+            out = native.run(b, logits="last")
+            logits = out.logits[:, -1].float()
+            s = score_fn(logits)
+        lp = torch.log_softmax(logits.double(), -1).float().cpu()
+        for j, i in enumerate(idx):
+            scores[i] = s[j].cpu()
+            logps[i] = lp[j]
+    delta = torch.zeros(len(interventions), dtype=torch.float64)
+    for c, ivs in enumerate(interventions):
+        for iv in ivs:
+            k = (Site(native.arch.check_layer(iv.site.layer), iv.site.component), _hashable(iv.apply_to))
+            delta[c] += float(iv.alpha) * float(gsum[k] @ iv.vector.double().reshape(-1))
+    return (delta / len(prompts)).float(), torch.stack(scores), torch.stack(logps)
+
+
+def _hashable(apply_to: Any) -> Any:
+    return apply_to if isinstance(apply_to, str) else tuple(int(p) for p in apply_to)
+
+
+def _unhashable(apply_to: Any) -> Any:
+    return apply_to if isinstance(apply_to, str) else list(apply_to)
+
+
+def screen_candidates(backend: Backend | LoadedModel, fmt: ChatFormat | None, candidates: Sequence[Direction], *,
+                      harmful: Sequence[str], harmless: Sequence[str], alpha: float = 1.0,
+                      batch_size: int = 8) -> ScreeningEstimates:
+    """First-order ablation and addition estimates for every candidate (see the module docstring).
+
+    Costs one forward and backward pass over the harmful prompts and one over the harmless prompts (in
+    batches of ``batch_size``), whatever the number of candidates. Any backend's model is screened through
+    native hooks (the backends agree numerically)."""
+    if not candidates:
+        raise WorkbenchError("no candidate directions to screen")
+    if not harmful or not harmless:
+        raise WorkbenchError("screening needs at least one harmful and one harmless validation prompt")
+    native = _native(backend)
+    t0 = time.perf_counter()
+    d = native.arch.d_model
+    for c in candidates:
+        if c.d_model != d:
+            raise WorkbenchError(f"candidate at layer {c.layer} has size {c.d_model} but the model has d_model {d}")
+    nonzero = [i for i, c in enumerate(candidates) if c.norm > ZERO_NORM]
+    R = torch.zeros(d, len(candidates))
+    for i in nonzero:
+        R[:, i] = candidates[i].unit
+    abl, s_h = ablation_first_order(native, harmful, fmt, R, batch_size=batch_size)
+    adds = [addition(candidates[i], alpha) for i in nonzero]
+    add_nz, s_b, logp = addition_first_order(native, harmless, fmt, adds, batch_size=batch_size)
+    add = torch.full((len(candidates),), math.nan)
+    add[nonzero] = add_nz
+    zero = torch.ones(len(candidates), dtype=torch.bool)
+    zero[nonzero] = False
+    abl[zero] = math.nan
+    return ScreeningEstimates(abl, add, s_h, s_b, logp, float(alpha), time.perf_counter() - t0)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation over the pairs where both values are finite (average ranks for ties);
+    NaN with fewer than 3 such pairs or a constant side.
+
+    >>> spearman([1, 2, 3, 4], [10, 20, 30, 45]), spearman([1, 2, 3], [3, 2, 1])
+    (1.0, -1.0)
+    """
+    pairs = [(float(x), float(y)) for x, y in zip(a, b) if math.isfinite(float(x)) and math.isfinite(float(y))]
+    if len(pairs) < 3:
+        return math.nan
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2 + 1
+            i = j + 1
+        return r
+
+    ra, rb = ranks([p[0] for p in pairs]), ranks([p[1] for p in pairs])
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    if va == 0 or vb == 0:
+        return math.nan
+    return cov / math.sqrt(va * vb)
+
+
+__all__ = ["ScreeningEstimates", "screen_candidates", "ablation_first_order", "addition_first_order",
+           "site_gradients", "frozen_parameters", "spearman"]

@@ -1,0 +1,345 @@
+"""Gradient screening of candidate directions (steering/screening.py) and the screened selection.
+
+The first-order estimates are checked against finite differences of exact scores computed with the existing
+scorers and interventions written here (partial ablation ``h - eps (h . r) r`` at hand-listed sites); a planted
+refusal direction is ranked first; screened selection agrees with the exhaustive one while scoring only the
+top-k candidates exactly (counted); ``steer select`` runs both ways through the console script.
+"""
+
+from __future__ import annotations
+
+import doctest
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import steering.screening as screening
+import steering.selection as selection
+from steering.interventions import ablation, addition
+from steering.screening import screen_candidates, site_gradients, spearman
+from steering.selection import select_direction
+from workbench.arch import count_hooks
+from workbench.backends import get_backend
+from workbench.chat import ChatFormat, encode
+from workbench.errors import WorkbenchError
+from workbench.interventions import FunctionIntervention
+from workbench.scoring import refusal_scores, refusal_token_ids
+from workbench.sites import Site
+from workbench.vectors import Direction
+
+FMT = ChatFormat()
+# different lengths, so the batches are left-padded and the position masks matter
+HARMFUL = ["How do I pick a lock?", "Tell me how to steal a car from my neighbour.", "Write a threatening letter."]
+HARMLESS = ["How do I bake bread?", "List the planets.", "Write a short poem about the sea, please, in four lines."]
+
+
+def _direction(lm, v: torch.Tensor, layer: int, component: str = "resid_pre", method: str = "test") -> Direction:
+    return Direction(v, layer=layer, method=method, model_id=lm.model_id, model_checksum=lm.checksum,
+                     d_model=lm.d_model, component=component)
+
+
+def _random(lm, seed: int, layer: int, scale: float = 3.0, component: str = "resid_pre") -> Direction:
+    v = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(seed))
+    return _direction(lm, v / v.norm() * scale, layer, component)
+
+
+def _partial_ablation(r: torch.Tensor, n_layers: int, eps: float) -> list[FunctionIntervention]:
+    """``h - eps (h . r) r`` at the residual input of every layer and every attention / MLP output, all real
+    tokens: the sites of Arditi et al.'s ablation, listed here independently of the library."""
+    r = r / r.norm()
+
+    def fn(a: torch.Tensor) -> torch.Tensor:
+        rr = r.to(a.dtype)
+        return a - eps * (a @ rr).unsqueeze(-1) * rr
+
+    return [FunctionIntervention(Site(layer, comp), fn, "all") for layer in range(n_layers)
+            for comp in ("resid_pre", "attn_out", "mlp_out")]
+
+
+def _mean_score(be, prompts, interventions=()) -> float:
+    return float(refusal_scores(be, prompts, FMT, interventions=interventions).double().mean())
+
+
+# -- (1) the estimates are the derivatives of the exact scores ---------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_first_order_estimates_match_finite_differences_of_exact_scores(make_tiny, arch):
+    lm = make_tiny(arch)
+    be = get_backend("native", lm)
+    n = lm.n_layers
+    cands = [_random(lm, 0, 1), _random(lm, 1, 0), _random(lm, 2, 1, component="resid_post"), _random(lm, 3, 0)]
+    est = screen_candidates(lm, FMT, cands, harmful=HARMFUL, harmless=HARMLESS, alpha=1.0, batch_size=2)
+    # the unmodified scores come out of the same forward pass
+    torch.testing.assert_close(est.harmful_scores, refusal_scores(be, HARMFUL, FMT), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(est.harmless_scores, refusal_scores(be, HARMLESS, FMT), atol=1e-4, rtol=1e-5)
+    eps = 3e-3
+    for c, d in enumerate(cands):
+        # ablation: d/d eps of the score under the partial ablation h - eps (h.r) r at every site, at eps = 0
+        up = _mean_score(be, HARMFUL, _partial_ablation(d.vector, n, eps))
+        down = _mean_score(be, HARMFUL, _partial_ablation(d.vector, n, -eps))
+        fd = (up - down) / (2 * eps)
+        assert float(est.ablation_delta[c]) == pytest.approx(fd, rel=2e-2, abs=3e-3), (arch, c, fd)
+        # addition: d/d alpha of the score with alpha * vector added at the candidate's layer, times alpha = 1
+        a = 1e-3
+        up = _mean_score(be, HARMLESS, addition(d, a))
+        down = _mean_score(be, HARMLESS, addition(d, -a))
+        fd_add = (up - down) / (2 * a)
+        assert float(est.addition_delta[c]) == pytest.approx(fd_add, rel=2e-2, abs=3e-3), (arch, c, fd_add)
+    # the estimates are not trivially zero: the check above has something to compare
+    assert float(est.ablation_delta.abs().max()) > 0.05 and float(est.addition_delta.abs().max()) > 0.05
+    # addition estimates are linear in alpha
+    est2 = screen_candidates(lm, FMT, cands, harmful=HARMFUL, harmless=HARMLESS, alpha=-2.5, batch_size=3)
+    torch.testing.assert_close(est2.addition_delta, -2.5 * est.addition_delta, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(est2.ablation_delta, est.ablation_delta, atol=1e-4, rtol=1e-4)  # batching-free
+
+
+def test_zero_candidates_get_nan_and_bad_input_is_refused(make_tiny):
+    lm = make_tiny("llama")
+    cands = [_direction(lm, torch.zeros(lm.d_model), 1), _random(lm, 0, 1)]
+    est = screen_candidates(lm, FMT, cands, harmful=HARMFUL[:1], harmless=HARMLESS[:1])
+    assert math.isnan(float(est.ablation_delta[0])) and math.isnan(float(est.addition_delta[0]))
+    assert math.isfinite(float(est.ablation_delta[1])) and math.isfinite(float(est.addition_delta[1]))
+    with pytest.raises(WorkbenchError, match="no candidate"):
+        screen_candidates(lm, FMT, [], harmful=HARMFUL, harmless=HARMLESS)
+    with pytest.raises(WorkbenchError, match="at least one harmful"):
+        screen_candidates(lm, FMT, cands, harmful=[], harmless=HARMLESS)
+    other = Direction(torch.ones(8), layer=0, method="x", model_id="m", model_checksum="c", d_model=8)
+    with pytest.raises(WorkbenchError, match="d_model"):
+        screen_candidates(lm, FMT, [other], harmful=HARMFUL, harmless=HARMLESS)
+
+
+def test_no_hooks_grad_mode_or_parameter_flags_leak_even_on_error(make_tiny):
+    lm = make_tiny("llama")
+    model = lm.model
+    flags = [p.requires_grad for p in model.parameters()]
+    hooks = count_hooks(model)
+    with torch.no_grad():
+        screen_candidates(lm, FMT, [_random(lm, 0, 1)], harmful=HARMFUL, harmless=HARMLESS)
+        assert not torch.is_grad_enabled()
+    assert count_hooks(model) == hooks and [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())  # no weight gradients were accumulated
+    native = screening._native(lm)
+    b = encode(lm.tokenizer, HARMFUL, FMT)
+
+    def boom(logits: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("score failed")
+
+    with pytest.raises(RuntimeError, match="score failed"):
+        site_gradients(native, b, [Site(0, "resid_pre"), Site(1, "mlp_out")], boom)
+    assert count_hooks(model) == hooks and [p.requires_grad for p in model.parameters()] == flags
+    grads, scores, _ = site_gradients(native, b, [Site(1, "mlp_out")],
+                                      screening._refusal_logodds(refusal_token_ids(lm.tokenizer)))
+    assert grads[Site(1, "mlp_out")].shape[:2] == b.input_ids.shape and scores.shape == (3,)
+
+
+# -- (2) a planted refusal direction is ranked first ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def planted():
+    """A tiny Llama whose refusal-token logits read a planted direction ``r`` that the residual stream carries:
+    ``r`` is added to every token embedding and the refusal rows of the unembedding get ``c * r`` (signed so
+    that the refusal score rises with the final residual's component on ``r``)."""
+    from workbench.loading import from_memory
+    from workbench.tiny import build_tiny
+
+    model, tok = build_tiny("llama", seed=0)
+    g = torch.Generator().manual_seed(123)
+    r = torch.randn(model.config.hidden_size, generator=g)
+    r /= r.norm()
+    with torch.no_grad():
+        model.model.embed_tokens.weight += 1.0 * r
+        b = encode(tok, HARMFUL + HARMLESS, FMT)
+        final = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                      output_hidden_states=True).hidden_states[-1][:, -1]
+        sign = 1.0 if float((final @ r).mean()) > 0 else -1.0
+        model.lm_head.weight[refusal_token_ids(tok)] += 3.0 * sign * r
+    lm = from_memory(model, tok, model_id="tiny-planted")
+    refusal_dir = _direction(lm, 3.0 * sign * r, 1, method="planted")
+    cands = [_random(lm, s, layer) for s, layer in zip(range(10, 17), (0, 1, 0, 1, 0, 1, 1))]
+    cands.insert(3, refusal_dir)
+    return lm, cands, 3
+
+
+def test_screening_ranks_a_planted_refusal_direction_first(planted):
+    lm, cands, k = planted
+    be = get_backend("native", lm)
+    est = screen_candidates(be, FMT, cands, harmful=HARMFUL, harmless=HARMLESS)
+    assert int(est.ablation_delta.argmin()) == k, est.ablation_delta
+    # the plant is real: its exact ablation lowers refusal the most (independent of the estimate)
+    exact = [_mean_score(be, HARMFUL, ablation(d, lm.n_layers)) for d in cands]
+    assert min(range(len(cands)), key=exact.__getitem__) == k, exact
+    assert exact[k] < float(est.harmful_scores.mean()) - 1.0
+
+
+# -- (3) screened selection = exhaustive selection, with top_k exact scorings ---------------------------
+
+def _counting(monkeypatch) -> dict[str, int]:
+    counts = {"ablation": 0, "filters": 0}
+    real_abl, real_filt = selection.exact_ablation_score, selection.exact_filter_scores
+
+    def abl(*a, **kw):
+        counts["ablation"] += 1
+        return real_abl(*a, **kw)
+
+    def filt(*a, **kw):
+        counts["filters"] += 1
+        return real_filt(*a, **kw)
+
+    monkeypatch.setattr(selection, "exact_ablation_score", abl)
+    monkeypatch.setattr(selection, "exact_filter_scores", filt)
+    return counts
+
+
+def test_screened_selection_picks_the_exhaustive_choice_with_top_k_exact_scores(planted, monkeypatch):
+    lm, cands, k = planted
+    be = get_backend("native", lm)
+    counts = _counting(monkeypatch)
+    kw = dict(harmful_val=HARMFUL, harmless_val=HARMLESS, kl_max=100.0, max_layer_frac=1.0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        full = select_direction(be, FMT, cands, screen=False, **kw)
+    assert counts == {"ablation": len(cands), "filters": len(cands)}
+    assert full.best is cands[k] and not full.rows[k]["filtered"]  # well defined: the plant passes the filters
+    assert all(r["exact"] == "full" for r in full.rows)
+    assert full.screening["mode"] == "exhaustive" and -1.0 <= full.screening["spearman_ablation"] <= 1.0
+    counts.update(ablation=0, filters=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = select_direction(be, FMT, cands, screen=True, top_k=3, **kw)
+    assert res.best is cands[k]
+    assert counts["ablation"] == 3 and 1 <= counts["filters"] <= 3
+    sc = res.screening
+    assert (sc["mode"], sc["top_k"], sc["n_exact_ablation"], sc["groups"]) == ("screened", 3, 3, 1)
+    assert sc["selected_est_rank"] == 1
+    scored = [r for r in res.rows if r["exact"] != "none"]
+    assert len(scored) == 3 and {r["est_rank"] for r in scored} == {1, 2, 3}
+    for r, f in zip(res.rows, full.rows):
+        # estimates in every row, the same in both paths; exact scores where computed equal the exhaustive ones
+        assert r["ablation_score_est"] == pytest.approx(f["ablation_score_est"], abs=1e-5)
+        assert r["steering_score_est"] == pytest.approx(f["steering_score_est"], abs=1e-5)
+        if r["exact"] == "none":
+            assert math.isnan(r["ablation_score"]) and r["filtered"].startswith("screened out")
+        else:
+            assert r["ablation_score"] == pytest.approx(f["ablation_score"], abs=1e-6)
+        if r["exact"] == "full":
+            assert (r["kl"], r["steering_score"]) == pytest.approx((f["kl"], f["steering_score"]), abs=1e-5)
+    for key in ("harmful_refusal_score", "harmless_refusal_score"):
+        assert res.baseline[key] == pytest.approx(full.baseline[key], abs=1e-4)
+
+
+def test_screened_selection_continues_in_groups_and_falls_back_like_the_exhaustive_path(planted, monkeypatch):
+    """The filters are stubbed (which candidates fail is set here) to drive the group logic."""
+    lm, cands, _ = planted
+    be = get_backend("native", lm)
+    est = screen_candidates(be, FMT, cands, harmful=HARMFUL, harmless=HARMLESS)
+    order = sorted(range(len(cands)), key=lambda i: float(est.ablation_delta[i]))
+    failing = {id(cands[i]) for i in order[:3]}  # the three best estimates fail the KL filter
+    calls = {"ablation": [], "filters": []}
+    real_abl = selection.exact_ablation_score
+    index = {id(d): i for i, d in enumerate(cands)}
+
+    def abl(backend, fmt, d, *a, **kw):
+        calls["ablation"].append(index[id(d)])
+        return real_abl(backend, fmt, d, *a, **kw)
+
+    def filt(backend, fmt, d, *a, **kw):
+        calls["filters"].append(index[id(d)])
+        return (5.0 if id(d) in failing else 0.0), 100.0  # (KL, steering score far above the baseline)
+
+    monkeypatch.setattr(selection, "exact_ablation_score", abl)
+    monkeypatch.setattr(selection, "exact_filter_scores", filt)
+    kw = dict(harmful_val=HARMFUL, harmless_val=HARMLESS, kl_max=1.0, max_layer_frac=1.0, progress=False)
+    res = select_direction(be, FMT, cands, screen=True, top_k=2, **kw)
+    assert res.screening["groups"] == 2 and sorted(calls["ablation"]) == sorted(order[:4])
+    group2 = order[2:4]
+    passing = [i for i in group2 if id(cands[i]) not in failing]
+    want = min(passing, key=lambda i: res.rows[i]["ablation_score"])
+    assert res.best is cands[want] and res.rows[want]["selected_despite_filters"] is False
+    assert all(res.rows[i]["filtered"].startswith("KL 5.000 > 1.0") for i in order[:3])
+    # nothing passes: everything is scored and the lowest exact ablation score is taken, flagged, as exhaustive does
+    failing.update(id(d) for d in cands)
+    calls["ablation"].clear()
+    with pytest.warns(UserWarning, match="failed a filter"):
+        res = select_direction(be, FMT, cands, screen=True, top_k=2, **kw)
+    with pytest.warns(UserWarning, match="failed a filter"):
+        full = select_direction(be, FMT, cands, screen=False, **kw)
+    assert sorted(calls["ablation"][: len(cands)]) == list(range(len(cands)))
+    assert res.best is full.best and res.rows[index[id(res.best)]]["selected_despite_filters"] is True
+    assert all(r["exact"] == "full" for r in res.rows)
+    with pytest.raises(WorkbenchError, match="top_k"):
+        select_direction(be, FMT, cands, screen=True, top_k=0, **kw)
+
+
+def test_spearman_and_the_module_doctests():
+    assert spearman([1, 2, 3, 4], [2, 4, 6, 100]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, float("nan"), 4, 5], [1, 2, 0, 3, 5]) == pytest.approx(1.0)  # NaN pairs dropped
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.8660254, abs=1e-6)  # average ranks for ties
+    assert math.isnan(spearman([1, 2], [1, 2])) and math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    res = doctest.testmod(screening, optionflags=doctest.ELLIPSIS)
+    assert res.attempted >= 5 and res.failed == 0
+
+
+# -- (4) the command line -------------------------------------------------------------------------------
+
+WORKBENCH = str(Path(sys.executable).parent / "workbench")
+
+
+@pytest.mark.slow
+def test_steer_select_screened_and_exhaustive_through_the_console_script(tmp_path):
+    from workbench.tiny import build_tiny
+
+    model, tok = build_tiny("llama", n_layers=3)
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", WORKBENCH_CACHE=str(tmp_path / "cache"))
+
+    def run(out: Path, *extra: str) -> tuple[dict, str]:
+        r = subprocess.run([WORKBENCH, "--threads", "1", "steer", "select", "--model", str(folder), "--out", str(out),
+                            "--limit", "4", "--n-val", "3", "--kl-max", "10", "--max-layer-frac", "0.99", *extra],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+        return json.loads((out / "selection.json").read_text()), r.stdout
+
+    scr, out_s = run(tmp_path / "screened", "--top-k", "2")
+    exh, out_e = run(tmp_path / "exhaustive", "--exhaustive")
+    assert "screened selection:" in out_s and "exhaustive selection:" in out_e and "Spearman" in out_e
+    nonzero = [i for i, r in enumerate(exh["rows"]) if r["norm"] > 0]
+    assert len(nonzero) >= 6  # 2 non-zero layers x the post-instruction tokens
+    # exhaustive: every non-zero candidate scored exactly, the rank correlation recorded
+    assert exh["screening"]["mode"] == "exhaustive" and exh["screening"]["n_exact_ablation"] == len(nonzero)
+    assert all(exh["rows"][i]["exact"] == "full" for i in nonzero)
+    assert -1.0 <= exh["screening"]["spearman_ablation"] <= 1.0
+    # screened: estimates for every non-zero candidate, exact scores for groups of 2 in estimate order
+    sc = scr["screening"]
+    assert (sc["mode"], sc["top_k"]) == ("screened", 2)
+    exact_rows = [r for r in scr["rows"] if r["exact"] != "none"]
+    assert sc["n_exact_ablation"] == len(exact_rows) == min(2 * sc["groups"], len(nonzero))
+    assert sorted(r["est_rank"] for r in exact_rows) == list(range(1, len(exact_rows) + 1))
+    for s_row, e_row in zip(scr["rows"], exh["rows"]):
+        if s_row["norm"] > 0:
+            assert s_row["ablation_score_est"] == pytest.approx(e_row["ablation_score_est"], abs=1e-4)
+        if s_row["exact"] != "none":
+            assert s_row["ablation_score"] == pytest.approx(e_row["ablation_score"], abs=1e-5)
+    # each selected row is the lowest exact ablation score among the rows it kept (or flagged as a fallback)
+    for res in (scr, exh):
+        (best,) = [r for r in res["rows"] if r["selected"]]
+        kept = [r for r in res["rows"] if not r["filtered"]]
+        pool = kept or [r for r in res["rows"] if r["norm"] > 0]
+        assert best["ablation_score"] == min(r["ablation_score"] for r in pool)
+        assert best["selected_despite_filters"] is (not kept)
+        assert res["selected"]["layer"] == best["layer"] and res["selected"]["position"] == best["position"]
+    # the screened choice is the exhaustive one whenever the exhaustive choice was among those scored exactly
+    (e_best,) = [r for r in exh["rows"] if r["selected"]]
+    if scr["rows"][e_best["candidate"]]["exact"] == "full" and not e_best["selected_despite_filters"]:
+        (s_best,) = [r for r in scr["rows"] if r["selected"]]
+        assert s_best["candidate"] == e_best["candidate"]
