@@ -7,6 +7,8 @@
 - :mod:`apps.state`: the model registry, direction and orthogonalised-model caches, and the per-model
   lock every forward pass takes;
 - :mod:`apps.folders`: reading probe / weight-space run folders (plots and tables);
+- the batteries behind "score this setting" live in :mod:`steering.battery` (shared with ``workbench steer
+  battery``), the code tasks in :mod:`workbench.codetasks`;
 - :mod:`apps.paths`: every server path the app accepts is confined to its runs folder;
 - :mod:`apps.ui`: the Gradio Blocks (``build_app``);
 - :mod:`apps.cli`: the ``app`` subcommand (a non-loopback ``--host`` needs a login).

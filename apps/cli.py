@@ -120,6 +120,10 @@ def register(sub: Any) -> None:
     p.add_argument("--n-train", type=int, default=32,
                    help="prompts per class for the difference-in-means direction (built-in train split)")
     p.add_argument("--lazy", action="store_true", help="load the model on the first request, not at start")
+    p.add_argument("--judge-url", default=None,
+                   help="an OpenAI-compatible harm judge for the batteries (key from $WORKBENCH_JUDGE_KEY); without "
+                        "one the batteries report refusal by phrase matching and the refusal logit only")
+    p.add_argument("--judge-model", default=None, help="the judge's model name (with --judge-url)")
     p.add_argument("--runs", default="runs",
                    help="the only folder the app reads or writes: run folders to load, vector files, probe sweeps "
                         "(under <runs>/app); paths typed into the app are relative to it")
@@ -145,9 +149,17 @@ def make_state(args: argparse.Namespace) -> Any:
         models = {args.model: functools.partial(load_model, args.model, **kw), **models}
     sp = args.system_prompt
     override = None if sp in (None, "default") else sp
-    return AppState(models, args.model, max_new_tokens_limit=args.max_new_tokens_limit,
-                    max_prompt_tokens=args.max_prompt_tokens, max_prompts=args.max_prompts, n_train=args.n_train,
-                    runs_root=args.runs, runs_dir="app", raw=args.raw, system_prompt=override)
+    judge_url, judge_model = getattr(args, "judge_url", None), getattr(args, "judge_model", None)
+    if bool(judge_url) != bool(judge_model):
+        raise WorkbenchError("a judge needs both --judge-url and --judge-model")
+    state = AppState(models, args.model, max_new_tokens_limit=args.max_new_tokens_limit,
+                     max_prompt_tokens=args.max_prompt_tokens, max_prompts=args.max_prompts, n_train=args.n_train,
+                     runs_root=args.runs, runs_dir="app", raw=args.raw, system_prompt=override)
+    if judge_url:
+        from workbench.scoring import OpenAICompatibleJudge
+
+        state.judge = OpenAICompatibleJudge(judge_url, judge_model, os.environ.get("WORKBENCH_JUDGE_KEY"))
+    return state
 
 
 def cmd_app(args: argparse.Namespace) -> int:

@@ -37,14 +37,86 @@ from workbench.errors import WorkbenchError
 from workbench.loading import LoadedModel
 from workbench.vectors import Direction, load_directions
 
-SOURCES = ("mean-diff", "saved vector", "probe direction", "random control")
+SOURCES = ("main-job direction", "mean-diff", "saved vector", "probe direction", "random control")
+MAIN_SOURCE = "main-job direction"
 SOURCE_LABELS = {
+    "main-job direction": "the main job's selected direction (runs folder: <main run>/steering)",
     "mean-diff": "difference in means (built-in harmful vs harmless, train split)",
     "saved vector": "a saved vector file (.safetensors)",
     "probe direction": "a probe direction (probes run folder)",
     "random control": "random control (same norm as the difference in means)",
 }
 PROBE_METHODS = ("logistic", "mean_diff")
+
+@dataclass
+class MainJobDirection:
+    """The direction a main-job run selected and evaluated (``<run>/steering/selected_direction.safetensors``)
+    with its evaluation numbers (``acceptance.json``, ``evaluation.json``), read inside the runs root."""
+
+    folder: Path  # the steering sub-folder
+    direction: Direction
+    acceptance: dict[str, Any]
+    evaluation: list[dict[str, Any]]
+
+    def summary(self) -> str:
+        d, a = self.direction, self.acceptance
+        rows = {r.get("condition"): r for r in self.evaluation if isinstance(r, dict)}
+        parts = [f"layer {d.layer}, position {d.position}, {d.component}, norm {d.norm:.3g}, model {d.model_id}"]
+        base, abl, add = rows.get("unmodified"), rows.get("ablation"), rows.get("addition")
+
+        def rate(r: dict[str, Any], k: str) -> str:
+            lo, hi = r.get(k + "_lo"), r.get(k + "_hi")
+            ci = f" [{100 * lo:.0f}, {100 * hi:.0f}]" if lo is not None and hi is not None else ""
+            return f"{100 * r[k]:.0f} %{ci}"
+
+        if base and abl and "harmful_refusal_rate" in base:
+            parts.append(f"main-job evaluation (harmful:test, N={base.get('n_harmful', '?')}): ablation takes harmful "
+                         f"refusal {rate(base, 'harmful_refusal_rate')} -> {rate(abl, 'harmful_refusal_rate')} at KL "
+                         f"{abl.get('kl_harmless', float('nan')):.3f}")
+        if base and add and "harmless_refusal_rate" in add:
+            parts.append(f"addition (alpha {a.get('addition_alpha', '?')}) makes {rate(add, 'harmless_refusal_rate')} "
+                         f"of harmless prompts refused")
+        for k in ("random ablation", "random addition"):
+            r = rows.get(k)
+            if r and base:
+                key = "harmful_refusal_rate" if k == "random ablation" else "harmless_refusal_rate"
+                parts.append(f"{k} control: {rate(r, key)}")
+        if len(parts) == 1:
+            parts.append("no evaluation numbers in this run folder")
+        return "; ".join(parts)
+
+
+def find_main_job(root: str | Path) -> MainJobDirection | None:
+    """The newest main-job steering folder under the runs root (a ``steering`` folder holding
+    ``selected_direction.safetensors`` and ``acceptance.json`` or ``evaluation.json``), or None."""
+    from apps.folders import find_run_folders
+    from workbench.io import read_json
+
+    r = resolve_root(root)
+    for folder in find_run_folders([r], ("selected_direction.safetensors",)):
+        f = Path(folder)
+        if f.name != "steering":
+            continue
+        try:
+            dfile = readable_file(f / "selected_direction.safetensors", r, "direction file")
+            dirs = load_directions(dfile)
+            acc, ev = {}, []
+            for name in ("acceptance.json", "evaluation.json"):
+                try:
+                    obj = read_json(readable_file(f / name, r, name))
+                except (WorkbenchError, OSError, ValueError):
+                    continue
+                if name == "acceptance.json" and isinstance(obj, dict):
+                    acc = obj
+                elif isinstance(obj, list):
+                    ev = obj
+            if not acc and not ev:
+                continue
+        except (WorkbenchError, OSError, ValueError):
+            continue
+        return MainJobDirection(f, dirs[0], acc, ev)
+    return None
+
 
 def direction_key(d: Direction) -> str:
     """Content hash of a direction (vector, layer, component)."""
@@ -228,6 +300,49 @@ class AppState:
         self.runs_dir = confine(runs_dir if runs_dir is not None else "app", self.runs_root, "the app's output folder")
         self.raw = raw
         self.system_prompt_override = system_prompt
+        self.judge: Any = None  # an optional harm judge for the batteries (workbench.scoring.Judge)
+        from steering.battery import BatteryConfig
+
+        self.battery = BatteryConfig()  # token limits, batch size, bootstrap size of the batteries
+        self.battery_cache: OrderedDict[str, dict[str, Any]] = OrderedDict()  # (model, format, setting, size) -> row
+        self.battery_cache_size = 256
+        self._battery_lock = threading.Lock()
+        self._main_job: tuple[float, MainJobDirection | None] | None = None
+
+    def main_job(self, max_age: float = 10.0) -> MainJobDirection | None:
+        """The main job's selected direction under the runs root (re-scanned at most every ``max_age`` s)."""
+        now = time.monotonic()
+        if self._main_job is None or now - self._main_job[0] > max_age:
+            self._main_job = (now, find_main_job(self.runs_root))
+        return self._main_job[1]
+
+    def main_job_for(self, name: str | None) -> MainJobDirection | None:
+        """The main job's direction when it was made on model ``name`` (its recorded model id is the zoo key or
+        the loaded model's id, or its checksum is the loaded model's), else None."""
+        mj = self.main_job()
+        if mj is None:
+            return None
+        slot = self.slot(name)
+        if mj.direction.model_id == slot.name:
+            return mj
+        if slot.loaded:
+            lm = slot.get()
+            if mj.direction.model_checksum == lm.checksum or mj.direction.model_id == lm.model_id:
+                return mj
+        return None
+
+    def battery_get(self, key: str) -> dict[str, Any] | None:
+        with self._battery_lock:
+            row = self.battery_cache.get(key)
+            if row is not None:
+                self.battery_cache.move_to_end(key)
+            return row
+
+    def battery_put(self, key: str, row: dict[str, Any]) -> None:
+        with self._battery_lock:
+            self.battery_cache[key] = row
+            while len(self.battery_cache) > self.battery_cache_size:
+                self.battery_cache.popitem(last=False)
 
     @property
     def names(self) -> list[str]:
@@ -296,7 +411,21 @@ class AppState:
         lm = slot.get()
         if source not in SOURCES:
             raise WorkbenchError(f"unknown direction source '{source}'. Valid: {', '.join(SOURCES)}")
-        if source == "mean-diff":
+        if source == MAIN_SOURCE:
+            mj = self.main_job()
+            if mj is None:
+                raise WorkbenchError(f"no main-job run folder under the runs folder {self.runs_root} (run `workbench "
+                                     f"main --out {self.runs_root}/main` first, or pick another direction source)")
+            d = mj.direction
+            note = f"the main job's selected direction from {mj.folder}: {mj.summary()}"
+            if d.model_checksum != lm.checksum:
+                if not force:
+                    raise WorkbenchError(
+                        f"the main job's direction in {mj.folder} was computed on model '{d.model_id}' (checksum "
+                        f"{d.model_checksum[:12]}) but this is '{lm.model_id}' (checksum {lm.checksum[:12]}); pick "
+                        f"another direction source, or tick 'force' if that is intended")
+                note += f" (forced: computed on '{d.model_id}')"
+        elif source == "mean-diff":
             d = slot.mean_diff(fmt, layer)
             note = f"difference in means of {slot.n_train}+{slot.n_train} built-in train prompts"
         elif source == "random control":
@@ -365,4 +494,4 @@ def _pick_layer(dirs: list[Direction], layer: Any, where: str) -> Direction:
 
 
 __all__ = ["AppState", "ModelSlot", "SOURCES", "SOURCE_LABELS", "PROBE_METHODS", "ResolvedDirection",
-           "direction_key"]
+           "direction_key", "MAIN_SOURCE", "MainJobDirection", "find_main_job"]

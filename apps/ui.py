@@ -1,4 +1,5 @@
-"""The Gradio app: Steer, Probes and Weight space tabs.
+"""The Gradio app: Steer (with "score this setting": harm and utility batteries and a trade-off plot per
+column), Probes, Weight space and Study (a weight-space chain's verdicts) tabs.
 
 ``build_app`` takes the models to serve (a dict of name -> ``LoadedModel`` or zero-argument loader;
 tests inject a tiny in-memory model) and returns a ``gr.Blocks`` with the queue configured; ``launch``
@@ -10,7 +11,10 @@ name is ``/steer``; with ``gradio_client``::
     Client(url).predict(prompt="How do I bake bread?", source="mean-diff", layer=13, a_kind="addition",
                         a_strength=1.0, max_new_tokens=32, api_name="/steer")
 
-returns ``(status, base_title, base_text, base_tokens, base_scores, a_title, ..., b_scores)``.
+returns ``(status, base_title, base_text, base_tokens, base_scores, a_title, ..., b_scores)``. ``/score`` takes
+the same direction and column inputs (no prompt) plus ``n_harmful``, ``n_tasks``, ``n_harmless`` and returns
+``(status, base_battery, a_battery, b_battery, tradeoff_plot)`` (:mod:`steering.battery`); ``/study_load`` takes
+a chain run folder and returns ``(status, verdicts, controls, plots)``.
 
 Server paths: the app reads and writes only inside its runs root (``runs_root``; ``workbench app --runs``).
 Every path a request names (``vector_path``, ``probe_folder``, the folders of ``/probes_load`` and
@@ -38,7 +42,7 @@ import gradio as gr  # noqa: E402
 
 from apps.folders import TABLE_EXTS, FolderView, find_run_folders, load_image, read_table, scan_folder  # noqa: E402
 from apps.paths import confine, readable_file, readable_folder, resolve_root  # noqa: E402
-from apps.state import PROBE_METHODS, SOURCE_LABELS, SOURCES, AppState  # noqa: E402
+from apps.state import MAIN_SOURCE, PROBE_METHODS, SOURCE_LABELS, SOURCES, AppState  # noqa: E402
 from apps.steer import KIND_LABELS, Column, ColumnSpec, Probe, build_interventions, encode_prompt  # noqa: E402
 from apps.steer import step_round_robin  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
@@ -208,6 +212,46 @@ def _empty_outputs() -> list[Any]:
     return ["", "", [], empty] * 3
 
 
+
+# -- the direction and column settings of a request (shared by /steer and /score) -----------------------
+
+def resolve_request_direction(state: AppState, model: str, fmt: Any, source: str, layer: Any, vector_file: str | None,
+                              vector_path: str | None, probe_folder: str | None, probe_method: str, seed: Any,
+                              force: bool) -> Any:
+    """The request's direction (an upload is read from Gradio's upload folder, a typed path from the runs root)."""
+    if vector_file:  # an upload: Gradio has checked it is in its upload folder; check again
+        from gradio.utils import get_upload_folder
+
+        vfile, upload_root = vector_file, get_upload_folder()
+    else:  # a path on the server: inside the runs root only
+        vfile, upload_root = vector_path or None, None
+    return state.resolve_direction(model, source, layer=layer, fmt=fmt, vector_file=vfile,
+                                   probe_folder=probe_folder, probe_method=probe_method, seed=int(seed or 0),
+                                   force=bool(force), upload_root=upload_root)
+
+
+def column_specs(d: Any, n_layers: int, a_kind: str, a_strength: Any, a_layers: str | None, compare: bool,
+                 b_kind: str, b_strength: Any, b_layers: str | None, b_direction: str, seed: Any) -> list[ColumnSpec]:
+    """unmodified | A | (B): the columns' settings; bad layers etc. fail here, before any generation. B's
+    random control direction is ``random_like(d, seed + 1)``."""
+    if a_kind not in ("addition", "ablation", "orthogonalised"):
+        raise WorkbenchError(f"unknown intervention '{a_kind}'. Valid: addition, ablation, orthogonalised")
+    if compare and b_direction not in B_DIRECTIONS:
+        raise WorkbenchError(f"unknown second direction '{b_direction}'. Valid: {', '.join(B_DIRECTIONS)}")
+    specs = [ColumnSpec("unmodified", "none", d),
+             ColumnSpec("A", a_kind, d, float(a_strength), a_layers or None)]
+    if compare:
+        db = d
+        if b_direction == "random control":
+            from steering.directions import random_like
+
+            db = random_like(d, seed=int(seed or 0) + 1)
+        specs.append(ColumnSpec("B", b_kind, db, float(b_strength), b_layers or None))
+    for sp in specs:
+        build_interventions(sp, n_layers)
+    return specs
+
+
 # -- the Steer tab's work -------------------------------------------------------------------------
 
 def make_steer_fn(state: AppState) -> Callable[..., Iterator[list[Any]]]:
@@ -253,28 +297,12 @@ def make_steer_fn(state: AppState) -> Callable[..., Iterator[list[Any]]]:
         fmt = state.chat_format(system_prompt)
         if source in ("mean-diff", "random control"):
             yield emit(f"computing difference-in-means directions on '{slot.name}' (first time only) ...")
-        if vector_file:  # an upload: Gradio has checked it is in its upload folder; check again
-            from gradio.utils import get_upload_folder
-
-            vfile, upload_root = vector_file, get_upload_folder()
-        else:  # a path on the server: inside the runs root only
-            vfile, upload_root = vector_path or None, None
-        rd = state.resolve_direction(slot.name, source, layer=layer, fmt=fmt, vector_file=vfile,
-                                     probe_folder=probe_folder, probe_method=probe_method, seed=int(seed or 0),
-                                     force=bool(force), upload_root=upload_root)
+        rd = resolve_request_direction(state, slot.name, fmt, source, layer, vector_file, vector_path, probe_folder,
+                                       probe_method, seed, force)
         d = rd.direction
         probe = Probe.from_direction(d)
-        specs = [ColumnSpec("unmodified", "none", d),
-                 ColumnSpec("A", a_kind, d, float(a_strength), a_layers or None)]
-        if compare:
-            db = d
-            if b_direction == "random control":
-                from steering.directions import random_like
-
-                db = random_like(d, seed=int(seed or 0) + 1)
-            specs.append(ColumnSpec("B", b_kind, db, float(b_strength), b_layers or None))
-        for s in specs:  # bad layers etc. fail before any generation
-            build_interventions(s, lm.n_layers)
+        specs = column_specs(d, lm.n_layers, a_kind, a_strength, a_layers, compare, b_kind, b_strength, b_layers,
+                             b_direction, seed)
         backends = []
         for s in specs:
             if s.kind == "orthogonalised":
@@ -324,6 +352,167 @@ def make_steer_fn(state: AppState) -> Callable[..., Iterator[list[Any]]]:
 
     return steer
 
+
+
+# -- "score this setting": the harm and utility batteries per column ------------------------------------
+
+BATTERY_HEADERS = ["score", "value [95% CI]", "N"]
+BATTERY_ROWS = (  # label, key, decimals, N key
+    ("harm: 1 - refusal rate (phrase)", "harm_rate", 2, "n_harmful"),
+    ("refusal rate (phrase)", "refusal_rate", 2, "n_harmful"),
+    ("refusal rate (judge)", "judge_refusal_rate", 2, "n_judged"),
+    ("refusal logit (mean)", "refusal_logit", 2, "n_harmful"),
+    ("utility: pass rate (unit tests)", "pass_rate", 2, "n_tasks"),
+    ("answer NLL (per token)", "answer_nll", 3, "n_tasks"),
+    ("KL on harmless (next token)", "kl", 4, "n_harmless"),
+)
+BATTERY_LIMITS = {"n_harmful": 64, "n_tasks": 32, "n_harmless": 64}
+
+
+def battery_frame(row: Mapping[str, Any] | None) -> Any:
+    """One column's battery numbers: score, value, 95 % interval, N."""
+    import pandas as pd
+
+    if not row:
+        return pd.DataFrame([], columns=BATTERY_HEADERS)
+    lines = []
+    for label, key, nd, nkey in BATTERY_ROWS:
+        v = row.get(key)
+        if v is None:
+            note = "no judge configured" if key.startswith("judge") else "n/a"
+            lines.append([label, note, int(row.get(nkey) or 0)])
+            continue
+        lo, hi = row.get(key + "_lo"), row.get(key + "_hi")
+        lines.append([label, f"{v:.{nd}f} [{lo:.{nd}f}, {hi:.{nd}f}]", int(row.get(nkey) or 0)])
+    return pd.DataFrame(lines, columns=BATTERY_HEADERS)
+
+
+def _setting_key(spec: ColumnSpec) -> str:
+    from apps.state import direction_key
+
+    if spec.kind == "none":
+        return "none"
+    parts = [spec.kind, direction_key(spec.direction)]
+    if spec.kind == "addition":
+        parts += [f"{float(spec.strength)!r}", str(spec.layers or "")]
+    return "|".join(parts)
+
+
+def _figure_image(fig: Any) -> Any:
+    import io
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        im.load()
+        return im.copy()
+
+
+def battery_config(n_harmful: Any, n_tasks: Any, n_harmless: Any, base: Any = None) -> Any:
+    """The battery size of a request (``base``: the app's token limits etc., a ``BatteryConfig``)."""
+    import dataclasses
+
+    from steering.battery import BatteryConfig
+
+    vals = {}
+    for k, v in (("n_harmful", n_harmful), ("n_tasks", n_tasks), ("n_harmless", n_harmless)):
+        try:
+            i = int(v)
+        except (TypeError, ValueError):
+            raise WorkbenchError(f"battery {k.replace('_', ' ')} must be an integer, got {v!r}") from None
+        if not 1 <= i <= BATTERY_LIMITS[k]:
+            raise WorkbenchError(f"battery {k.replace('_', ' ')} must be between 1 and {BATTERY_LIMITS[k]}, got {i}")
+        vals[k] = i
+    return dataclasses.replace(base if base is not None else BatteryConfig(), **vals)
+
+
+def make_score_fn(state: AppState) -> Callable[..., list[Any]]:
+    """``/score``: the batteries for every column of the current setting (unmodified, A, B) plus a random
+    control of A when no column is one; results cached per (model, chat format, setting, battery size)."""
+
+    @user_errors
+    def score(model: str, system_prompt: str = "", source: str = "mean-diff", layer: float = 0,
+              vector_file: str | None = None, vector_path: str = "", probe_folder: str = "",
+              probe_method: str = "logistic", seed: float = 0, a_kind: str = "addition", a_strength: float = 1.0,
+              a_layers: str = "", compare: bool = False, b_kind: str = "addition", b_strength: float = -1.0,
+              b_layers: str = "", b_direction: str = "random control", force: bool = False,
+              n_harmful: float = 16, n_tasks: float = 12, n_harmless: float = 16,
+              progress: gr.Progress = gr.Progress()) -> list[Any]:
+        from steering.battery import make_setting, run_battery, tradeoff_figure
+        from steering.directions import random_like
+
+        t0 = time.perf_counter()
+        cfg = battery_config(n_harmful, n_tasks, n_harmless, state.battery)
+        slot = state.slot(model)
+        progress(0.0, desc=f"loading '{slot.name}' ..." if not slot.loaded else "resolving the direction ...")
+        lm = slot.get()
+        be = slot.backend()
+        fmt = state.chat_format(system_prompt)
+        rd = resolve_request_direction(state, slot.name, fmt, source, layer, vector_file, vector_path, probe_folder,
+                                       probe_method, seed, force)
+        d = rd.direction
+        specs = column_specs(d, lm.n_layers, a_kind, a_strength, a_layers, compare, b_kind, b_strength, b_layers,
+                             b_direction, seed)
+        control_col = compare and b_direction == "random control" and b_kind != "none"
+        scored = list(specs)
+        if not control_col:  # the random-control reference point of the trade-off plot
+            a = specs[1]
+            scored.append(ColumnSpec("random control", a.kind, random_like(d, seed=int(seed or 0) + 1), a.strength,
+                                     a.layers))
+        with slot.lock:
+            fkey = f"{fmt.template_hash(lm.tokenizer)}|{fmt.system_prompt!r}|{fmt.raw}"
+        judge = getattr(state.judge, "name", None)
+        keys = [f"{lm.checksum}|{fkey}|{_setting_key(sp)}|{cfg.key()}|judge={judge}" for sp in scored]
+        rows: dict[int, dict[str, Any]] = {}
+        todo = []
+        for i, k in enumerate(keys):
+            hit = state.battery_get(k)
+            if hit is not None:
+                rows[i] = hit
+            else:
+                todo.append(i)
+        if todo:
+            settings = []
+            for i in todo:
+                sp = scored[i]
+                if sp.kind == "orthogonalised":
+                    progress(0.0, desc=f"building the orthogonalised copy for {sp.label} ...")
+                ob = slot.orthogonalised(sp.direction) if sp.kind == "orthogonalised" else None
+                settings.append(make_setting(sp.label, sp.kind, sp.direction, lm.n_layers, strength=sp.strength,
+                                             layers=sp.layers, ortho_backend=ob,
+                                             info={"kind": sp.kind, "control": sp.label == "random control"
+                                                   or (sp.label == "B" and control_col)}))
+            res = run_battery(be, fmt, settings, cfg, lock=slot.lock, judge=state.judge,
+                              progress=lambda f, m: progress(f, desc=m))
+            for i, row in zip(todo, res.summary):
+                rows[i] = row
+                state.battery_put(keys[i], row)
+        shown = []
+        for i, sp in enumerate(scored):
+            r = dict(rows[i])
+            r["setting"] = sp.label if sp.label != "B" or not control_col else "B (random control)"
+            r["info_control"] = sp.label == "random control" or (sp.label == "B" and control_col)
+            shown.append(r)
+        fig = tradeoff_figure(shown, f"{slot.name} (95% intervals)")
+        tables = [battery_frame(shown[j]) if j < len(specs) else battery_frame(None) for j in range(3)]
+        n_cached = len(scored) - len(todo)
+        extra = "" if control_col else (f"; the random control (A's setting on a random direction of the same norm, "
+                                        f"seed {int(seed or 0) + 1}) is plotted for reference")
+        ctrl = next(r for r in shown if r["info_control"])
+        status = (f"scored {len(scored)} setting(s) in {time.perf_counter() - t0:.1f} s ({n_cached} from the cache); "
+                  f"harm: {cfg.n_harmful} harmful:test prompts x {cfg.harm_tokens} tokens; utility: {cfg.n_tasks} code "
+                  f"tasks (test split, unit tests in a sandbox) x up to {cfg.code_tokens} tokens; KL: {cfg.n_harmless} "
+                  f"harmless:test prompts. Direction: {d.method} at layer {d.layer} ({rd.note}){extra}. Random "
+                  f"control ({'column B' if control_col else 'plotted only'}): harm {ctrl['harm_rate']:.2f}, pass rate "
+                  f"{ctrl['pass_rate']:.2f}.")
+        return [status, *tables, _figure_image(fig)]
+
+    return score
 
 # -- folder viewers (Probes / Weight space) ---------------------------------------------------------
 
@@ -403,6 +592,120 @@ def _folder_viewer(state: AppState, markers: tuple[str, ...], main_image: str | 
     return folder, do_load
 
 
+
+def direction_default(state: AppState, name: str | None, n_layers: int) -> tuple[str, int, str]:
+    """(source, layer, note) the Steer tab starts with for a model: the main job's selected direction when a
+    main-job run folder for this model is under the runs root, else a fresh difference in means."""
+    mj = state.main_job_for(name)
+    if mj is not None:
+        return (MAIN_SOURCE, int(mj.direction.layer),
+                f"**Direction: the main job's selected direction** (`{mj.folder}`): {mj.summary()}")
+    other = state.main_job()
+    why = (f"the main-job run under the runs folder (`{other.folder}`) was made on '{other.direction.model_id}'"
+           if other is not None else f"no main-job run folder under the runs folder `{state.runs_root}`")
+    return ("mean-diff", default_layer(n_layers),
+            f"**Direction: a fresh difference in means** ({state.slot(name).n_train}+{state.slot(name).n_train} "
+            f"built-in train prompts, layer {default_layer(n_layers)} by default): {why}. Run `workbench main --out "
+            f"{state.runs_root}/main` to use the direction the main job selects and evaluates.")
+
+
+# -- the Study tab: a weight-space chain's verdicts ----------------------------------------------------
+
+VERDICT_HEADERS = ["claim", "statement", "statistic", "value", "95% CI", "verdict"]
+CONTROL_HEADERS = ["control", "kind", "statistic", "value", "95% CI", "verdict"]
+
+
+def _ci_text(ci: Any, nd: int = 4) -> str:
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci):
+        return f"[{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]"
+    return "-"
+
+
+def _val_text(v: Any, nd: int = 4) -> str:
+    if isinstance(v, bool) or v is None:
+        return "-" if v is None else str(v)
+    if isinstance(v, (int, float)):
+        return f"{v:.{nd}f}" if math.isfinite(float(v)) else "-"
+    return str(v)[:80]
+
+
+def study_outputs(path: str, *, root: str | Path) -> tuple[str, Any, Any, list[Any]]:
+    """(status, verdict table, controls table, plots) of a chain run folder inside the runs root."""
+    import pandas as pd
+
+    from workbench.io import read_json
+
+    folder = readable_folder(path, root, "chain run folder")
+    rpath = readable_file(folder / "chain_report.json", root, "chain report (chain_report.json)")
+    try:
+        rep = read_json(rpath)
+    except (ValueError, OSError) as e:
+        raise WorkbenchError(f"{rpath} is not a readable chain report: {e}") from None
+    if not isinstance(rep, dict):
+        raise WorkbenchError(f"{rpath} is not a chain report (expected a JSON object)")
+    verdicts = rep.get("verdicts") or {}
+    vrows = [[k, str(v.get("claim", "")), str(v.get("statistic", "")), _val_text(v.get("value")),
+              _ci_text(v.get("ci")), str(v.get("verdict", ""))]
+             for k, v in verdicts.items() if isinstance(v, dict)]
+    crows: list[list[str]] = []
+    for key in ("planted_controls", "controls"):
+        ctl = rep.get(key)
+        items = ctl.items() if isinstance(ctl, dict) else enumerate(ctl) if isinstance(ctl, list) else []
+        for name, c in items:
+            if isinstance(c, dict):
+                crows.append([str(c.get("name", name)), "planted control", str(c.get("statistic", "")),
+                              _val_text(c.get("value")), _ci_text(c.get("ci")),
+                              str(c.get("verdict", c.get("expected", "")))])
+    n_planted = len(crows)
+    for k, v in verdicts.items():
+        pairs = v.get("pairs") if isinstance(v, dict) else None
+        if isinstance(pairs, dict):
+            for pair, c in pairs.items():
+                if isinstance(c, dict):
+                    crows.append([pair, f"measured pair ({k}): separability", str(c.get("statistic", "")),
+                                  _val_text(c.get("value")), _ci_text(c.get("ci")), str(c.get("verdict", ""))])
+    view = None
+    try:
+        view = scan_folder(folder, root=root)
+    except WorkbenchError:
+        pass
+    plots = [(load_image(p), view.rel(p)) for p in view.images] if view is not None else []
+    share = rep.get("real_harmful_share") or {}
+    status = (f"`{folder}`: model {rep.get('model', '?')}; {len(vrows)} verdict(s), "
+              + (f"{n_planted} planted control(s)" if n_planted else
+                 "no planted controls in this report (they are built and checked by `pytest tests/test_verdicts.py`)")
+              + f", {len(crows) - n_planted} measured pair(s); {len(plots)} plot(s)"
+              + (f"; real harmful share of the contaminated fine-tune {share.get('value'):.3f} "
+                 f"({share.get('n_harmful')}/{share.get('n_total')})" if isinstance(share.get("value"), float) else ""))
+    if not vrows:
+        status += ". This report holds no verdicts (an older or unfinished chain: rerun it with --resume)."
+    return (status, pd.DataFrame(vrows, columns=VERDICT_HEADERS), pd.DataFrame(crows, columns=CONTROL_HEADERS), plots)
+
+
+def _study_viewer(state: AppState, roots: Sequence[str]) -> None:
+    def choices() -> list[str]:
+        return find_run_folders(list(roots), ("chain_report.json",))
+
+    with gr.Row():
+        folder = gr.Dropdown(choices=choices(), value=None, allow_custom_value=True, scale=5, elem_id="study-folder",
+                             label="chain run folder inside the runs folder (holds chain_report.json)")
+        refresh = gr.Button("Refresh list", scale=1, size="sm")
+        load = gr.Button("Load", variant="primary", scale=1, elem_id="study-load")
+    status = gr.Markdown(elem_id="study-status")
+    verdicts = gr.Dataframe(headers=VERDICT_HEADERS, label="verdicts", interactive=False, wrap=True,
+                            elem_id="study-verdicts")
+    controls = gr.Dataframe(headers=CONTROL_HEADERS, label="controls (planted) and measured pair separability",
+                            interactive=False, wrap=True, elem_id="study-controls")
+    gallery = gr.Gallery(label="plots", columns=3, height="auto", format="png", elem_id="study-gallery")
+
+    @user_errors
+    def do_load(path: str) -> tuple:
+        return study_outputs(path, root=state.runs_root)
+
+    refresh.click(lambda: gr.update(choices=choices()), None, folder, api_visibility="private")
+    load.click(do_load, folder, [status, verdicts, controls, gallery], api_name="study_load")
+
+
 # -- the app ------------------------------------------------------------------------------------------
 
 def default_registry(dtype: str = "float32", device: str = "cpu",
@@ -421,14 +724,15 @@ def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | No
               max_prompt_tokens: int = 512, max_prompts: int = 8, concurrency: int = 2, max_queue: int = 32,
               n_train: int = 32, disk_cache: bool = True, runs_roots: Sequence[str] | None = None,
               runs_dir: str | None = None, system_prompt: str | None = None, raw: bool = False,
-              runs_root: str | None = None) -> gr.Blocks:
+              runs_root: str | None = None, battery: Any = None) -> gr.Blocks:
     """The app's Blocks, queue configured. ``models`` maps names to ``LoadedModel`` s or loaders (default: the
     zoo, loaded lazily); or pass a ready ``state``.
 
     ``runs_root`` is the only folder the app reads or writes (default: the first of ``runs_roots``, else
     ``runs``; a ready ``state`` brings its own); ``runs_roots`` are the folders searched for run folders to
     list (default: the runs root; each must lie inside it; ``()``: list none); ``runs_dir`` is where the app's
-    own probe sweeps go (default ``<runs root>/app``)."""
+    own probe sweeps go (default ``<runs root>/app``); ``battery``: a ``steering.battery.BatteryConfig`` with the
+    batteries' token limits, batch size and bootstrap size (the sizes come from each request)."""
     if state is None:
         if runs_root is None:
             runs_root = runs_roots[0] if runs_roots else "runs"
@@ -442,6 +746,8 @@ def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | No
                   for r in (runs_roots if runs_roots is not None else (state.runs_root,))]
     if concurrency < 1:
         raise WorkbenchError(f"concurrency must be >= 1, got {concurrency}")
+    if battery is not None:
+        state.battery = battery
     steer_fn = make_steer_fn(state)
     n0 = n_layers_hint(state, state.default_model, load=False) or max_layers(state)
     n_max = max(n0, max_layers(state))
@@ -464,9 +770,11 @@ def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | No
                     system_prompt = gr.Textbox(label="system prompt (empty = none)", lines=2,
                                                value=state.default_system_prompt(state.default_model))
                 with gr.Column(scale=2):
-                    source = gr.Radio(choices=[(SOURCE_LABELS[s], s) for s in SOURCES], value="mean-diff",
+                    src0, layer0, note0 = direction_default(state, state.default_model, n0)
+                    source = gr.Radio(choices=[(SOURCE_LABELS[s], s) for s in SOURCES], value=src0,
                                       label="direction source", elem_id="wb-source")
-                    layer = gr.Slider(0, n_max - 1, value=default_layer(n0), step=1, label="direction layer",
+                    direction_note = gr.Markdown(note0, elem_id="wb-direction-note")
+                    layer = gr.Slider(0, n_max - 1, value=layer0, step=1, label="direction layer",
                                       elem_id="wb-layer")
                     with gr.Group(visible=False) as vec_group:
                         vector_file = gr.File(label="vector file (.safetensors, workbench format)",
@@ -505,6 +813,7 @@ def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | No
                     go = gr.Button("Generate", variant="primary", elem_id="wb-generate")
             status = gr.Textbox(label="status", lines=3, interactive=False, elem_id="wb-status")
             col_outputs: list[Any] = []
+            battery_outputs: list[Any] = []
             col_groups = []
             with gr.Row(equal_height=False):
                 for key, title in (("base", "**Unmodified**"), ("a", "**A**"), ("b", "**B**")):
@@ -518,7 +827,10 @@ def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | No
                                                   elem_classes=["wb-tokens"])
                         scores = gr.Dataframe(headers=SCORE_HEADERS, label="scores", interactive=False,
                                               wrap=True, elem_id=f"wb-{key}-scores")
+                        battery = gr.Dataframe(headers=BATTERY_HEADERS, label="batteries (Score this setting)",
+                                               interactive=False, wrap=True, elem_id=f"wb-{key}-battery")
                     col_outputs += [t, text, toks, scores]
+                    battery_outputs.append(battery)
                     col_groups.append(col)
             gr.Markdown(
                 "Scores: **refused** = refusal phrase in the reply; **refusal logit** = log-odds of refusal-opening "
@@ -527,10 +839,33 @@ def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | No
                 "produced a reply token (teacher-forced on this column's reply); **perplexity** = of this column's "
                 "reply under the unmodified model; **mean proj** = mean projection of the reply tokens on the unit "
                 "direction. Greedy decoding.")
+            with gr.Row(equal_height=True):
+                n_harmful = gr.Slider(1, BATTERY_LIMITS["n_harmful"], value=16, step=1, elem_id="wb-n-harmful",
+                                      label="battery: harmful prompts (harmful:test)")
+                n_tasks = gr.Slider(1, BATTERY_LIMITS["n_tasks"], value=12, step=1, elem_id="wb-n-tasks",
+                                    label="battery: code tasks (test split, unit tests)")
+                n_harmless = gr.Slider(1, BATTERY_LIMITS["n_harmless"], value=16, step=1, elem_id="wb-n-harmless",
+                                       label="battery: harmless prompts (KL)")
+                score_go = gr.Button("Score this setting (harm + utility batteries, every column)", variant="primary",
+                                     elem_id="wb-score")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3):
+                    score_status = gr.Textbox(label="batteries", lines=4, interactive=False, elem_id="wb-score-status")
+                    gr.Markdown(
+                        "Batteries: **harm** = 1 - refusal rate (refusal-phrase matching on greedy replies to held-out "
+                        "harmful prompts; a judge's refusal rate too when the app has one); **refusal logit** = mean "
+                        "log-odds of refusal-opening tokens; **pass rate** = share of function-writing tasks whose "
+                        "unit tests pass (code run in a sandbox); **answer NLL** = mean per-token NLL of the reference "
+                        "solution; **KL** = KL(unmodified || setting) of the next token on harmless prompts. Rates: "
+                        "95% Wilson intervals; means: 95% bootstrap intervals. Cached per model and setting. The "
+                        "same numbers on the command line: `workbench steer battery`.")
+                with gr.Column(scale=2):
+                    tradeoff = gr.Image(label="trade-off: utility vs harm per column (random control for reference)",
+                                        type="pil", interactive=False, elem_id="wb-tradeoff")
 
             def on_source(s: str) -> tuple:
                 return (gr.update(visible=s == "saved vector"), gr.update(visible=s == "probe direction"),
-                        gr.update(visible=s in ("saved vector", "probe direction")))
+                        gr.update(visible=s in ("saved vector", "probe direction", MAIN_SOURCE)))
 
             source.change(on_source, source, [vec_group, probe_group, force], api_visibility="private")
             compare.change(lambda c: (gr.update(visible=c), gr.update(visible=c)), compare, [b_group, col_groups[2]],
@@ -539,16 +874,22 @@ def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | No
             @user_errors
             def on_model(name: str) -> tuple:
                 n = n_layers_hint(state, name)
-                return (gr.update(maximum=n - 1, value=default_layer(n)),
-                        gr.update(value=state.default_system_prompt(name)))
+                src, lay, note = direction_default(state, name, n)
+                return (gr.update(maximum=n - 1, value=lay), gr.update(value=state.default_system_prompt(name)),
+                        gr.update(value=src), gr.update(value=note))
 
-            model.change(on_model, model, [layer, system_prompt], api_visibility="private")
-            demo.load(on_model, model, [layer, system_prompt], api_visibility="private")
+            model.change(on_model, model, [layer, system_prompt, source, direction_note], api_visibility="private")
+            demo.load(on_model, model, [layer, system_prompt, source, direction_note], api_visibility="private")
             go.click(steer_fn,
                      [model, prompt, builtin, system_prompt, source, layer, vector_file, vector_path, probe_folder,
                       probe_method, seed, a_kind, a_strength, a_layers, compare, b_kind, b_strength, b_layers,
                       b_direction, max_new, force],
                      [status] + col_outputs, api_name="steer")
+            score_go.click(make_score_fn(state),
+                           [model, system_prompt, source, layer, vector_file, vector_path, probe_folder, probe_method,
+                            seed, a_kind, a_strength, a_layers, compare, b_kind, b_strength, b_layers, b_direction,
+                            force, n_harmful, n_tasks, n_harmless],
+                           [score_status] + battery_outputs + [tradeoff], api_name="score")
 
         with gr.Tab("Probes", id="probes"):
             gr.Markdown("Load a probes run folder (`workbench probe --out ...`, `workbench overlap --out ...`, or a "
@@ -580,6 +921,12 @@ def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | No
             gr.Markdown("Load a weight-space run folder: its overlap heatmaps, projection trade-off plots and "
                         "tables.")
             _folder_viewer(state, ("*.png",), None, runs_roots, "weights", "weight-space run folder")
+
+        with gr.Tab("Study", id="study"):
+            gr.Markdown("The weight-space study's verdicts: pick a chain run folder (`workbench weightspace chain "
+                        "--out ...`) to see each claim's statistic, 95% interval and verdict (rules fixed in advance: "
+                        "`weightspace/verdicts.py`), the controls and the plots.")
+            _study_viewer(state, runs_roots)
 
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     return demo
@@ -642,5 +989,6 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None,
                        auth=[tuple(a) for a in auth] if auth else None)
 
 
-__all__ = ["build_app", "launch", "make_steer_fn", "default_registry", "folder_outputs", "run_probe_sweep",
+__all__ = ["build_app", "launch", "make_steer_fn", "make_score_fn", "study_outputs", "battery_frame",
+           "direction_default", "default_registry", "folder_outputs", "run_probe_sweep",
            "user_errors", "Render", "SCORE_HEADERS", "SCORE_NAMES", "score_table"]

@@ -95,13 +95,21 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def run_selection(lm: Any, fmt: Any, run: RunFolder, candidates: list[Direction], harmful_val: list[str],
-                  harmless_val: list[str], *, backend: str, kl_max: float, max_layer_frac: float) -> Direction:
+                  harmless_val: list[str], *, backend: str, kl_max: float, max_layer_frac: float,
+                  screen: bool = True, top_k: int = 5) -> Direction:
+    """Select among ``candidates`` (gradient-screened unless ``screen`` is False: then every candidate is
+    scored exactly and the estimate-vs-exact rank correlation is recorded) and write the selection files."""
     be = get_backend(backend, lm)
     res = select_direction(be, fmt, candidates, harmful_val=harmful_val, harmless_val=harmless_val, kl_max=kl_max,
-                           max_layer_frac=max_layer_frac)
+                           max_layer_frac=max_layer_frac, screen=screen, top_k=top_k)
     run.write_csv("selection.csv", res.rows)
     run.write_json("selection.json", {"baseline": res.baseline, "rows": res.rows,
-                                      "selected": res.best.record()})
+                                      "selected": res.best.record(), "screening": res.screening})
+    sc = res.screening
+    extra = (f"; estimate-vs-exact Spearman {sc['spearman_ablation']:.3f} over the grid"
+             if sc.get("spearman_ablation") is not None else "")
+    print(f"{sc['mode']} selection: {sc['n_exact_ablation']} of {sc['n_nonzero']} candidates scored exactly "
+          f"(gradient estimate {sc['estimate_seconds'] or 0:.1f} s, exact scoring {sc['exact_seconds']:.1f} s){extra}")
     run.save_figure("selection.png", selection_heatmaps(res.rows, f"{lm.model_id}: direction selection"))
     save_directions(run.path / "selected_direction.safetensors", [res.best])
     b = res.best
@@ -142,7 +150,8 @@ def cmd_select(args: argparse.Namespace) -> int:
         dirs = mean_diff_directions(lm, *train, fmt=fmt, backend=args.backend)
     cands = _candidates(dirs, ls, positions, lm.n_layers)
     run_selection(lm, fmt, run, cands, val_h, val_b,
-                  backend=args.backend, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac)
+                  backend=args.backend, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac,
+                  screen=not args.exhaustive, top_k=args.top_k)
     return 0
 
 
@@ -249,7 +258,7 @@ def cmd_orthogonalize(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     from workbench.cli import add_model_args
 
-    st = sub.add_parser("steer", help="steering: extract | select | sweep | generate | orthogonalize")
+    st = sub.add_parser("steer", help="steering: extract | select | sweep | generate | orthogonalize | battery")
     ss = st.add_subparsers(dest="steer_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -279,6 +288,11 @@ def register(sub: Any) -> None:
     p.add_argument("--n-val", type=positive_int, default=32)
     p.add_argument("--kl-max", type=nonnegative_float, default=0.1)
     p.add_argument("--max-layer-frac", type=open_fraction, default=0.8)
+    p.add_argument("--exhaustive", action="store_true",
+                   help="score every candidate exactly (default: gradient screening, exact scores for the --top-k "
+                        "best estimates); also records the estimate-vs-exact rank correlation")
+    p.add_argument("--top-k", type=positive_int, default=5,
+                   help="candidates scored exactly per group in the screened selection (default 5)")
     p.set_defaults(func=cmd_select)
 
     p = ss.add_parser("sweep", help="layer x strength addition sweep, or per-layer ablation sweep, with random controls")
@@ -313,6 +327,10 @@ def register(sub: Any) -> None:
     p.add_argument("--direction", required=True)
     p.add_argument("--direction-layer", type=int, default=None)
     p.set_defaults(func=cmd_orthogonalize)
+
+    from steering.battery import add_battery_parser  # harm + utility batteries (the app's "score this setting")
+
+    add_battery_parser(ss, common)
     one_line_errors(st)
 
 
@@ -335,7 +353,7 @@ def main_stage(ctx: Any) -> None:
     layers = list(range(0, int(0.8 * lm.n_layers), step))
     cands = [d for d in dirs if d.layer in layers and d.position in positions]
     best = run_selection(lm, fmt, run, cands, _texts("harmful:val", 8 if q else 24), _texts("harmless:val", 8 if q else 24),
-                         backend=args.backend, kl_max=0.1, max_layer_frac=0.8)
+                         backend=args.backend, kl_max=0.1, max_layer_frac=0.8, screen=True, top_k=5)
     rnd = random_like(best, seed=args.seed)
     save_directions(run.path / "random_control.safetensors", [rnd])
     # addition strength chosen on validation prompts only (the test split stays untouched)
