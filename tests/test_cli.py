@@ -55,7 +55,7 @@ def test_capture_writes_a_complete_run_folder(cli_env, tmp_path, capsys):
     rc = main(["capture", "--model", SMOL, "--prompts", "harmless:test", "--layers", "0,-1",
                "--position", "last,mean", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
-    assert loaded and loaded[0][1]["dtype"] == "auto" and loaded[0][1]["device"] == "cpu"  # the default
+    assert loaded and loaded[0][1]["dtype"] == "float32" and loaded[0][1]["device"] == "cpu"  # the default
     names = {p.name for p in out.iterdir()}
     assert {"activations.safetensors", "activations.json", "prompts.csv", "config.json", "environment.json",
             "model.json"} <= names
