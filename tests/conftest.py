@@ -90,8 +90,25 @@ def empty_cache(tmp_path, monkeypatch) -> Path:
     return root
 
 
+# Whole modules that start a server, a browser or subprocesses, or run the whole weight-space chain: marked slow
+# (each takes from about ten seconds to a minute on the 2-core test machines) so `pytest -m "not slow"` is a quick
+# run. Slow, never broken: a failing test is fixed, not marked.
+SLOW_MODULES = {"test_app_browser.py", "test_app_cli.py", "test_app_ui.py", "test_steer_cli.py",
+                "test_weightspace_chain.py"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_configure(config) -> None:
     """Register the markers used across the suite (so ``-m "not real_model"`` works without warnings)."""
     config.addinivalue_line(
         "markers", "real_model: uses a real embedded zoo model (e.g. SmolLM2-135M) from the workbench cache"
+    )
+    config.addinivalue_line(
+        "markers", "slow: takes several seconds (subprocesses, servers); deselect with -m 'not slow' for a quick run. "
+                   "Marks what is slow, never what is broken: a broken test is fixed, not marked"
     )

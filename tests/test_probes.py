@@ -231,7 +231,14 @@ def test_run_probe_sweep_writes_a_complete_run_folder(make_tiny, tmp_path, monke
     assert timing["n_prompts"] == 4 * 8 and timing["n_layers"] == 2
     assert timing["fit_seconds"] >= 0 and timing["capture_seconds"] >= 0
     summary = json.loads((run.path / "probe_summary.json").read_text())
-    assert summary["best_layer"] in (0, 1)
+    # the best layer is the one with the highest held-out logistic AUROC in the rows written (lower layer on ties)
+    top = max(r["logistic_auroc"] for r in rows)
+    best = min(r["layer"] for r in rows if r["logistic_auroc"] == top)
+    assert summary["best_layer"] == best
+    assert summary["best_logistic_auroc"] == top
+    best_row = next(r for r in rows if r["layer"] == best)
+    assert summary["best_logistic_auroc_ci"] == [best_row["logistic_auroc_lo"], best_row["logistic_auroc_hi"]]
+    assert summary["best_mean_diff_auroc"] == max(r["mean_diff_auroc"] for r in rows)
 
     dirs = load_directions(run.path / "probe_directions.safetensors")
     assert sorted((d.layer, d.method) for d in dirs) == [(0, "logistic"), (0, "mean_diff"), (1, "logistic"),

@@ -86,8 +86,10 @@ def _manual_last_logits(lm, prompt: str, hook=None) -> torch.Tensor:
 def test_refusal_scores_equal_manual_log_odds(make_tiny):
     lm = make_tiny("llama")
     be = get_backend("native", lm)
-    ids = refusal_token_ids(lm.tokenizer)
-    assert ids
+    # the refusal-opening tokens of the tiny tokenizer, read off its vocabulary by hand (not via the function
+    # under test): reply-initial I / S(orry) / A(s) / U(nfortunately) / N(o), space-prefixed ĠI and Ġ
+    ids = sorted(lm.tokenizer.convert_tokens_to_ids(["A", "I", "N", "S", "U", "Ġ", "ĠI"]))
+    assert refusal_token_ids(lm.tokenizer) == ids
     got = refusal_scores(be, PROMPTS, ChatFormat(), batch_size=2)
     assert got.shape == (3,)
     for i, p in enumerate(PROMPTS):

@@ -1,0 +1,136 @@
+"""Steering: details surviving mutants showed untested (benchmarks/mutation.py, steering).
+
+PCA of paired differences on planted activations (the FIRST component, sign and scale by hand), the
+random-control seeds and flags of sweep conditions, the unmodified point of the trade-off plot, the default
+GGUF strength, which architectures count as post-norm, and the orthogonalisation of biases and tied heads.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import steering.directions as directions_mod
+import steering.orthogonalize as ortho_mod
+from steering.directions import pca_directions, random_like
+from steering.gguf_export import export_control_vector
+from steering.interventions import ablation
+from steering.sweep import ablation_conditions, addition_conditions, tradeoff_plot
+from workbench.backends import get_backend
+from workbench.capture import Activations
+from workbench.chat import encode
+from workbench.sites import Site
+from workbench.vectors import Direction
+
+
+def _acts(x: torch.Tensor) -> Activations:
+    return Activations({"last": x.unsqueeze(1)}, [Site(1, "resid_pre")], {"template_hash": "t"})
+
+
+def test_pca_direction_is_the_first_component_sign_aligned_and_scaled(make_tiny, monkeypatch):
+    lm = make_tiny("llama")
+    d = lm.d_model
+    e0, e1 = torch.eye(d)[0], torch.eye(d)[1]
+    s = torch.tensor([1.0, 3.0, 5.0, 7.0, 9.0, 11.0])  # spread along e0, mean 6
+    pos = s[:, None] * e0 + 0.5 * e1  # every positive row: s_i e0 + 0.5 e1
+    neg = torch.zeros(6, d)  # the paired differences are the positive rows themselves
+    monkeypatch.setattr(directions_mod, "_capture_pair", lambda *a, **k: (_acts(pos), _acts(neg)))
+    (dr,) = pca_directions(lm, ["p"] * 6, ["n"] * 6, layers=[1], positions=["last"], seed=3)
+    # centred differences vary only along e0: the first component is e0, explaining all the variance; its sign
+    # follows the mean difference 6 e0 + 0.5 e1 and it is scaled to that mean's projection, 6
+    torch.testing.assert_close(dr.vector, 6.0 * e0, atol=1e-5, rtol=0)
+    assert dr.meta["explained_variance_ratio"] == pytest.approx(1.0, abs=1e-9)
+    assert dr.meta["n_pairs"] == 6 and dr.meta["seed"] == 3
+    monkeypatch.setattr(directions_mod, "_capture_pair", lambda *a, **k: (_acts(-pos), _acts(neg)))
+    (flip,) = pca_directions(lm, ["p"] * 6, ["n"] * 6, layers=[1], positions=["last"])
+    torch.testing.assert_close(flip.vector, -6.0 * e0, atol=1e-5, rtol=0)
+
+
+def test_sweep_controls_use_seed_plus_layer_and_are_flagged():
+    mk = lambda layer: Direction(torch.arange(1.0, 9.0) * layer, layer=layer, method="m", model_id="m",  # noqa: E731
+                                 model_checksum="c", d_model=8, component="resid_pre")
+    dirs = {1: mk(1), 3: mk(3)}
+    for seed in (None, 5):
+        kw = {} if seed is None else {"seed": seed}
+        s = 0 if seed is None else seed
+        add = addition_conditions(dirs, [2.0], **kw)
+        assert [c.info for c in add] == [
+            {"mode": "addition", "layer": 1, "alpha": 2.0, "control": False},
+            {"mode": "addition", "layer": 1, "alpha": 2.0, "control": True},
+            {"mode": "addition", "layer": 3, "alpha": 2.0, "control": False},
+            {"mode": "addition", "layer": 3, "alpha": 2.0, "control": True}]
+        assert torch.equal(add[1].interventions[0].vector, random_like(dirs[1], seed=s + 1).vector)
+        assert torch.equal(add[3].interventions[0].vector, random_like(dirs[3], seed=s + 3).vector)
+        abl = ablation_conditions(dirs, n_layers=4, **kw)
+        assert [c.name for c in abl] == ["ablate L1", "random ablate L1", "ablate L3", "random ablate L3"]
+        assert [c.info for c in abl] == [{"mode": "ablation", "layer": layer, "control": c}
+                                         for layer in (1, 3) for c in (False, True)]
+        unit = random_like(dirs[3], seed=s + 3).unit
+        torch.testing.assert_close(abl[3].interventions[0].direction, unit)
+
+
+def test_tradeoff_plot_marks_the_unmodified_point():
+    import matplotlib.pyplot as plt
+
+    rows = [{"condition": "ablate L1", "info_mode": "ablation", "info_layer": 1, "info_control": False,
+             "kl_harmless": 0.3, "harmful_refusal_rate": 0.2, "harmful_refusal_rate_lo": 0.1,
+             "harmful_refusal_rate_hi": 0.3},
+            {"condition": "unmodified", "kl_harmless": 0.0, "harmful_refusal_rate": 0.9,
+             "harmful_refusal_rate_lo": 0.8, "harmful_refusal_rate_hi": 1.0}]
+    fig = tradeoff_plot(rows, "ablation", "t")
+    ax = fig.axes[0]
+    stars = [c for c in ax.collections if c.get_label() == "unmodified"]
+    assert len(stars) == 1 and [tuple(p) for p in stars[0].get_offsets()] == [(0.0, 0.9)]
+    plt.close(fig)
+
+
+def test_gguf_export_default_strength_is_one(tmp_path):
+    import gguf
+
+    d = Direction(torch.arange(1.0, 5.0), layer=3, method="m", model_id="m", model_checksum="c", d_model=4)
+    path = export_control_vector([d], tmp_path / "cv.gguf", model_hint="llama")
+    (t,) = gguf.GGUFReader(str(path)).tensors
+    np.testing.assert_array_equal(np.array(t.data), d.vector.numpy())
+
+
+@pytest.mark.parametrize("names, post", [
+    ((), False),
+    (("post_attention_norm",), True),
+    (("post_feedforward_layernorm",), True),
+    (("post_mlp_layernorm",), True),
+    (("post_attention_layernorm",), False),  # Llama's pre-MLP norm has this name: not a post-norm
+    (("pre_feedforward_layernorm", "post_attention_layernorm"), True),  # Gemma's naming
+])
+def test_which_layers_count_as_post_norm(monkeypatch, names, post):
+    layer = types.SimpleNamespace(**{n: object() for n in names})
+    monkeypatch.setattr(ortho_mod, "get_arch", lambda model: types.SimpleNamespace(layers=[layer]))
+    assert ortho_mod._has_post_norms(object()) is post
+
+
+def test_orthogonalisation_projects_biases_and_unties_a_frozen_head(make_tiny):
+    lm = make_tiny("gpt2")  # tied embeddings, biases on every residual writer
+    model = lm.model
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)  # HF initialises them to 0
+    r = torch.randn(lm.d_model, generator=g)
+    batch = encode(lm.tokenizer, ["Hi", "How do I bake bread?"])
+    ref = get_backend("native", lm).run(batch, interventions=ablation(
+        Direction(r, layer=0, method="m", model_id="m", model_checksum="c", d_model=lm.d_model), lm.n_layers)).logits
+    emb = model.transformer.wte.weight.detach().clone()
+    edited = ortho_mod.orthogonalize_model(model, r)
+    unit = r / r.norm()
+    for name, module in model.named_modules():
+        if name in edited and getattr(module, "bias", None) is not None:
+            assert float((module.bias @ unit).abs()) < 1e-5, name
+    head = model.get_output_embeddings().weight
+    assert head is not model.transformer.wte.weight and not head.requires_grad
+    assert torch.equal(head, emb)  # the unembedding keeps the original weights
+    out = get_backend("native", lm).run(batch).logits
+    real = batch.attention_mask.bool()
+    assert float((out - ref)[real].abs().max()) < 1e-4
