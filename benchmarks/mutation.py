@@ -11,7 +11,8 @@ Mutations, one per mutant: comparison swaps (``==``/``!=``, ``<``/``>=``, ``>``/
 ``c`` -> ``c + 1``, a float ``c`` -> ``2 c`` (``0.0`` -> ``1.0``)), a dropped keyword argument of a call and
 ``return x`` -> ``return None``. Not mutated (changes nobody could test, or cosmetic by design): annotations,
 docstrings and other strings, f-strings, ``raise`` statements (error messages), decorators, and the keyword
-arguments ``desc``/``unit``/``total``/``leave``/``stacklevel``/``help``/``flush`` (progress bars, warnings).
+arguments ``desc``/``unit``/``total``/``leave``/``stacklevel``/``help``/``flush`` with their values (progress
+bars, warnings), and matplotlib calls on ``plt``/``fig``/``ax``/``axes`` (plot styling: sizes, markers, labels).
 
 Each mutant is written into a temporary copy of the sources (``benchmarks/_overlay.py``; the working tree is
 never touched) and the module's SELECTED fast tests run with ``-x -q -p no:cacheprovider`` and a per-mutant
@@ -69,6 +70,7 @@ SYMBOL = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.GtE: ">=", ast.Gt: ">"
           ast.IsNot: "is not", ast.In: "in", ast.NotIn: "not in", ast.Add: "+", ast.Sub: "-", ast.Mult: "*",
           ast.Div: "/", ast.FloorDiv: "//", ast.Pow: "**"}
 COSMETIC_KEYWORDS = {"desc", "unit", "total", "leave", "stacklevel", "help", "flush"}
+PLOT_OBJECTS = {"plt", "ax", "axes", "fig"}  # matplotlib styling calls: ``ax.scatter(..., marker="x", s=20)`` etc.
 
 
 @dataclass
@@ -114,6 +116,13 @@ def _skipped_subtrees(tree: ast.AST, functions: list[str] | None) -> tuple[set[i
             mark(node.annotation, skip)
         elif isinstance(node, (ast.Raise, ast.JoinedStr)):
             mark(node, skip)
+        elif isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in PLOT_OBJECTS:
+                mark(node, skip)
+            for kw in node.keywords:
+                if kw.arg in COSMETIC_KEYWORDS:
+                    mark(kw.value, skip)
         elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
             mark(node, skip)
     return skip, inside

@@ -134,3 +134,67 @@ def test_orthogonalisation_projects_biases_and_unties_a_frozen_head(make_tiny):
     out = get_backend("native", lm).run(batch).logits
     real = batch.attention_mask.bool()
     assert float((out - ref)[real].abs().max()) < 1e-4
+
+
+# -- selection (steering/selection.py) ---------------------------------------------------------------------------
+
+def test_calibrate_strength_default_grid_and_share_above_zero(monkeypatch):
+    import steering.selection as sel
+
+    d = Direction(torch.ones(8), layer=1, method="m", model_id="m", model_checksum="c", d_model=8,
+                  component="resid_pre")
+    seen = []
+
+    def fake_scores(backend, prompts, fmt, *, interventions=(), batch_size=16):
+        a = interventions[0].alpha
+        seen.append(a)
+        return torch.tensor([a - 2.7, a - 1.5, a - 3.5])  # mean a - 2.567: positive from alpha 3 on
+
+    monkeypatch.setattr(sel, "refusal_scores", fake_scores)
+    alpha, rows = sel.calibrate_strength(None, None, d, ["x", "y", "z"])
+    assert seen == [1.0, 1.5, 2.0, 3.0] and alpha == 3.0  # the default grid, stopped at the first success
+    # share of prompts whose score is above 0, by hand: alpha 1.5 -> [-1.2, 0, -2] -> 0; 2 -> [-.7, .5, -1.5] -> 1/3
+    assert [r["share_score_above_0"] for r in rows] == pytest.approx([0.0, 0.0, 1 / 3, 2 / 3])
+
+
+@pytest.fixture(scope="module")
+def selection_setup():
+    from steering.directions import mean_diff_directions
+    from workbench.loading import from_memory
+    from workbench.prompts import builtin_split
+    from workbench.tiny import build_tiny
+
+    lm = from_memory(*build_tiny("llama"), model_id="tiny-llama")
+    harm, harmless = builtin_split("harmful", "train").texts[:4], builtin_split("harmless", "train").texts[:4]
+    cands = [d for d in mean_diff_directions(lm, harm, harmless, layers=[1], positions=["last", -2], cache=False)]
+    val_h, val_b = builtin_split("harmful", "val").texts[:3], builtin_split("harmless", "val").texts[:3]
+    return lm, cands, val_h, val_b
+
+
+def test_selection_estimates_are_baseline_plus_first_order_delta(selection_setup):
+    from steering.screening import screen_candidates
+    from steering.selection import select_direction
+
+    lm, cands, val_h, val_b = selection_setup
+    be = get_backend("native", lm)
+    res = select_direction(be, None, cands, harmful_val=val_h, harmless_val=val_b, kl_max=10.0, progress=False,
+                           estimate=True)
+    est = screen_candidates(be, None, cands, harmful=val_h, harmless=val_b, alpha=1.0)
+    for i, r in enumerate(res.rows):
+        assert r["ablation_score_est"] == pytest.approx(float(est.harmful_scores.mean() + est.ablation_delta[i]),
+                                                        abs=1e-5)
+        assert r["steering_score_est"] == pytest.approx(float(est.harmless_scores.mean() + est.addition_delta[i]),
+                                                        abs=1e-5)
+
+
+def test_screened_selection_with_a_single_exact_candidate(selection_setup):
+    from steering.selection import select_direction
+    from workbench.errors import WorkbenchError
+
+    lm, cands, val_h, val_b = selection_setup
+    be = get_backend("native", lm)
+    res = select_direction(be, None, cands, harmful_val=val_h, harmless_val=val_b, kl_max=10.0, progress=False,
+                           screen=True, top_k=1)
+    assert sum(r["selected"] for r in res.rows) == 1
+    with pytest.raises(WorkbenchError, match="top_k"):
+        select_direction(be, None, cands, harmful_val=val_h, harmless_val=val_b, screen=True, top_k=0)
