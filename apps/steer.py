@@ -24,7 +24,6 @@ True
 
 from __future__ import annotations
 
-import inspect
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -39,6 +38,9 @@ from workbench.interventions import Intervention
 from workbench.scoring import is_refusal, refusal_token_ids
 from workbench.sites import Site, parse_layers
 from workbench.vectors import Direction
+
+from steering.battery import cache_kwarg as _cache_kwarg  # shared with the batteries' batched decoding
+from steering.battery import new_cache as _new_cache
 
 KINDS = ("none", "addition", "ablation", "orthogonalised")
 KIND_LABELS = {
@@ -147,24 +149,6 @@ def encode_prompt(backend: Backend, prompt: str, fmt: ChatFormat | None = None, 
 
 
 # -- the streaming greedy loop --------------------------------------------------------------------
-
-def _cache_kwarg(model: Any) -> str:
-    """transformers 5 calls the KV-cache argument ``cache``; older releases ``past_key_values``."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _new_cache(model: Any) -> Any:
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # pragma: no cover - older transformers
-        return DynamicCache()
-
 
 class GreedyStream:
     """Greedy decoding of one prompt, one forward pass per :meth:`step`, hooks only inside the lock.

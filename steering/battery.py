@@ -128,7 +128,8 @@ def battery_inputs(cfg: BatteryConfig) -> tuple[list[str], list[Any], list[str]]
 
 # -- batched greedy decoding, one locked forward pass per step --------------------------------------
 
-def _cache_kwarg(model: Any) -> str:
+def cache_kwarg(model: Any) -> str:
+    """transformers 5 calls the KV-cache argument ``cache``; older releases ``past_key_values``."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover
@@ -136,7 +137,8 @@ def _cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _new_cache(model: Any) -> Any:
+def new_cache(model: Any) -> Any:
+    """An empty KV cache for ``model``."""
     from transformers import DynamicCache
 
     try:
@@ -171,14 +173,14 @@ def greedy_decode(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | No
     out = [""] * len(prompts)
     eos = set(backend.eos_ids())
     pad = backend.pad_id()
-    kw_name = _cache_kwarg(model)
+    kw_name = cache_kwarg(model)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         with lock:
             batch = encode(tok, [prompts[i] for i in idx], fmt).to(lm.device)
         ctx = backend.context(batch)
         fns = backend.site_functions((), list(interventions), ctx, None)
-        cache = _new_cache(model)
+        cache = new_cache(model)
         nxt, mask, pos = batch.input_ids, batch.attention_mask, batch.position_ids
         offset = 0
         ids: list[list[int]] = [[] for _ in idx]
