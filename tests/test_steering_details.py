@@ -72,6 +72,37 @@ def test_sweep_controls_use_seed_plus_layer_and_are_flagged():
         torch.testing.assert_close(abl[3].interventions[0].direction, unit)
 
 
+def test_addition_conditions_pass_the_positions_on():
+    d = Direction(torch.ones(8), layer=1, method="m", model_id="m", model_checksum="c", d_model=8,
+                  component="resid_pre")
+    for apply_to in ("generated", "all"):
+        conds = addition_conditions({1: d}, [1.0], apply_to=apply_to)
+        assert {iv.apply_to for c in conds for iv in c.interventions} == {apply_to}
+
+
+def test_tradeoff_plot_points_and_error_bars():
+    import matplotlib.pyplot as plt
+
+    def row(name, mode, control, x, y, lo, hi):
+        return {"condition": name, "info_mode": mode, "info_layer": 1, "info_control": control, "kl_harmless": x,
+                "harmful_refusal_rate": y, "harmful_refusal_rate_lo": lo, "harmful_refusal_rate_hi": hi}
+
+    rows = [row("ablate L1", "ablation", False, 0.3, 0.2, 0.15, 0.4),
+            row("random ablate L1", "ablation", True, 0.1, 0.8, 0.7, 0.85),
+            row("add L1 x1", "addition", False, 0.9, 0.5, 0.4, 0.6)]  # another mode: not on this plot
+    fig = tradeoff_plot(rows, "ablation", "t")
+    ax = fig.axes[0]
+    lines = {c.get_label(): c for c in ax.containers}
+    assert set(lines) == {"direction", "random control (equal norm)"}
+    for label, (x, y, lo, hi) in (("direction", (0.3, 0.2, 0.15, 0.4)),
+                                  ("random control (equal norm)", (0.1, 0.8, 0.7, 0.85))):
+        data, _, (bars,) = lines[label]
+        assert list(zip(*data.get_data())) == [(x, y)]
+        (seg,) = bars.get_segments()
+        np.testing.assert_allclose(np.asarray(seg), [[x, lo], [x, hi]], atol=1e-12)
+    plt.close(fig)
+
+
 def test_tradeoff_plot_marks_the_unmodified_point():
     import matplotlib.pyplot as plt
 
@@ -155,6 +186,12 @@ def test_calibrate_strength_default_grid_and_share_above_zero(monkeypatch):
     assert seen == [1.0, 1.5, 2.0, 3.0] and alpha == 3.0  # the default grid, stopped at the first success
     # share of prompts whose score is above 0, by hand: alpha 1.5 -> [-1.2, 0, -2] -> 0; 2 -> [-.7, .5, -1.5] -> 1/3
     assert [r["share_score_above_0"] for r in rows] == pytest.approx([0.0, 0.0, 1 / 3, 2 / 3])
+    # nothing positive: the whole default grid is tried and the strongest effect is taken
+    seen.clear()
+    monkeypatch.setattr(sel, "refusal_scores", lambda b, p, f, *, interventions=(), batch_size=16: (
+        seen.append(interventions[0].alpha) or torch.tensor([-10.0 + interventions[0].alpha])))
+    alpha, rows = sel.calibrate_strength(None, None, d, ["x"])
+    assert seen == [1.0, 1.5, 2.0, 3.0, 4.0, 6.0] and alpha == 6.0 and rows[-1]["chosen"]
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +222,32 @@ def test_selection_estimates_are_baseline_plus_first_order_delta(selection_setup
                                                         abs=1e-5)
         assert r["steering_score_est"] == pytest.approx(float(est.harmless_scores.mean() + est.addition_delta[i]),
                                                         abs=1e-5)
+
+
+def test_selection_reports_how_much_was_scored_exactly(selection_setup):
+    import warnings
+
+    from steering.selection import select_direction
+
+    lm, cands, val_h, val_b = selection_setup
+    be = get_backend("native", lm)
+    nz = sum(d.norm > 1e-6 for d in cands)
+    full = select_direction(be, None, cands, harmful_val=val_h, harmless_val=val_b, kl_max=10.0, progress=False,
+                            estimate=False)
+    s = full.screening
+    assert (s["mode"], s["n_exact_ablation"], s["n_exact_filters"], s["n_nonzero"]) == ("exhaustive", nz, nz, nz)
+    assert s["screen_batch_size"] is None and s["top_k"] is None
+    # screened, every candidate failing the KL filter: one group, then the fallback scores the rest exactly
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = select_direction(be, None, cands, harmful_val=val_h, harmless_val=val_b, kl_max=0.0, progress=False,
+                               screen=True, top_k=1, screen_batch_size=4)
+    assert any("failed a filter" in str(w.message) for w in caught)
+    s = res.screening
+    assert (s["mode"], s["top_k"], s["screen_batch_size"]) == ("screened", 1, 4)
+    assert s["n_exact_ablation"] == sum(r["exact"] in ("ablation", "full") for r in res.rows) == nz
+    assert s["n_exact_filters"] == sum(r["exact"] == "full" for r in res.rows) == nz
+    assert [r["selected_despite_filters"] for r in res.rows if r["selected"]] == [True]
 
 
 def test_screened_selection_with_a_single_exact_candidate(selection_setup):
