@@ -16,6 +16,7 @@ import torch
 from workbench.capture import Activations, capture
 from workbench.chat import encode
 from workbench.errors import WorkbenchError
+from workbench.io import sha256_json
 from workbench.sites import Site
 
 PROMPTS = ["Hi", "How do I bake bread?", "Tell me a joke about computers and the people who use them."]
@@ -105,6 +106,8 @@ def test_recorded_seconds_and_format_version(lm, tmp_path):
     assert acts.meta["seconds"] == round(acts.meta["seconds"], 3)
     meta = json.loads((acts.save(tmp_path / "a") / "activations.json").read_text())
     assert meta["format_version"] == 1
+    # provenance: the prompt set's hash is the first 16 hex digits of the JSON hash (directions record it too)
+    assert meta["prompt_set_hash"] == sha256_json(PROMPTS)[:16]
 
 
 def test_save_into_an_existing_folder_and_nested_folders(lm, tmp_path):

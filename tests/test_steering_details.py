@@ -250,6 +250,24 @@ def test_selection_reports_how_much_was_scored_exactly(selection_setup):
     assert [r["selected_despite_filters"] for r in res.rows if r["selected"]] == [True]
 
 
+def test_screened_selection_when_every_candidate_is_too_deep(selection_setup):
+    import warnings
+
+    from steering.selection import select_direction
+
+    lm, cands, val_h, val_b = selection_setup  # all at layer 1 of 2: >= 50 % of the depth
+    be = get_backend("native", lm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = select_direction(be, None, cands, harmful_val=val_h, harmless_val=val_b, kl_max=10.0,
+                               max_layer_frac=0.5, progress=False, screen=True, top_k=1)
+    nonzero = [r for r in res.rows if r["norm"] > 1e-6]
+    assert all(r["exact"] == "full" and r["filtered"].startswith("layer >= 50%") for r in nonzero)
+    best = min(nonzero, key=lambda r: r["ablation_score"])  # the fallback: lowest exact ablation score
+    assert best["selected"] and best["selected_despite_filters"]
+    assert res.screening["groups"] == 0 and res.screening["n_exact_filters"] == len(nonzero)
+
+
 def test_screened_selection_with_a_single_exact_candidate(selection_setup):
     from steering.selection import select_direction
     from workbench.errors import WorkbenchError
