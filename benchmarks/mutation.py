@@ -17,7 +17,9 @@ bars, warnings), and matplotlib calls on ``plt``/``fig``/``ax``/``axes`` (plot s
 Each mutant is written into a temporary copy of the sources (``benchmarks/_overlay.py``; the working tree is
 never touched) and the module's SELECTED fast tests run with ``-x -q -p no:cacheprovider`` and a per-mutant
 timeout (a timeout counts as killed). With more candidate mutants than ``--max-mutants``, a seeded random
-sample is run (the report says so). Results: a table on stdout and ``benchmarks/results/mutation_<module>.json``
+sample is run (the report says so). A survivor listed in ``EQUIVALENT`` (read, with the reason its behaviour
+is the same written next to it) counts as "equivalent"; the survival rate is survived / (run - equivalent) and
+the raw rate, equivalents counted as survivors, is reported next to it. Results: a table on stdout and ``benchmarks/results/mutation_<module>.json``
 (every mutant, survivors with their line).
 """
 
@@ -25,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
 import json
 import random
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _overlay import ROOT, Overlay  # noqa: E402
@@ -58,9 +59,54 @@ MODULES: dict[str, dict[str, Any]] = {
                              "projection or project or safelora or unselected or fraction or right_side or layer_range "
                              "or direction_reference or conv1d or existing_output"]},
     # the paired TopK-vs-Random verdicts of the chain report (moved from weightspace/chain.py to chain_report.py)
+    # the study's verdict rules (claim, statistic, interval, rule -> verdict) and the planted positive controls
+    "verdicts": {"files": ["weightspace/verdicts.py"],
+                 "tests": ["tests/test_verdicts.py", "tests/test_weightspace_defects.py"]},
     "chain-verdicts": {"files": ["weightspace/chain_report.py"], "functions": ["_paired", "_per_prompt", "_se"],
                        "tests": ["tests/test_breakage.py", "-k", "paired or standard_error"]},
 }
+
+# Reviewed equivalent mutants: (file, text the mutated line contains, mutation detail, why no test can tell the
+# mutant from the original). A listed mutant still runs: when a test kills it, it counts as killed; when it
+# survives, it counts as "equivalent" instead of "survived", and the survival rate is survived / (run - equivalent)
+# (the standard mutation score; the raw rate with the equivalents counted as survivors is reported next to it).
+# Only add a mutant here after reading it and writing down why its behaviour is the same.
+EQUIVALENT: list[tuple[str, str, str, str]] = [
+    ("*", "device=", "drop keyword device=",
+     "device placement: every tensor is on the CPU in the test process (tests/test_cuda.py covers a GPU where present)"),
+    ("*", "Generator(device=\"cpu\")", "drop keyword device=", "torch.Generator() is a CPU generator by default"),
+    ("*", "full_matrices=False", "drop keyword full_matrices=",
+     "the full SVD's extra columns are never read (sliced off / not returned): only the cost changes"),
+    ("*", "full_matrices=False", "False -> True",
+     "the full SVD's extra columns are never read (sliced off / not returned): only the cost changes"),
+    ("workbench/subspace.py", 'method="exact"', "drop keyword method=", 'svd_spectrum\'s default method is "exact"'),
+    ("workbench/subspace.py", "torch.eye(X.shape[1], dtype=X.dtype", "drop keyword dtype=",
+     "an identity of 0/1 is exact in any float dtype; the difference is promoted to X's dtype"),
+    ("workbench/subspace.py", "X.mean(dim=0, keepdim=True)", "True -> False",
+     "X - mean broadcasts the same with a [d] or a [1, d] mean"),
+    ("workbench/subspace.py", '_as_matrix(X, name="X", dtype=dtype)', "drop keyword dtype=",
+     "centres in float64 before basis_by_energy casts to dtype: the same basis, computed more precisely"),
+    ("steering/evaluate.py", "np.asarray(flags, dtype=float)", "drop keyword dtype=",
+     "the mean and bootstrap of a bool array equal those of its 0/1 float array"),
+    ("steering/evaluate.py", "seed + 3", "3 -> 4",
+     "the task-accuracy bootstrap's seed offset: another seed gives another, equally valid interval"),
+    ("workbench/capture.py", "(10**9)", "10 -> 11",
+     "sort key multiplier: any value above the longest prompt gives the same order"),
+    ("workbench/capture.py", "(10**9)", "9 -> 10",
+     "sort key multiplier: any value above the longest prompt gives the same order"),
+]
+
+
+def equivalent_reason(m: "Mutant", source_line: str) -> str | None:
+    """The reviewed reason a surviving mutant is equivalent, or None."""
+    for file, text, detail, why in EQUIVALENT:
+        if file not in ("*", m.file) or text not in source_line:
+            continue
+        if detail and detail != m.detail:
+            continue
+        return why
+    return None
+
 
 CMP_SWAP = {ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Lt: ast.GtE, ast.GtE: ast.Lt, ast.Gt: ast.LtE,
             ast.LtE: ast.Gt, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In}
@@ -249,16 +295,24 @@ def run_module(name: str, max_mutants: int, seed: int, timeout: float | None, li
             status = "timeout" if r.timed_out else "survived" if r.passed else "error" if r.rc == 5 else "killed"
             src_line = ov.source(m.file).splitlines()[m.line - 1].strip() if m.line else ""
             row = asdict(m) | {"status": status, "seconds": round(r.seconds, 1), "source": src_line}
+            why = equivalent_reason(m, src_line) if status == "survived" else None
+            if why:
+                row.update(status="equivalent", reason=why)
+                status = "equivalent"
             rows.append(row)
             print(f"  [{k:3}/{len(mutants)}] {status:8} {m.label}  | {src_line[:90]}", flush=True)
-        counts = {s: sum(r["status"] == s for r in rows) for s in ("killed", "timeout", "survived", "error", "invalid")}
+        counts = {s: sum(r["status"] == s for r in rows)
+                  for s in ("killed", "timeout", "survived", "equivalent", "error", "invalid")}
         run = len(rows) - counts["invalid"]
         survived = counts["survived"]
+        scored = run - counts["equivalent"]
         summary = header | {"run": run, **counts, "killed_total": counts["killed"] + counts["timeout"],
-                            "survival_rate": round(survived / run, 3) if run else None,
+                            "survival_rate": round(survived / scored, 3) if scored else None,
+                            "raw_survival_rate": round((survived + counts["equivalent"]) / run, 3) if run else None,
                             "baseline_seconds": round(base.seconds, 1), "timeout_seconds": round(limit),
                             "minutes": round((time.perf_counter() - t0) / 60, 1),
-                            "survivors": [r for r in rows if r["status"] == "survived"], "mutants": rows}
+                            "survivors": [r for r in rows if r["status"] == "survived"],
+                            "equivalents": [r for r in rows if r["status"] == "equivalent"], "mutants": rows}
     return summary
 
 
@@ -284,7 +338,9 @@ def main() -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"mutation_{n}.json").write_text(json.dumps(s, indent=2) + "\n")
         lines.append(f"{n:15} {s['sampled']:>4}/{s['candidates']:<4} run {s['run']:>3}  killed {s['killed_total']:>3}  "
-                     f"survived {s['survived']:>3}  ({100 * (s['survival_rate'] or 0):.1f} %)  {s['minutes']} min")
+                     f"equivalent {s['equivalent']:>2}  survived {s['survived']:>3}  "
+                     f"({100 * (s['survival_rate'] or 0):.1f} %; raw {100 * (s['raw_survival_rate'] or 0):.1f} %)  "
+                     f"{s['minutes']} min")
         for r in s["survivors"]:
             lines.append(f"    survived: {r['file']}:{r['line']} {r['kind']}: {r['detail']}  | {r['source'][:80]}")
     if lines:

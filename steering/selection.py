@@ -274,8 +274,8 @@ def calibrate_strength(backend: Backend, fmt: ChatFormat | None, direction: Dire
                      "share_score_above_0": float((s > 0).float().mean())})
         if float(s.mean()) > 0:
             break
-    ok = [r for r in rows if r["induced_refusal_score"] > 0]
-    chosen = ok[0] if ok else max(rows, key=lambda r: r["induced_refusal_score"])
+    # the loop stops at the first positive mean, so the strongest row is that one (or, with none, the strongest)
+    chosen = max(rows, key=lambda r: r["induced_refusal_score"])
     for r in rows:
         r["chosen"] = r is chosen
     return chosen["alpha"], rows

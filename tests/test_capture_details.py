@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import types
 
 import pytest
 import torch
@@ -104,6 +105,18 @@ def test_recorded_seconds_and_format_version(lm, tmp_path):
     elapsed = time.perf_counter() - t0
     assert 0 <= acts.meta["seconds"] <= elapsed + 1e-3  # the capture's own time, not a budget
     assert acts.meta["seconds"] == round(acts.meta["seconds"], 3)
+    # rounded to milliseconds, seen with a clock that moves by a known 1.2345678 s
+    import workbench.capture as capture_mod
+
+    ticks = iter([100.0])
+    fake = types.SimpleNamespace(perf_counter=lambda: next(ticks, 101.2345678))
+    real_time = capture_mod.time
+    capture_mod.time = fake
+    try:
+        timed = capture(lm, PROMPTS, layers=[1], **NC)
+    finally:
+        capture_mod.time = real_time
+    assert timed.meta["seconds"] == 1.235
     meta = json.loads((acts.save(tmp_path / "a") / "activations.json").read_text())
     assert meta["format_version"] == 1
     # provenance: the prompt set's hash is the first 16 hex digits of the JSON hash (directions record it too)

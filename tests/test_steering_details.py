@@ -279,3 +279,74 @@ def test_screened_selection_with_a_single_exact_candidate(selection_setup):
     assert sum(r["selected"] for r in res.rows) == 1
     with pytest.raises(WorkbenchError, match="top_k"):
         select_direction(be, None, cands, harmful_val=val_h, harmless_val=val_b, screen=True, top_k=0)
+
+
+def _recording_runs(be) -> list[int]:
+    """Wrap ``be.run`` so every forward pass records its batch size (rows)."""
+    sizes: list[int] = []
+    real = be.run
+
+    def run(batch, **kw):
+        sizes.append(batch.size)
+        return real(batch, **kw)
+
+    be.run = run
+    return sizes
+
+
+@pytest.mark.parametrize("screen", [False, True])
+def test_selection_forward_passes_respect_batch_size(selection_setup, screen):
+    """``batch_size`` bounds the rows of every exact scoring pass (memory), and the scores do not depend on it."""
+    from steering.selection import select_direction
+
+    lm, cands, val_h, val_b = selection_setup
+    kw = dict(harmful_val=val_h, harmless_val=val_b, kl_max=10.0, progress=False, screen=screen, top_k=2,
+              estimate=False, screen_batch_size=3)
+    wide = select_direction(get_backend("native", lm), None, cands, batch_size=16, **kw)
+    be = get_backend("native", lm)
+    sizes = _recording_runs(be)
+    narrow = select_direction(be, None, cands, batch_size=2, **kw)
+    assert sizes and max(sizes) <= 2 and 1 in sizes  # 3 prompts in batches of 2 -> 2 + 1
+    assert [r["candidate"] for r in narrow.rows if r["selected"]] == [r["candidate"] for r in wide.rows if r["selected"]]
+    for a, b in zip(narrow.rows, wide.rows):
+        for key in ("ablation_score", "kl", "steering_score"):
+            if not (np.isnan(a[key]) and np.isnan(b[key])):
+                assert a[key] == pytest.approx(b[key], abs=1e-4), key
+
+
+def test_selection_and_evaluation_show_progress_by_default(selection_setup, capsys):
+    """Long work shows progress: a tqdm bar on stderr unless ``progress=False``."""
+    from steering.evaluate import evaluate_conditions
+    from steering.selection import select_direction
+
+    lm, cands, val_h, val_b = selection_setup
+    be = get_backend("native", lm)
+    select_direction(be, None, cands, harmful_val=val_h, harmless_val=val_b, kl_max=10.0, estimate=False)
+    err = capsys.readouterr().err
+    n = sum(d.norm > 1e-6 for d in cands)
+    assert "select" in err and "candidate" in err and f" {n}/{n} " in err  # one step per candidate scored
+    evaluate_conditions(be, None, [], harmful=val_h[:1], harmless=val_b[:1], max_new_tokens=2, n_boot=10)
+    assert "unmodified" in capsys.readouterr().err
+    select_direction(be, None, cands, harmful_val=val_h, harmless_val=val_b, kl_max=10.0, estimate=False,
+                     progress=False)
+    evaluate_conditions(be, None, [], harmful=val_h[:1], harmless=val_b[:1], max_new_tokens=2, n_boot=10,
+                        progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_evaluation_generates_32_new_tokens_by_default(selection_setup, monkeypatch):
+    """The documented default length of the evaluation generations (docs/results.md: 32 new tokens)."""
+    import steering.evaluate as ev_mod
+
+    lm, _, val_h, val_b = selection_setup
+    seen: list[int] = []
+    real = ev_mod.generate_texts
+
+    def gen(*a, max_new_tokens, **kw):
+        seen.append(max_new_tokens)
+        return real(*a, max_new_tokens=2, **kw)
+
+    monkeypatch.setattr(ev_mod, "generate_texts", gen)
+    ev_mod.evaluate_conditions(get_backend("native", lm), None, [], harmful=val_h[:1], harmless=val_b[:1], n_boot=10,
+                               progress=False)
+    assert seen == [32, 32]
