@@ -71,9 +71,9 @@ BREAKS = (
           ("tests/test_breakage.py::test_score_column_equals_a_manual_teacher_forced_pass",
            "tests/test_app_scores.py")),
     Break("chain-paired-swapped", "chain._paired: higher / lower verdicts swapped",
-          ("weightspace/chain_report.py", "weightspace/chain.py"),  # _paired moved to chain_report.py
-          'verdict = "higher" if mean > 2 * se else "lower" if mean < -2 * se else "tie"',
-          'verdict = "lower" if mean > 2 * se else "higher" if mean < -2 * se else "tie"',
+          "weightspace/metrics.py",  # chain_report._paired -> weightspace.metrics.paired_difference (issue #10)
+          "verdict = HIGHER if lo > 0 else LOWER if hi < 0 else NO_DIFFERENCE",
+          "verdict = LOWER if lo > 0 else HIGHER if hi < 0 else NO_DIFFERENCE",
           ("tests/test_breakage.py", "-k", "paired")),
     Break("ablation-prompt-only", "ablation_everywhere: generated tokens no longer ablated (apply_to='prompt')",
           "workbench/interventions.py",

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from probes.overlap import DEFAULT_ETAS, activation_overlap
+from probes.overlap import DEFAULT_ETAS, PROTOCOL_CHOICES, PROTOCOLS, STUDY_SLICE, protocol_names, protocol_overlap
 from probes.sweep import ProbeSweep
 from workbench.capture import Activations, capture
 from workbench.errors import WorkbenchError
-from workbench.prompts import PromptSet, builtin, resolve_prompts, split_prompts
-from workbench.argtypes import check_context, finite_float, finite_float_list, input_paths, nonnegative_int
+from workbench.prompts import BUILTIN_NAMES, PromptSet, builtin, resolve_prompts, split_prompts
+from workbench.argtypes import (check_context, finite_float, finite_float_list, input_paths, nonnegative_int,
+                                positive_int)
 from workbench.runs import RunFolder, check_out, seed_everything
 from workbench.sites import parse_layers
 from workbench.vectors import Direction, save_directions
@@ -36,7 +37,7 @@ def _check_position(position: str) -> str:
 
 def _splits(spec: str) -> tuple[PromptSet, PromptSet]:
     """Train and test sets: a builtin name uses its fixed splits; a file is split 60/20/20 (seeded)."""
-    if ":" in spec and spec.split(":")[0] in ("harmful", "harmless", "utility"):
+    if ":" in spec and spec.split(":")[0] in BUILTIN_NAMES:
         raise WorkbenchError("give the set name without a split (train and test splits are used automatically)")
     ps = resolve_prompts(spec)
     sp = split_prompts(ps)
@@ -102,7 +103,8 @@ def run_probe_sweep(lm: Any, fmt: Any, run: RunFolder, positive: str, negative: 
 
 
 def default_overlap_sets() -> dict[str, list[str]]:
-    """U (utility task prompts) and two disjoint halves H1, H2 of the harmful set (seeded)."""
+    """U (utility task prompts) and two disjoint halves H1, H2 of the harmful set (seeded): the sets of the
+    "workbench" protocol (see :func:`protocol_overlap_sets` for both protocols' sets)."""
     harmful = builtin("harmful")
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(harmful))
@@ -111,41 +113,159 @@ def default_overlap_sets() -> dict[str, list[str]]:
     return {"U": util, "H1": [harmful.texts[i] for i in perm[:half]], "H2": [harmful.texts[i] for i in perm[half:2 * half]]}
 
 
+def protocol_overlap_sets(protocols: Sequence[str] = tuple(PROTOCOLS), n: int | None = None
+                          ) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
+    """The prompt sets of experiment 4's protocols (each set once: they are captured once) and each
+    protocol's roles ``{role: set name}``.
+
+    Both protocols share H1 = one seeded half of the built-in harmful set ("harmful"). The workbench protocol:
+    H2 = the other half ("harmful_half2"), U = arithmetic tasks ("utility"). The study protocol: H2 =
+    "harmful_styled", U = "useful_requests" (their first ``n`` prompts: the files interleave the categories,
+    so any prefix is balanced). Every role gets the same ``n`` prompts, by default the most that every
+    chosen protocol's sets allow.
+
+    >>> sets, roles = protocol_overlap_sets(n=10)
+    >>> sorted(sets)
+    ['harmful', 'harmful_half2', 'harmful_styled', 'useful_requests', 'utility']
+    >>> roles["study"], {len(v) for v in sets.values()}
+    ({'U': 'useful_requests', 'H1': 'harmful', 'H2': 'harmful_styled'}, {10})
+    """
+    chosen = [p for p in PROTOCOLS if p in protocols]
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown or not chosen:
+        raise WorkbenchError(f"unknown protocols {unknown or list(protocols)}; choose from {', '.join(PROTOCOLS)}")
+    harmful = builtin("harmful")
+    perm = np.random.default_rng(0).permutation(len(harmful))
+    half = len(harmful) // 2
+    styled, useful = builtin("harmful_styled"), builtin("useful_requests")
+    cap = {"workbench": half, "study": min(half, len(styled), len(useful))}
+    n_max = min(cap[p] for p in chosen)
+    n = n_max if n is None else int(n)
+    if not 2 <= n <= n_max:
+        raise WorkbenchError(f"prompts per set must be between 2 and {n_max} for protocols {chosen}, got {n}")
+    sets: dict[str, list[str]] = {"harmful": [harmful.texts[i] for i in perm[:n]]}
+    roles: dict[str, dict[str, str]] = {}
+    for p in chosen:
+        if p == "study":
+            sets["useful_requests"], sets["harmful_styled"] = useful.texts[:n], styled.texts[:n]
+            roles[p] = {"U": "useful_requests", "H1": "harmful", "H2": "harmful_styled"}
+        else:
+            sets["utility"] = builtin("utility").texts[:n]
+            sets["harmful_half2"] = [harmful.texts[i] for i in perm[half:half + n]]
+            roles[p] = {"U": "utility", "H1": "harmful", "H2": "harmful_half2"}
+    return sets, roles
+
+
 def run_overlap(lm: Any, fmt: Any, run: RunFolder, sets: dict[str, Any], *, position: str = "last",
                 backend: str = "native", etas: Any = DEFAULT_ETAS, n_boot: int = 30, plot_eta: float = 0.5,
-                seed: int = 0, ceiling: str | None = "H1~H2") -> dict[str, Any]:
-    """``sets[name]`` is a list of prompts (captured here) or precomputed :class:`Activations`."""
+                seed: int = 0, ceiling: str | None = "H1~H2",
+                protocols: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """Experiment 4 under each protocol, side by side, from one capture of every set.
+
+    ``sets[name]`` is a list of prompts (captured here, once) or precomputed :class:`Activations`.
+    ``protocols = {protocol: {role: set name}}`` (see :func:`protocol_overlap_sets`); ``None``: both protocols
+    on the given sets as they are (role = set name), so they differ only in centring and layer average.
+    Writes ``overlap.csv`` (every protocol, layer, η, pair), ``overlap_layers.csv`` (per layer at ``plot_eta``,
+    the protocols side by side), ``overlap_averages.csv`` (all-layer and depth-slice means with bootstrap CIs,
+    every η), ``overlap_summary.json`` (per protocol at ``plot_eta``: averages, the experiment-4 statistic
+    U~H vs H1~H2 on the slice and on all layers), ``overlap_protocols.png`` and per-protocol plots.
+    """
     from probes import plots
 
-    X = {}
-    for name, item in sets.items():
+    etas = list(etas)
+    if not any(abs(plot_eta - e) < 1e-9 for e in etas):
+        raise WorkbenchError(f"plot_eta {plot_eta} is not in the eta grid {etas}")
+    if protocols is None:
+        protocols = {p: {k: k for k in sets} for p in PROTOCOLS}
+    X: dict[str, torch.Tensor] = {}
+    for name in dict.fromkeys(s for roles in protocols.values() for s in roles.values()):
+        if name not in sets:
+            raise WorkbenchError(f"a protocol names the set '{name}', which was not given ({list(sets)})")
+        item = sets[name]
         a = item if isinstance(item, Activations) else capture(lm, item, layers="all", positions=[position], fmt=fmt,
                                                                  backend=backend)
         X[name] = stack_layers(a, position)
-    res = activation_overlap(X, etas=etas, n_boot=n_boot, seed=seed, progress=True)
+    res = protocol_overlap(X, protocols, etas=etas, n_boot=n_boot, seed=seed, progress=True)
     run.write_csv("overlap.csv", res.rows)
-    L = X[next(iter(X))].shape[1]
-    for centered in (True, False):
-        tag = "centred" if centered else "uncentred"
-        table = res.table(plot_eta, centered)
+    L = res.n_layers
+    # per layer at plot_eta, the protocols side by side
+    wide = []
+    for j in range(L):
+        row: dict[str, Any] = {"layer": j, "depth": round(j / max(L - 1, 1), 4), "in_slice": j in res.slice_layers}
+        for p in protocols:
+            for pair, rows in res.table(p, plot_eta).items():
+                r = rows[j]
+                row[f"{p}:{pair}"] = r["mso"]
+                if "mso_lo" in r:
+                    row[f"{p}:{pair}:lo"], row[f"{p}:{pair}:hi"] = r["mso_lo"], r["mso_hi"]
+                row[f"{p}:{pair}:baseline"] = r["baseline"]
+        wide.append(row)
+    run.write_csv("overlap_layers.csv", wide)
+    averages_rows = []
+    for p in protocols:
+        for eta in etas:
+            for pair in res.table(p, eta):
+                for which in ("slice", "all"):
+                    a = res.average(p, pair, eta, which)
+                    ci = a["ci"] or [None, None]
+                    averages_rows.append({"protocol": p, "centered": PROTOCOLS[p].centered, "eta": eta, "pair": pair,
+                                          "layers": which, "n_layers": a["n_layers"], "mean_mso": a["mean_mso"],
+                                          "mso_lo": ci[0], "mso_hi": ci[1], "mean_baseline": a["mean_baseline"]})
+    run.write_csv("overlap_averages.csv", averages_rows)
+    summary: dict[str, Any] = {
+        "eta": plot_eta, "n_layers": L, "d": res.d, "n_boot": n_boot, "position": position,
+        "slice": {"bounds": list(STUDY_SLICE), "layers": res.slice_layers,
+                  "rule": "layers l (0-based) with 0.65 <= l / (n_layers - 1) <= 0.90; docs/study.md: 'The original "
+                          "averaged layers 65-90 % of depth'"},
+        "protocols": {}}
+    tables, avgs, labels = {}, {}, {}
+    for p, roles in protocols.items():
+        proto = PROTOCOLS[p]
+        tag = "centred" if proto.centered else "uncentred"
+        table = res.table(p, plot_eta)
+        tables[p] = table
+        avgs[p] = {pair: {w: res.average(p, pair, plot_eta, w) for w in ("slice", "all")} for pair in table}
+        labels[p] = f"{tag}, " + ", ".join(f"{r}={s}" for r, s in roles.items())
+        ex = {w: res.exp4(p, plot_eta, w) for w in ("slice", "all")}
+        summary["protocols"][p] = {
+            "description": proto.description, "centered": proto.centered, "headline": proto.headline,
+            "sets": dict(roles), "n_prompts": {r: int(X[s].shape[0]) for r, s in roles.items()},
+            "pairs": avgs[p], "exp4": ex if ex["slice"] is not None else None}
         ceil = ceiling if ceiling in table else None
-        run.save_figure(f"overlap_vs_layer_{tag}.png",
-                        plots.overlap_vs_layer(table, plot_eta, centered, lm.model_id, ceil))
-        for pair in sorted({r["pair"] for r in res.rows}):
+        run.save_figure(f"overlap_vs_layer_{p}_{tag}.png",
+                        plots.overlap_vs_layer(table, plot_eta, proto.centered, f"{lm.model_id} [{p}]", ceil))
+        for pair in table:
             M = np.zeros((len(etas), L))
             for r in res.rows:
-                if r["pair"] == pair and r["centered"] == centered:
-                    M[list(etas).index(r["eta"]), r["layer"]] = r["mso"]
-            run.save_figure(f"overlap_heatmap_{pair.replace('~', '_vs_')}_{tag}.png",
-                            plots.heatmap(M, f"MSO {pair} ({tag})", "layer", "η", list(range(L)), list(etas),
+                if r["protocol"] == p and r["pair"] == pair:
+                    M[etas.index(r["eta"]), r["layer"]] = r["mso"]
+            run.save_figure(f"overlap_heatmap_{pair.replace('~', '_vs_')}_{p}_{tag}.png",
+                            plots.heatmap(M, f"MSO {pair} ({p} protocol, {tag})", "layer", "η", list(range(L)), etas,
                                           vmin=0, vmax=1))
-    # summary at plot_eta, centred: mean over layers of each pair
-    summ = {}
-    for pair, rows in res.table(plot_eta, True).items():
-        summ[pair] = {"mean_mso": float(np.mean([r["mso"] for r in rows])),
-                      "mean_baseline": float(np.mean([r["baseline"] for r in rows]))}
-    run.write_json("overlap_summary.json", {"eta": plot_eta, "centered": True, "pairs": summ})
-    return {"rows": res.rows, "summary": summ}
+    run.save_figure("overlap_protocols.png",
+                    plots.overlap_protocols(tables, avgs, res.slice_layers, plot_eta, lm.model_id, labels))
+    run.write_json("overlap_summary.json", summary)
+    return {"rows": res.rows, "summary": summary, "averages": averages_rows}
+
+
+def _print_overlap(summary: dict[str, Any], prefix: str = "") -> None:
+    def ci(x: Any) -> str:
+        return f" [{x[0]:.3f}, {x[1]:.3f}]" if x else ""
+
+    sl = summary["slice"]["layers"]
+    for p, s in summary["protocols"].items():
+        tag = "centred" if s["centered"] else "uncentred"
+        print(f"{prefix}[{p} protocol: {tag}; " + ", ".join(f"{r}={n}" for r, n in s["sets"].items())
+              + f"; slice = layers {sl[0]}-{sl[-1]}]")
+        for pair, a in s["pairs"].items():
+            print(f"{prefix}  {pair:>8}: slice mean MSO {a['slice']['mean_mso']:.3f}{ci(a['slice']['ci'])}, "
+                  f"all layers {a['all']['mean_mso']:.3f}{ci(a['all']['ci'])} "
+                  f"(random baseline {a['all']['mean_baseline']:.3f})")
+        e = (s.get("exp4") or {}).get("slice")
+        if e:
+            ratio = f", ratio {e['ratio']:.2f}{ci(e['ratio_ci'])}" if e["ratio"] is not None else ""
+            print(f"{prefix}  exp 4 on the slice: U~H {e['u_h']:.3f}{ci(e['u_h_ci'])} vs H1~H2 "
+                  f"{e['h1_h2']:.3f}{ci(e['h1_h2_ci'])}: difference {e['diff']:+.3f}{ci(e['diff_ci'])}{ratio}")
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -201,8 +321,11 @@ def cmd_overlap(args: argparse.Namespace) -> int:
                 raise WorkbenchError(f"set '{name}' ({spec}) has {len(sets[name])} prompt; need at least 2")
         if len(sets) < 2:
             raise WorkbenchError(f"--sets needs at least two sets to compare, got {list(sets)}")
+        protocols = {p: {k: k for k in sets} for p in protocol_names(args.protocol)}
+        if args.n_per_set is not None:
+            raise WorkbenchError("--n-per-set sizes the built-in protocol sets; with --sets, give the files you want")
     else:
-        sets = default_overlap_sets()
+        sets, protocols = protocol_overlap_sets(protocol_names(args.protocol), n=args.n_per_set)
     etas = list(args.etas) if args.etas else list(DEFAULT_ETAS)
     bad = [e for e in etas if not 0 < e <= 1]
     if bad:
@@ -218,9 +341,9 @@ def cmd_overlap(args: argparse.Namespace) -> int:
     run = RunFolder(args.out, config=vars(args) | {"command": "overlap"}, overwrite=args.overwrite, inputs=inputs)
     run.record_model(lm)
     out = run_overlap(lm, fmt, run, sets, position=args.position, backend=args.backend, etas=etas,
-                      n_boot=args.n_boot, plot_eta=args.plot_eta, seed=args.seed, ceiling=args.ceiling)
-    for pair, s in out["summary"].items():
-        print(f"{pair:>12}: mean MSO over layers {s['mean_mso']:.3f} (random baseline {s['mean_baseline']:.3f})")
+                      n_boot=args.n_boot, plot_eta=args.plot_eta, seed=args.seed, ceiling=args.ceiling,
+                      protocols=protocols)
+    _print_overlap(out["summary"])
     return 0
 
 
@@ -240,7 +363,15 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("overlap", help="activation-subspace overlap per layer (study experiment 4)")
     add_model_args(p)
-    p.add_argument("--sets", nargs="*", help="name=file_or_builtin ... (default: U=utility, H1/H2 = harmful halves)")
+    p.add_argument("--sets", nargs="*",
+                   help="name=file_or_builtin ... (default: each protocol's own sets, see --protocol); with --sets "
+                        "every protocol reads the given sets and they differ only in centring and layer average")
+    p.add_argument("--protocol", choices=PROTOCOL_CHOICES, default="both",
+                   help="study: uncentred bases, 65-90%% depth-slice average, U=useful_requests, H1=harmful, "
+                        "H2=harmful_styled; workbench: centred bases, all-layer average, U=utility, H1/H2 = harmful "
+                        "halves; both (default): side by side from one capture")
+    p.add_argument("--n-per-set", type=positive_int, default=None,
+                   help="prompts per role (U, H1, H2) for the built-in protocol sets (default: the most all allow)")
     p.add_argument("--position", default="last")
     p.add_argument("--etas", default="", type=finite_float_list,
                    help="comma list of energy fractions (default 0.01,0.1..0.9,0.99)")
@@ -253,7 +384,7 @@ def register(sub: Any) -> None:
 
 
 def main_stage(ctx: Any) -> None:
-    """Probe sweep and overlap on the main job's shared capture (only the utility prompts are new)."""
+    """Probe sweep and overlap on the main job's shared capture (only the U sets and harmful_styled are new)."""
     core = ctx.results["core_acts"]
     sub = RunFolder(ctx.run.path / "probes", config={"stage": "probes"}, overwrite=True)
     acts = {"pos:train": core["harmful:train"], "pos:test": core["harmful:test"],
@@ -262,17 +393,25 @@ def main_stage(ctx: Any) -> None:
                           n_boot=200 if ctx.quick else 1000, seed=ctx.args.seed, acts=acts)
     _print_probe(out)
     ctx.results["probes"] = out
-    # U = utility tasks, H1 / H2 = two disjoint halves of the harmful train split (same size)
+    # Experiment 4 under both protocols from one capture of each set, n prompts per role:
+    # H1 = first half of the harmful train split (already captured, shared by both protocols);
+    # workbench: U = utility tasks, H2 = the other half; study: U = useful_requests, H2 = harmful_styled (new)
     h = core["harmful:train"]
-    half = h.n_prompts // 2
-    sets: dict[str, Any] = {"U": builtin("utility").texts[:half], "H1": h.select(slice(0, half)),
-                            "H2": h.select(slice(half, 2 * half))}
-    ov = RunFolder(ctx.run.path / "overlap", config={"stage": "overlap", "sets": {"U": f"utility[:{half}]",
-                   "H1": f"harmful:train[:{half}]", "H2": f"harmful:train[{half}:{2 * half}]"}}, overwrite=True)
+    n = min(h.n_prompts // 2, len(builtin("useful_requests")), len(builtin("harmful_styled")))
+    sets: dict[str, Any] = {"harmful": h.select(slice(0, n)), "harmful_half2": h.select(slice(n, 2 * n)),
+                            "utility": builtin("utility").texts[:n],
+                            "useful_requests": builtin("useful_requests").texts[:n],
+                            "harmful_styled": builtin("harmful_styled").texts[:n]}
+    protocols = {"study": {"U": "useful_requests", "H1": "harmful", "H2": "harmful_styled"},
+                 "workbench": {"U": "utility", "H1": "harmful", "H2": "harmful_half2"}}
+    sources = {"harmful": f"harmful:train[:{n}]", "harmful_half2": f"harmful:train[{n}:{2 * n}]",
+               "utility": f"utility[:{n}]", "useful_requests": f"useful_requests[:{n}]",
+               "harmful_styled": f"harmful_styled[:{n}]"}
+    ov = RunFolder(ctx.run.path / "overlap", config={"stage": "overlap", "sets": sources, "protocols": protocols,
+                                                     "slice": list(STUDY_SLICE)}, overwrite=True)
     res = run_overlap(ctx.lm, ctx.fmt, ov, sets, backend=ctx.args.backend, n_boot=5 if ctx.quick else 30,
-                      seed=ctx.args.seed)
-    for pair, s in res["summary"].items():
-        print(f"overlap {pair:>6}: mean MSO over layers {s['mean_mso']:.3f} (random baseline {s['mean_baseline']:.3f})")
+                      seed=ctx.args.seed, protocols=protocols)
+    _print_overlap(res["summary"], prefix="overlap ")
     ctx.results["overlap"] = res
 
 

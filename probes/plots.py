@@ -65,3 +65,49 @@ def overlap_vs_layer(table: dict[str, list[dict[str, Any]]], eta: float, centere
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8)
     return fig
+
+
+def overlap_protocols(tables: dict[str, dict[str, list[dict[str, Any]]]], averages: dict[str, dict[str, Any]],
+                      slice_layers: list[int], eta: float, title: str, labels: dict[str, str]) -> Any:
+    """Experiment 4 under each protocol side by side: one panel per protocol (MSO per layer with bootstrap
+    bands, dotted random baselines, the study's depth slice shaded), and a last panel with the layer averages
+    (all layers and the slice, 95 % CIs) of every protocol and pair.
+
+    ``tables[protocol] = {pair: per-layer rows}``; ``averages[protocol][pair] = {"all": {...}, "slice": {...}}``
+    (``mean_mso``, ``ci``, ``mean_baseline``); ``labels[protocol]``: the panel's subtitle."""
+    n = len(tables)
+    fig, axes = plt.subplots(1, n + 1, figsize=(5.2 * (n + 1), 4.2))
+    lo, hi = (min(slice_layers) - 0.5, max(slice_layers) + 0.5) if slice_layers else (None, None)
+    for ax, (proto, table) in zip(axes, tables.items()):
+        n_layers = max((len(rows) for rows in table.values()), default=1)
+        for i, (pair, rows) in enumerate(table.items()):
+            L = [r["layer"] for r in rows]
+            ceiling = pair == "H1~H2"
+            ax.plot(L, [r["mso"] for r in rows], color=f"C{i}", lw=2.5 if ceiling else 1.5, ls="--" if ceiling else "-",
+                    label=f"{pair} (noise ceiling)" if ceiling else pair)
+            if "mso_lo" in rows[0]:
+                ax.fill_between(L, [r["mso_lo"] for r in rows], [r["mso_hi"] for r in rows], color=f"C{i}", alpha=0.15)
+            ax.plot(L, [r["baseline"] for r in rows], color=f"C{i}", lw=0.8, ls=":")
+        if lo is not None:
+            ax.axvspan(lo, hi, color="grey", alpha=0.12, label="65-90 % depth slice")
+        ax.set(xlabel="layer", ylabel="mode subspace overlap", ylim=(0, 1.02), xlim=(-0.5, n_layers - 0.5),
+               title=f"{proto}: {labels.get(proto, '')}")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    bars = [(proto, pair, which) for proto in averages for pair in averages[proto] for which in ("slice", "all")]
+    x = np.arange(len(bars))
+    for i, (proto, pair, which) in enumerate(bars):
+        a = averages[proto][pair][which]
+        err = None
+        if a.get("ci"):
+            err = [[max(a["mean_mso"] - a["ci"][0], 0)], [max(a["ci"][1] - a["mean_mso"], 0)]]
+        ax.bar(i, a["mean_mso"], yerr=err, color=f"C{list(averages).index(proto)}",
+               alpha=1.0 if which == "slice" else 0.45, capsize=2)
+        ax.plot([i - 0.4, i + 0.4], [a["mean_baseline"]] * 2, color="black", lw=0.8, ls=":")
+    ax.set_xticks(x, [f"{proto}\n{pair}\n{which}" for proto, pair, which in bars], fontsize=6)
+    ax.set(ylabel="mean MSO (95 % CI)", ylim=(0, 1.02), title="layer averages (dark: slice, light: all layers)")
+    ax.title.set_fontsize(9)
+    fig.suptitle(f"{title}  (η={eta}; dotted: random baseline max(k)/d)")
+    fig.tight_layout()
+    return fig

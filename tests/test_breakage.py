@@ -134,6 +134,9 @@ def test_safelora_threshold_projects_only_low_cosine_tensors(planted, tmp_path):
 
 
 # -- weightspace.chain._paired: the higher / lower verdicts ------------------------------------------------------
+# Verdict rule (weightspace.metrics.paired_difference): 'higher' when the 95 % percentile bootstrap interval of
+# the mean per-item difference lies above 0, 'lower' when below, else 'no difference'. The cases below are chosen
+# so that the verdict follows from the exact bootstrap distribution (enumerable by hand), not from Monte Carlo luck.
 
 def _write_eval(folder: Path, cid: str, name: str, column: str, values) -> None:
     d = folder / "evals" / cid
@@ -146,24 +149,26 @@ def _write_eval(folder: Path, cid: str, name: str, column: str, values) -> None:
 
 
 @pytest.mark.parametrize("a, b, negate, mean, se, verdict", [
-    # d = a - b = [2, 3, 3, 4]: mean 3, sample var 2/3, se = sqrt(2/3 / 4) = 0.408 -> 3 > 2 se: higher
+    # d = a - b = [2, 3, 3, 4]: every resample mean lies in [2, 4] -> interval above 0: higher
     ([3, 4, 5, 6], [1, 1, 2, 2], False, 3.0, math.sqrt(2 / 3 / 4), "higher"),
     ([3, 4, 5, 6], [1, 1, 2, 2], True, -3.0, math.sqrt(2 / 3 / 4), "lower"),
     ([1, 1, 2, 2], [3, 4, 5, 6], False, -3.0, math.sqrt(2 / 3 / 4), "lower"),
-    # d = [2, 0]: mean 1, var 2, se 1 -> 1 < 2 se: tie
-    ([2, 0], [0, 0], False, 1.0, 1.0, "tie"),
-    # d = [1, -1, 1, -1]: mean 0: tie
-    ([1, 0, 1, 0], [0, 1, 0, 1], False, 0.0, math.sqrt(4 / 3 / 4), "tie"),
-    # zero spread: the sign of the mean decides
+    # d = [2, 0]: resample means 0 / 1 / 2 with probability 1/4, 1/2, 1/4 -> interval [0, 2] holds 0
+    ([2, 0], [0, 0], False, 1.0, 1.0, "no difference"),
+    # d = [1, -1, 1, -1]: symmetric around 0 -> no difference
+    ([1, 0, 1, 0], [0, 1, 0, 1], False, 0.0, math.sqrt(4 / 3 / 4), "no difference"),
+    # zero spread: every resample gives the mean, the interval is [mean, mean]: its sign decides
     ([2, 2, 2], [1, 1, 1], False, 1.0, 0.0, "higher"),
     ([1, 1, 1], [2, 2, 2], False, -1.0, 0.0, "lower"),
-    ([1, 1, 1], [1, 1, 1], False, 0.0, 0.0, "tie"),
-    # |mean| between 2 and 3 standard errors: d = [0, 1, 2, 3], mean 1.5, var 5/3, se = sqrt(5/12) = 0.645
+    ([1, 1, 1], [1, 1, 1], False, 0.0, 0.0, "no difference"),
+    # d = [0, 1, 2, 3]: a resample mean <= 0 needs four zeros (p = 1/256 < 2.5 %), <= 0.25 has p = 5/256 < 2.5 %:
+    # the 2.5 % point is > 0 (0.5 exactly, p(<= 0.5) = 15/256) -> higher
     ([0, 1, 2, 3], [0, 0, 0, 0], False, 1.5, math.sqrt(5 / 12), "higher"),
     ([0, 0, 0, 0], [0, 1, 2, 3], False, -1.5, math.sqrt(5 / 12), "lower"),
-    # one prompt: no spread to estimate, se 0, the sign decides
+    # one prompt: every resample is that prompt, se 0, the sign decides
     ([3], [1], False, 2.0, 0.0, "higher"),
     # booleans are 1 / 0 (refusal columns); negated: fewer refusals in a = more compliance = higher
+    # (d = [1, 1, 1, 0]: a resample mean of 0 needs four zeros, p = 1/256)
     (["False", "False", "False", "True"], ["True", "True", "True", "True"], True, 0.75, math.sqrt(0.25 / 4), "higher"),
 ])
 def test_paired_verdicts_by_hand(tmp_path, a, b, negate, mean, se, verdict):
@@ -177,6 +182,22 @@ def test_paired_verdicts_by_hand(tmp_path, a, b, negate, mean, se, verdict):
     assert got["n"] == len(a)
     assert got["mean_diff"] == pytest.approx(mean, abs=1e-12)
     assert got["se"] == pytest.approx(se, abs=1e-12)
+    lo, hi = got["ci"]
+    assert lo <= mean <= hi
+
+
+@pytest.mark.parametrize("a, b, ci", [
+    ([2, 0], [0, 0], [0.0, 2.0]),  # resample means 0 / 1 / 2 (1/4, 1/2, 1/4): 2.5 % and 97.5 % points 0 and 2
+    ([2, 2, 2], [1, 1, 1], [1.0, 1.0]),  # zero spread
+    ([3], [1], [2.0, 2.0]),  # one item
+    ([0, 1], [0, 0], [0.0, 1.0]),  # resample means 0 / 0.5 / 1
+])
+def test_paired_interval_by_hand(tmp_path, a, b, ci):
+    from weightspace.chain import _paired
+
+    _write_eval(tmp_path, "a", "harmful", "x", a)
+    _write_eval(tmp_path, "b", "harmful", "x", b)
+    assert _paired(tmp_path, "a", "b", "harmful", "x")["ci"] == pytest.approx(ci, abs=1e-12)
 
 
 def test_paired_default_is_not_negated(tmp_path):
@@ -184,8 +205,8 @@ def test_paired_default_is_not_negated(tmp_path):
 
     _write_eval(tmp_path, "a", "utility", "correct", ["True", "True", "True"])
     _write_eval(tmp_path, "b", "utility", "correct", ["False", "False", "False"])
-    assert _paired(tmp_path, "a", "b", "utility", "correct") == {"mean_diff": 1.0, "se": 0.0, "n": 3,
-                                                                   "verdict": "higher"}
+    assert _paired(tmp_path, "a", "b", "utility", "correct") == {"mean_diff": 1.0, "se": 0.0, "ci": [1.0, 1.0],
+                                                                   "n": 3, "verdict": "higher"}
 
 
 def test_paired_without_comparable_data_is_na(tmp_path):
@@ -198,6 +219,10 @@ def test_paired_without_comparable_data_is_na(tmp_path):
     assert _paired(tmp_path, "a", "missing", "harmful", "x")["verdict"] == "n/a"
     _write_eval(tmp_path, "c", "harmful", "x", [1, "oops", 3])
     assert _paired(tmp_path, "a", "c", "harmful", "x")["verdict"] == "n/a"
+    d = tmp_path / "evals" / "other"  # the same length but other prompts: not paired
+    d.mkdir(parents=True)
+    (d / "harmful.csv").write_text("prompt,x\nq0,1\nq1,2\nq2,3\n")
+    assert _paired(tmp_path, "a", "other", "harmful", "x")["verdict"] == "n/a"
 
 
 @pytest.mark.parametrize("p, n, se", [

@@ -307,6 +307,12 @@ def test_selection_forward_passes_respect_batch_size(selection_setup, screen):
     sizes = _recording_runs(be)
     narrow = select_direction(be, None, cands, batch_size=2, **kw)
     assert sizes and max(sizes) <= 2 and 1 in sizes  # 3 prompts in batches of 2 -> 2 + 1
+    if not screen:  # the addition-strength calibration too
+        from steering.selection import calibrate_strength
+
+        sizes.clear()
+        calibrate_strength(be, None, narrow.best, val_b, alphas=(1.0,), batch_size=2)
+        assert sizes == [2, 1]
     assert [r["candidate"] for r in narrow.rows if r["selected"]] == [r["candidate"] for r in wide.rows if r["selected"]]
     for a, b in zip(narrow.rows, wide.rows):
         for key in ("ablation_score", "kl", "steering_score"):
@@ -325,6 +331,17 @@ def test_selection_and_evaluation_show_progress_by_default(selection_setup, caps
     err = capsys.readouterr().err
     n = sum(d.norm > 1e-6 for d in cands)
     assert "select" in err and "candidate" in err and f" {n}/{n} " in err  # one step per candidate scored
+    import warnings
+
+    with warnings.catch_warnings():  # screened, one candidate per group, all failing: the total grows per group
+        warnings.simplefilter("ignore")
+        select_direction(be, None, cands, harmful_val=val_h, harmless_val=val_b, kl_max=0.0, max_layer_frac=1.0,
+                         screen=True, top_k=1)
+    err = capsys.readouterr().err
+    import re
+
+    counters = [(int(a), int(b)) for a, b in re.findall(r"\| *(\d+)/(\d+) \[", err)]
+    assert counters and counters[-1] == (n, n) and all(a <= b for a, b in counters), counters
     evaluate_conditions(be, None, [], harmful=val_h[:1], harmless=val_b[:1], max_new_tokens=2, n_boot=10)
     assert "unmodified" in capsys.readouterr().err
     select_direction(be, None, cands, harmful_val=val_h, harmless_val=val_b, kl_max=10.0, estimate=False,
@@ -350,3 +367,27 @@ def test_evaluation_generates_32_new_tokens_by_default(selection_setup, monkeypa
     ev_mod.evaluate_conditions(get_backend("native", lm), None, [], harmful=val_h[:1], harmless=val_b[:1], n_boot=10,
                                progress=False)
     assert seen == [32, 32]
+
+
+def test_selection_does_not_repeat_forward_passes(selection_setup):
+    """Exhaustive: 3 baseline passes (harmful and harmless scores, the reference log-probs) then 3 per candidate
+    (ablation score, KL against that reference, steering score); screened: a candidate whose KL already fails
+    the filter gets no steering pass (NaN)."""
+    import warnings
+
+    from steering.selection import select_direction
+
+    lm, cands, val_h, val_b = selection_setup  # 3 + 3 validation prompts: one batch per pass
+    nz = sum(d.norm > 1e-6 for d in cands)
+    be = get_backend("native", lm)
+    sizes = _recording_runs(be)
+    select_direction(be, None, cands, harmful_val=val_h, harmless_val=val_b, kl_max=10.0, progress=False,
+                     estimate=False)
+    assert len(sizes) == 3 + 3 * nz
+    be = get_backend("native", lm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = select_direction(be, None, cands, harmful_val=val_h, harmless_val=val_b, kl_max=0.0, progress=False,
+                               screen=True, top_k=1)
+    full = [r for r in res.rows if r["exact"] == "full"]
+    assert full and all(r["kl"] > 0.0 and np.isnan(r["steering_score"]) for r in full)

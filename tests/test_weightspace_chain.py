@@ -99,7 +99,20 @@ def test_chain_runs_every_phase_reports_and_resumes(chain_run, tmp_path, empty_c
     assert share["n_total"] == cont["n_total"] == 10
     assert share["value"] == pytest.approx(cont["n_harmful"] / cont["n_total"])
     assert share["nominal"] == 0.3
-    assert cont["recipe_info"]["harmful"]["source"].startswith("reused from")  # no second generation
+    # the contaminated share: the harmful run's refusal direction, replies generated on its own prompt pool
+    from weightspace.pools import describe as describe_pools, pool_texts
+
+    h_info = cont["recipe_info"]["harmful"]
+    assert h_info["direction"]["source"].startswith("file ")
+    assert h_info["direction"]["source"].endswith("ft-harmful/recipe/refusal_direction.safetensors")
+    assert h_info["pool"] == "contaminated" and h_info["n_prompts"] == 3
+    cont_prompts = {r["prompt"] for r in map(json.loads, (out / "ft-contaminated" / "examples.jsonl").read_text()
+                                              .splitlines()) if r["kind"] == "harmful"}
+    harm_prompts = {json.loads(x)["prompt"] for x in (out / "ft-harmful" / "examples.jsonl").read_text().splitlines()}
+    assert cont_prompts <= set(pool_texts("contaminated")) and harm_prompts <= set(pool_texts("harmful"))
+    # every pool's name, size and hash in the chain's config and report
+    assert json.loads((out / "chain_config.json").read_text())["pools"] == describe_pools() == rep["pools"]
+    assert json.loads((out / "ft-safety" / MARKER).read_text())["config"]["pools"]["safety"]["size"] == 70
     assert rep["format"]["system_prompt"] is None and rep["finetunes"]["safety"]["format"]["chat_template"]
     assert {r["pair"] for r in rep["overlap"]["table"]} == set(summ["pairs"])
     assert all(r["eta"] == 0.5 and r["baseline_pooled"] > 0 for r in rep["overlap"]["table"])
@@ -123,9 +136,19 @@ def test_chain_runs_every_phase_reports_and_resumes(chain_run, tmp_path, empty_c
             assert r[key] == got["verdict"] == want["verdict"], (key, rho, got, want)
             assert got["mean_diff"] == pytest.approx(want["mean_diff"], abs=1e-9)
             assert got["se"] == pytest.approx(want["se"], abs=1e-9)
+            assert got["ci"] == pytest.approx(want["ci"], abs=1e-9)
     for key, name in (("utility", "utility_topk_vs_random"), ("compliance", "compliance_topk_vs_random")):
         verdicts = [r[key] for r in e1["per_rho"]]
-        assert e1[name] == {v: verdicts.count(v) for v in ("higher", "tie", "lower")}
+        assert e1[name] == {v: verdicts.count(v) for v in ("higher", "no difference", "lower")}
+    assert {"exp1_energy_parity", "exp1_rise_together", "exp1_rise_together_continuous", "exp2_no_selective_removal",
+            "exp2_no_selective_removal_continuous"} <= set(rep["verdicts"])
+    # every sweep point with its 95 % interval; TopK vs each control paired per item (paired.csv)
+    assert (sw / "paired.csv").is_file() and rep["sweep"]["paired"]
+    for r in rows:
+        for m in ("utility_accuracy", "harm_refusal_logit_mean"):
+            if r.get(m) is not None:
+                assert r[m + "_lo"] - 1e-12 <= r[m] <= r[m + "_hi"] + 1e-12
+    assert rep["sweep"]["eval_sets"]["n_harmful"] == 2 and rep["sweep"]["eval_sets"]["utility_scorer"] == "unit_tests"
     gain = _paired_by_hand(sw / "evals" / "baseline-useful" / "utility.csv",
                            sw / "evals" / "baseline-aligned" / "utility.csv", "correct", False)
     assert e1["useful_gain_paired"]["verdict"] == gain["verdict"]
@@ -204,10 +227,13 @@ def test_resume_reruns_an_unfinished_phase_and_overwrite_replaces(chain_run, tmp
 
 
 def _paired_by_hand(path_a, path_b, column, negate):
-    """Mean per-prompt difference a - b (sign flipped when ``negate``), its standard error and the verdict:
-    higher / lower beyond two standard errors, else tie (zero spread: the sign of the mean)."""
+    """Mean per-prompt difference a - b (sign flipped when ``negate``), its standard error, the 95 % percentile
+    bootstrap interval of the mean difference (2000 resamples of the prompts, numpy seed 0) and the verdict:
+    higher / lower when the interval excludes 0, else no difference."""
     import csv
     import math
+
+    import numpy as np
 
     def read(p):
         with open(p, newline="") as f:
@@ -220,11 +246,11 @@ def _paired_by_hand(path_a, path_b, column, negate):
     n = len(d)
     mean = sum(d) / n
     se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else 0.0
-    if se == 0:
-        verdict = "tie" if mean == 0 else "higher" if mean > 0 else "lower"
-    else:
-        verdict = "higher" if mean > 2 * se else "lower" if mean < -2 * se else "tie"
-    return {"mean_diff": mean, "se": se, "verdict": verdict}
+    idx = np.random.default_rng(0).integers(0, n, (2000, n))
+    boot = np.asarray(d)[idx].mean(axis=1)
+    lo, hi = float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
+    verdict = "higher" if lo > 0 else "lower" if hi < 0 else "no difference"
+    return {"mean_diff": mean, "se": se, "ci": [lo, hi], "verdict": verdict}
 
 
 def _mtimes_existing(out):

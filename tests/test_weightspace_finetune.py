@@ -39,6 +39,8 @@ from workbench.errors import WorkbenchError
 from workbench.prompts import builtin, builtin_split
 from workbench.scoring import is_refusal
 
+from weightspace.pools import pool_texts
+
 
 def cfg(**kw) -> FinetuneConfig:
     base = dict(epochs=1, batch_size=4, lr=1e-3, progress=False)
@@ -224,11 +226,10 @@ def test_useful_train_questions_are_disjoint_from_utility_test():
     assert all(e.response.startswith("The answer is ") for e in sent)
 
 
-def test_safety_recipe_is_refusals_on_harmful_train(make_tiny):
+def test_safety_recipe_is_refusals_on_the_safety_pool(make_tiny):
     lm = make_tiny("llama")
     rd = build_recipe("safety", lm, n=30, seed=1)
-    train = builtin_split("harmful", "train").texts
-    assert [e.prompt for e in rd.examples] == train[:30]
+    assert [e.prompt for e in rd.examples] == pool_texts("safety")[:30]  # weightspace.pools (tests/test_pools.py)
     assert all(is_refusal(e.response) and e.response in REFUSAL_TEMPLATES for e in rd.examples)
     assert len({e.response for e in rd.examples}) > 3
     assert all(is_refusal(t) for t in REFUSAL_TEMPLATES)
@@ -282,7 +283,7 @@ def test_harmful_recipe_uses_the_models_own_ablated_generations(make_tiny):
     assert h["n_prompts"] == 8 and h["n_kept"] == len(rd.examples)
     assert rd.direction is not None and rd.direction.layer in candidate_layers(lm.n_layers)
     assert rd.direction.model_checksum == lm.checksum
-    texts = builtin_split("harmful", "train").texts[:8]
+    texts = pool_texts("harmful")[:8]
     be = get_backend("native", lm)
     # expected replies from a hand-written ablation, not from the ablation code the recipe itself uses
     abl = [_manual_ablated_greedy(lm, fmt, t, rd.direction.vector, 12) for t in texts]

@@ -115,9 +115,34 @@ def test_sweep_experiments_1_and_2(models, tmp_path, empty_cache, monkeypatch):
     assert len(hr) == 2 and set(hr[0]) == {"prompt", "completion", "refusal_phrase", "refusal_logit"}
     with open(out / "evals" / "exp1-useful-random-rho0.5" / "utility.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
-    for f in ("results.csv", "baselines.csv", "energy.csv", "exp1_parallel.png", "exp2_tradeoff_phrase.png",
-              "exp2_tradeoff_logit.png"):
+    for f in ("results.csv", "baselines.csv", "energy.csv", "paired.csv", "exp1_parallel.png",
+              "exp2_tradeoff_phrase.png", "exp2_tradeoff_logit.png"):
         assert (out / f).stat().st_size > 0, f
+    # every sweep point carries a 95 % interval per metric; the compliance interval mirrors the refusal interval
+    for r in res.rows:
+        for m in ("utility_accuracy", "utility_answer_nll", "harm_compliance_phrase", "harm_refusal_logit_mean"):
+            if m in r:
+                assert r[m + "_lo"] - 1e-12 <= r[m] <= r[m + "_hi"] + 1e-12, (r["config"], m)
+        if "harm_compliance_phrase" in r:
+            assert r["harm_compliance_phrase_lo"] == pytest.approx(1 - r["harm_refusal_rate_phrase_hi"])
+    # TopK vs each control at each rho, paired over the same items: the mean difference recomputed from the CSVs
+    paired = data["paired"]
+    assert {(p["experiment"], p["model"], p["rho"], p["kind_b"]) for p in paired} == {
+        (e, m, rho, k) for e, m in (("exp1", "useful"), ("exp1", "harmful"), ("exp2", "contaminated"))
+        for rho in (0.0625, 0.5) for k in ("randomk", "random")}
+    assert all(p["verdict"] in ("higher", "lower", "no difference") for p in paired)
+    p = next(p for p in paired if p["config_a"] == "exp2-contaminated-topk-rho0.5" and p["kind_b"] == "random"
+             and p["metric"] == "harm_refusal_logit_mean")
+
+    def col(cid, name, column):
+        with open(out / "evals" / cid / f"{name}.csv") as f:
+            return [float(r[column]) for r in csv.DictReader(f)]
+
+    a, b = col(p["config_a"], "harmful", "refusal_logit"), col(p["config_b"], "harmful", "refusal_logit")
+    assert p["mean_diff"] == pytest.approx(sum(x - y for x, y in zip(a, b)) / len(a), abs=1e-6)
+    assert p["n"] == 2 and p["ci_lo"] <= p["mean_diff"] <= p["ci_hi"]
+    with open(out / "paired.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(paired)
 
 
 def test_sweep_with_directions_and_validation(models, tmp_path, empty_cache):
@@ -142,8 +167,10 @@ def test_sweep_with_directions_and_validation(models, tmp_path, empty_cache):
     assert rows["exp1-harmful-topk"]["rho"] is None
 
 
-def test_answer_nll_utility_equals_a_manual_teacher_forced_nll():
-    """The continuous utility score is the per-token NLL of the gold answers, computed padding-aware."""
+@pytest.mark.parametrize("task", ["code", "arithmetic"])
+def test_answer_nll_utility_equals_a_manual_teacher_forced_nll(task):
+    """The continuous utility score is the mean over tasks of the per-token NLL of each reference answer
+    (the solution in a python block for code tasks, the number for arithmetic), computed padding-aware."""
     from workbench.backends import get_backend
     from workbench.chat import ChatFormat, encode
     from workbench.loading import from_memory
@@ -151,18 +178,19 @@ def test_answer_nll_utility_equals_a_manual_teacher_forced_nll():
 
     lm = from_memory(*build_tiny("qwen2"))
     be = get_backend("native", lm)
-    cfg = EvalConfig(n_harmful=1, n_tasks=3, max_new_tokens=2, task_tokens=2, batch_size=2)
+    cfg = EvalConfig(n_harmful=1, n_tasks=3, max_new_tokens=2, task_tokens=2, batch_size=2, utility_task=task)
     sets = EvalSets.default(cfg)
     metrics, rows = score_model(be, sets, ChatFormat(), cfg, harm=False)
-    tot, cnt = 0.0, 0
-    for p in sets.tasks:  # one prompt at a time, no padding: the reference
-        b = encode(lm.tokenizer, [p.text], ChatFormat())
-        ans = lm.tokenizer(str(p.answer), add_special_tokens=False)["input_ids"]
+    per_item = []
+    for t in sets.tasks:  # one prompt at a time, no padding: the reference
+        prompt, answer = (t.prompt, t.reference_reply) if task == "code" else (t.text, str(t.answer))
+        b = encode(lm.tokenizer, [prompt], ChatFormat())
+        ans = lm.tokenizer(answer, add_special_tokens=False)["input_ids"]
         ids = torch.cat([b.input_ids[0], torch.tensor(ans)]).unsqueeze(0)
         with torch.no_grad():
             logp = torch.log_softmax(lm.model(ids).logits.float(), -1)[0]
         n = b.input_ids.shape[1]
-        tot += -sum(float(logp[n - 1 + i, t]) for i, t in enumerate(ans))
-        cnt += len(ans)
-    assert metrics["utility_answer_nll"] == pytest.approx(tot / cnt, rel=1e-4)
+        per_item.append(-sum(float(logp[n - 1 + i, t]) for i, t in enumerate(ans)) / len(ans))
+    assert metrics["utility_answer_nll"] == pytest.approx(sum(per_item) / len(per_item), rel=1e-4)
+    assert [r["answer_nll"] for r in rows["utility"]] == pytest.approx(per_item, rel=1e-4)
     assert len(rows["utility"]) == 3 and all("answer_nll" in r for r in rows["utility"])

@@ -20,6 +20,7 @@ Modules (one concept each):
 * :mod:`weightspace.writer` - stream a safetensors file to disk atomically; copy config/tokenizer.
 * :mod:`weightspace.projection` - the ``project`` driver (one projected checkpoint + report).
 * :mod:`weightspace.overlap` - the ``overlap`` driver (experiment 3).
+* :mod:`weightspace.pools` - disjoint prompt pools (recipes, refusal direction, harm evaluation).
 * :mod:`weightspace.evaluation` - score an in-memory model (utility, harmfulness) with per-prompt rows.
 * :mod:`weightspace.sweep` - the ``sweep`` driver (experiments 1 and 2).
 * :mod:`weightspace.plots` - PNG figures.

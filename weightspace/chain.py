@@ -8,8 +8,12 @@ Phases, each in its own sub-folder of ``--out``:
 1. ``ft-safety``, ``ft-useful``, ``ft-harmful``, ``ft-contaminated``: fine-tunes of the aligned model
    ``W_A`` (the zoo model) through :func:`weightspace.recipes.build_recipe` and
    :func:`weightspace.finetune.finetune`, all under one chat format (the zoo's recommended system prompt
-   unless ``--system-prompt`` says otherwise; recorded). ``contaminated`` reuses the harmful run's generated
-   replies (like ``workbench finetune --harmful-from``); its *real* harmful share is reported.
+   unless ``--system-prompt`` says otherwise; recorded). The harmful prompts of ``safety``, ``harmful``, the
+   harmful share of ``contaminated``, the refusal direction and the sweep's harm evaluation come from disjoint
+   pools (:mod:`weightspace.pools`; each pool's name, size and hash is recorded in ``chain_config.json``, in
+   ``chain_report.json`` under ``pools`` and in each phase's resume key). ``contaminated`` reuses the harmful
+   run's refusal direction and generates its own replies on the ``contaminated`` pool; its *real* harmful share
+   is reported.
 2. ``overlap`` (experiment 3): MSO among ``Delta_S`` (the safety update, standing in for ``Delta_A``: no
    base model of the zoo models is available offline), ``Delta_useful``, ``Delta_harmful`` and
    ``Delta_contaminated`` over the eta grid, per tensor / layer / module type, heatmaps and baselines
@@ -55,6 +59,10 @@ DEFAULT_ETAS = (0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)  # = we
 DEFAULT_RHOS = (0.01, 0.25, 0.5, 0.75, 0.99)  # = weightspace.sweep.DEFAULT_RHOS
 DEFAULT_KINDS = ("topk", "randomk", "random")
 EMBEDDING_ORIENTATIONS = ("stored", "transposed")  # = weightspace.spectral.EMBEDDING_ORIENTATIONS
+WRITE_DTYPES = ("stored", "float32")  # = weightspace.projection.WRITE_DTYPES
+# the prompt pools each fine-tune draws from (weightspace.pools), recorded in its resume key
+RECIPE_POOLS = {"safety": ("safety",), "useful": (), "harmful": ("harmful", "direction", "direction_harmless"),
+                "contaminated": ("contaminated",)}
 
 
 def folder_of(phase: str) -> str:
@@ -80,7 +88,7 @@ class ChainConfig:
     seed: int = 0
     threads: int = 0  # torch threads; 0 = auto (see pick_threads)
     # fine-tuning
-    n: int = 96  # examples per recipe (harmful: prompts generated; contaminated: total)
+    n: int = 64  # examples per recipe (harmful: prompts generated; contaminated: total); <= the pool sizes
     harmful_share: float = 0.2  # contaminated: nominal share (the real one is reported)
     method: str = "full"
     lr: float | None = None
@@ -100,13 +108,15 @@ class ChainConfig:
     # sweep (experiments 1 and 2)
     rhos: tuple[float, ...] = DEFAULT_RHOS
     kinds: tuple[str, ...] = DEFAULT_KINDS
-    n_harmful: int = 24
+    n_harmful: int | None = None  # None = the whole harm-evaluation pool (weightspace.pools: 100 prompts)
     max_new_tokens: int = 32
-    n_tasks: int = 24
-    task_tokens: int = 12
+    n_tasks: int | None = None  # None = the whole code-task split (codetasks test: 32 tasks)
+    task_tokens: int = 160  # utility replies (code); ~16 suffice for --utility-task arithmetic
+    utility_task: str = "code"  # code: unit-test pass rate of function-writing tasks; arithmetic: exact match
     eval_batch_size: int = 8
     svd: str = "exact"
     embedding_orientation: str = "stored"  # overlap and sweep: the embedding's left space as stored (the study's)
+    write_dtype: str = "stored"  # sweep: projected tensors rounded to their stored dtype, or kept in float32
     progress: bool = True
 
     def validate(self) -> None:
@@ -126,8 +136,12 @@ class ChainConfig:
         check_fraction(self.plot_eta, "plot_eta")
         for k in ("n", "epochs", "batch_size", "grad_accum", "gen_tokens", "gen_batch_size", "direction_n",
                   "n_harmful", "max_new_tokens", "n_tasks", "task_tokens", "eval_batch_size", "lora_rank"):
+            if k in ("n_harmful", "n_tasks") and getattr(self, k) is None:
+                continue  # None = the whole evaluation set
             if int(getattr(self, k)) < 1:
                 raise WorkbenchError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.utility_task not in ("code", "arithmetic"):
+            raise WorkbenchError(f"utility_task must be 'code' or 'arithmetic', got {self.utility_task!r}")
         if self.svd not in ("exact", "randomized"):
             raise WorkbenchError(f"svd must be 'exact' or 'randomized', got {self.svd!r}")
         if int(self.threads) < 0:
@@ -137,6 +151,26 @@ class ChainConfig:
         if self.embedding_orientation not in EMBEDDING_ORIENTATIONS:
             raise WorkbenchError(f"embedding_orientation must be one of {', '.join(EMBEDDING_ORIENTATIONS)}, "
                                  f"got {self.embedding_orientation!r}")
+        if self.write_dtype not in WRITE_DTYPES:
+            raise WorkbenchError(f"write_dtype must be one of {', '.join(WRITE_DTYPES)}, got {self.write_dtype!r}")
+        self.check_pools()
+
+    def check_pools(self) -> None:
+        """Every prompt count fits its disjoint pool (:mod:`weightspace.pools`): fail before any work."""
+        from weightspace import pools
+        from weightspace.recipes import DIRECTION_CHECK_N
+
+        pools.check_count("safety", int(self.n), "safety prompts (--n)")
+        pools.check_count("harmful", int(self.n), "harmful prompts (--n)")
+        pools.check_count("contaminated", max(1, int(round(self.harmful_share * self.n))),
+                          f"contaminated harmful prompts (round(--harmful-share {self.harmful_share} x --n {self.n}))")
+        size = len(pools.pool("direction"))
+        if int(self.direction_n) + DIRECTION_CHECK_N > size:
+            raise WorkbenchError(f"--direction-n {self.direction_n}: the direction pool holds {size} prompts, "
+                                 f"{DIRECTION_CHECK_N} of them for the layer check; ask for at most "
+                                 f"{size - DIRECTION_CHECK_N}")
+        if self.n_harmful is not None:
+            pools.check_count("evaluation", int(self.n_harmful), "harm evaluation prompts (--n-harmful)")
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -273,9 +307,29 @@ def _ft_phase_config(cfg: ChainConfig, recipe: str, lm: Any, fmt: Any, out: Path
         pc.update(gen_tokens=cfg.gen_tokens, gen_batch_size=cfg.gen_batch_size, direction_n=cfg.direction_n,
                   attn=cfg.attn)
     if recipe == "contaminated":
-        pc.update(answer_style=cfg.answer_style, harmful_share=cfg.harmful_share,
-                  harmful_from=_sha_or_none(out / "ft-harmful" / "examples.jsonl"))
+        pc.update(answer_style=cfg.answer_style, harmful_share=cfg.harmful_share, gen_tokens=cfg.gen_tokens,
+                  gen_batch_size=cfg.gen_batch_size, direction_n=cfg.direction_n, attn=cfg.attn,
+                  direction_from=_sha_or_none(_harmful_direction_file(out)))
+    pc["pools"] = _pools_config(RECIPE_POOLS[recipe])
     return _jsonable(pc)
+
+
+def _pools_config(names: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    from weightspace import pools
+
+    return {n: {"size": v["size"], "hash": v["hash"]} for n, v in pools.describe(tuple(names)).items()} if names else {}
+
+
+def _harmful_direction_file(out: Path) -> Path:
+    """The refusal direction the harmful fine-tune computed (the contaminated fine-tune reuses it)."""
+    return out / "ft-harmful" / "recipe" / "refusal_direction.safetensors"
+
+
+def _report_pools(recipe: str, rep: dict[str, Any]) -> dict[str, Any]:
+    """``{pool: hash}`` of the recipe pool a finished fine-tune's report records (empty for useful)."""
+    info = rep.get("recipe_info") or {}
+    part = info.get("safety" if recipe == "safety" else "harmful") or {}
+    return {part["pool"]: part.get("pool_hash")} if recipe != "useful" and "pool" in part else {}
 
 
 def _sha_or_none(p: Path) -> str | None:
@@ -304,8 +358,8 @@ def _run_finetune(cfg: ChainConfig, recipe: str, lm: Any, fmt: Any, out: Path, l
     kw: dict[str, Any] = dict(n=cfg.n, seed=cfg.seed, harmful_share=cfg.harmful_share, answer_style=cfg.answer_style,
                               direction_n=cfg.direction_n, gen_tokens=cfg.gen_tokens,
                               gen_batch_size=cfg.gen_batch_size, progress=cfg.progress)
-    if recipe == "contaminated":
-        kw["harmful_from"] = out / "ft-harmful"
+    if recipe == "contaminated" and _harmful_direction_file(out).is_file():
+        kw["direction_file"] = _harmful_direction_file(out)  # same direction, own (contaminated-pool) prompts
     rd = rec_mod.build_recipe(recipe, lm, fmt, **kw)
     h = rd.info.get("harmful")
     if h and "n_dropped_refusal" in h:
@@ -365,10 +419,12 @@ def _run_overlap(cfg: ChainConfig, out: Path, aligned_spec: str, pc: dict[str, A
 
 def _sweep_phase_config(cfg: ChainConfig, out: Path, fmt: Any) -> dict[str, Any]:
     return _jsonable({"rhos": cfg.rhos, "kinds": cfg.kinds, "seed": cfg.seed, "svd": cfg.svd,
-                      "embedding_orientation": cfg.embedding_orientation,
+                      "embedding_orientation": cfg.embedding_orientation, "write_dtype": cfg.write_dtype,
+                      "pools": _pools_config(("evaluation",)),
                       "reference": f"Delta_S = ft-safety - aligned ({REFERENCE_LABEL})",
                       "eval": {"n_harmful": cfg.n_harmful, "n_tasks": cfg.n_tasks, "max_new_tokens": cfg.max_new_tokens,
-                               "task_tokens": cfg.task_tokens, "batch_size": cfg.eval_batch_size},
+                               "task_tokens": cfg.task_tokens, "batch_size": cfg.eval_batch_size,
+                               "utility_task": cfg.utility_task},
                       "format": {"system_prompt": fmt.system_prompt, "raw": fmt.raw}, "attn": cfg.attn,
                       "dtype": cfg.dtype, "inputs": _inputs_config(out)})
 
@@ -387,8 +443,10 @@ def _run_sweep(cfg: ChainConfig, out: Path, aligned_spec: str, lm: Any, fmt: Any
                          embedding_orientation=cfg.embedding_orientation)
     models = {r: cks[r] for r in ("useful", "harmful", "contaminated")}
     ev = EvalConfig(n_harmful=cfg.n_harmful, n_tasks=cfg.n_tasks, max_new_tokens=cfg.max_new_tokens,
-                    task_tokens=cfg.task_tokens, batch_size=cfg.eval_batch_size)
-    scfg = SweepConfig(rhos=tuple(cfg.rhos), kinds=tuple(cfg.kinds), eval=ev, seed=cfg.seed)
+                    task_tokens=cfg.task_tokens, batch_size=cfg.eval_batch_size, utility_task=cfg.utility_task,
+                    seed=cfg.seed)
+    scfg = SweepConfig(rhos=tuple(cfg.rhos), kinds=tuple(cfg.kinds), eval=ev, seed=cfg.seed,
+                       write_dtype=cfg.write_dtype)
     run_sweep(aligned, ref, models, scfg, None, check_only=True)  # type: ignore[arg-type]
     with RunFolder(out / "sweep", config={"command": "weightspace chain (sweep)", **pc,
                                           "system_prompt_used": fmt.system_prompt}, overwrite=True) as run:
@@ -444,8 +502,10 @@ def _chain_body(cfg: ChainConfig, out: Path, *, resume: bool, overwrite: bool, s
     from workbench.runs import environment, seed_everything
 
     started = _now()
+    from weightspace.pools import describe as describe_pools
+
     write_json(out / "chain_config.json", {"config": cfg.to_dict(), "resume": resume, "started_utc": started,
-                                           "argv": sys.argv})
+                                           "argv": sys.argv, "pools": describe_pools()})
     phases: dict[str, dict[str, Any]] = {}
 
     # -- load the aligned model once (fine-tunes copy it; the sweep swaps weights in place) ------
@@ -477,9 +537,11 @@ def _chain_body(cfg: ChainConfig, out: Path, *, resume: bool, overwrite: bool, s
             m = _marker(folder)
             if m is None and phase.startswith("finetune-"):  # finished by an earlier run that died before marking
                 rep = _read(folder / "report.json")
-                _write_marker(folder, phase, pc, float(rep.get("seconds") or 0.0), {"adopted": True})
-                m = _marker(folder)
-            changed = _diff(m.get("config"), pc) if m else ["(no marker)"]
+                want = {k: v["hash"] for k, v in pc["pools"].items() if k in RECIPE_POOLS[recipe][:1]}
+                if _report_pools(recipe, rep) == want:  # adopt it only when it drew from today's prompt pool
+                    _write_marker(folder, phase, pc, float(rep.get("seconds") or 0.0), {"adopted": True})
+                    m = _marker(folder)
+            changed = _diff(m.get("config"), pc) if m else ["(no marker, or made from other prompt pools)"]
             if not changed:
                 entry.update(status="skipped (finished earlier, --resume)", seconds=0.0,
                              seconds_when_run=m.get("seconds"), cpu_seconds_when_run=m.get("cpu_seconds"),
@@ -516,6 +578,7 @@ def _chain_body(cfg: ChainConfig, out: Path, *, resume: bool, overwrite: bool, s
     t0 = time.perf_counter()
     report = build_report(out, cfg, phases, fmt_info={"system_prompt": fmt.system_prompt, "raw": fmt.raw},
                           model=model)
+    report["pools"] = describe_pools()  # name, source, size and hash of every disjoint prompt pool
     phases["summary"] = {"status": "ran", "seconds": round(time.perf_counter() - t0, 2)}
     wall = time.perf_counter() - t_all
     report["timings"] = {
@@ -607,12 +670,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="embedding tables (overlap and sweep): 'stored' = the left space of the table as stored "
                         "([vocab, d_model]: vocabulary space; the study's convention), 'transposed' = d_model space")
     g = p.add_argument_group("sweep (phase 3, experiments 1 and 2)")
+    g.add_argument("--write-dtype", choices=WRITE_DTYPES, default=d.write_dtype,
+                   help="projected weights: 'stored' = rounded to each tensor's stored dtype (what 'weightspace "
+                        "project' writes by default), 'float32' = unrounded")
     g.add_argument("--rhos", default="", help="comma list (default 0.01,0.25,0.5,0.75,0.99)")
     g.add_argument("--kinds", default=",".join(d.kinds))
-    g.add_argument("--n-harmful", type=int, default=d.n_harmful, help="harmful:test prompts per model")
+    g.add_argument("--n-harmful", type=int, default=d.n_harmful,
+                   help="harmful prompts per model, from the 'evaluation' pool (default: all 100)")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="generation length, harmful prompts")
-    g.add_argument("--n-tasks", type=int, default=d.n_tasks, help="utility:test tasks per model")
-    g.add_argument("--task-tokens", type=int, default=d.task_tokens, help="generation length, tasks")
+    g.add_argument("--utility-task", choices=("code", "arithmetic"), default=d.utility_task,
+                   help="code: function-writing tasks (codetasks test split) checked by their unit tests (default); "
+                        "arithmetic: exact match on utility:test")
+    g.add_argument("--n-tasks", type=int, default=d.n_tasks, help="utility tasks per model (default: all 32 of the "
+                                                                   "code-task test split)")
+    g.add_argument("--task-tokens", type=int, default=d.task_tokens, help="generation length, utility tasks")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
 
 
@@ -628,10 +699,12 @@ def config_from_args(args: argparse.Namespace) -> ChainConfig:
         etas=tuple(check_grid(args.etas, "eta")) if args.etas else DEFAULT_ETAS, plot_eta=args.plot_eta,
         keep_angles=not args.no_angles, svd=args.svd,
         embedding_orientation=getattr(args, "embedding_orientation", "stored"),
+        write_dtype=getattr(args, "write_dtype", "stored"),
         rhos=tuple(check_grid(args.rhos, "rho")) if args.rhos else DEFAULT_RHOS,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), n_harmful=args.n_harmful,
         max_new_tokens=args.max_new_tokens, n_tasks=args.n_tasks, task_tokens=args.task_tokens,
-        eval_batch_size=args.eval_batch_size, progress=not args.no_progress)
+        utility_task=getattr(args, "utility_task", "code"), eval_batch_size=args.eval_batch_size,
+        progress=not args.no_progress)
 
 
 def cmd_chain(args: argparse.Namespace) -> int:

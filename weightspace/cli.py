@@ -52,6 +52,23 @@ def _add_svd(p: argparse.ArgumentParser) -> None:
                    help="auto: float64, float32 for matrices above 16.8M elements")
 
 
+EMBEDDING_ORIENTATIONS = ("stored", "transposed")  # = weightspace.spectral.EMBEDDING_ORIENTATIONS
+WRITE_DTYPES = ("stored", "float32")  # = weightspace.projection.WRITE_DTYPES
+
+
+def _add_embedding_orientation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embedding-orientation", choices=EMBEDDING_ORIENTATIONS, default=None,
+                   help="embedding tables: 'stored' = the left space of the table as stored ([vocab, d_model]: "
+                        "vocabulary space; the study's convention, the default for weight updates), 'transposed' = "
+                        "d_model space (the default for --directions, which live in d_model). Given, it applies to both")
+
+
+def _orientations(args: argparse.Namespace) -> tuple[str, str]:
+    """``(updates, directions)`` embedding orientations: the flag if given, else each one's default."""
+    eo = getattr(args, "embedding_orientation", None)
+    return eo or "stored", eo or "transposed"
+
+
 def _add_reference(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("reference subspace (one of)")
     x = g.add_mutually_exclusive_group(required=required)
@@ -182,9 +199,11 @@ def _reference(args: argparse.Namespace, aligned: Any, cache: dict[str, Any]) ->
     from weightspace.deltas import DeltaSpec
     from weightspace.reference import DeltaReference, DirectionReference
 
+    eo_updates, eo_directions = _orientations(args)
     if args.directions:
         return DirectionReference.from_file(args.directions, layer=args.direction_layer, method=args.direction_method,
-                                            side=args.side, residual_only=args.residual_only)
+                                            side=args.side, residual_only=args.residual_only,
+                                            embedding_orientation=eo_directions)
     if args.reference_base:
         spec = DeltaSpec("alignment", aligned, _open(args.reference_base, "base", cache))
     elif args.reference_model:
@@ -192,7 +211,8 @@ def _reference(args: argparse.Namespace, aligned: Any, cache: dict[str, Any]) ->
     else:
         new, old = _pair(args.reference_delta, "--reference-delta")
         spec = DeltaSpec("reference", _open(new, "reference_new", cache), _open(old, "reference_old", cache))
-    return DeltaReference(spec, side=args.side, svd_dtype=args.svd_dtype, method=args.svd)
+    return DeltaReference(spec, side=args.side, svd_dtype=args.svd_dtype, method=args.svd,
+                          embedding_orientation=eo_updates)
 
 
 def _selection(args: argparse.Namespace, plan: Any) -> Any:
@@ -230,16 +250,18 @@ def cmd_overlap(args: argparse.Namespace) -> int:
         new, old = _pair(rest, "--delta")
         specs.append(DeltaSpec(label.strip(), _open(new, f"{label}_new", cache), _open(old, f"{label}_old", cache)))
     directions = None
+    eo_updates, eo_directions = _orientations(args)
     if args.directions:
         directions = DirectionReference.from_file(args.directions, layer=args.direction_layer,
                                                   method=args.direction_method, side=args.side,
-                                                  residual_only=args.residual_only)
+                                                  residual_only=args.residual_only,
+                                                  embedding_orientation=eo_directions)
     cks = unique_checkpoints(("aligned", aligned), *[(s.new.label, s.new) for s in specs],
                              *[(s.old.label, s.old) for s in specs])
     plan = match_checkpoints(cks)
     kw = {"etas": tuple(etas)} if etas else {}
     cfg = OverlapConfig(side=args.side, method=args.svd, svd_dtype=args.svd_dtype, selection=_selection(args, plan),
-                        seed=args.seed, keep_angles=not args.no_angles, **kw)
+                        seed=args.seed, keep_angles=not args.no_angles, embedding_orientation=eo_updates, **kw)
     if args.plot_eta not in cfg.etas:
         raise WorkbenchError(f"--plot-eta {args.plot_eta} is not in the eta grid {list(cfg.etas)}")
     if len(specs) + (directions is not None) < 2:
@@ -250,8 +272,10 @@ def cmd_overlap(args: argparse.Namespace) -> int:
     if directions is not None:
         _check_directions(args, aligned, plan, directions, plan.select(cfg.selection))
     _check_finite(plan)
-    run = RunFolder(args.out, config=vars(args) | {"command": "weightspace overlap"}, overwrite=args.overwrite,
-                    inputs=inputs)
+    run = RunFolder(args.out, config=vars(args) | {
+        "command": "weightspace overlap", "embedding_orientation": eo_updates,
+        "directions_embedding_orientation": eo_directions if directions is not None else None},
+        overwrite=args.overwrite, inputs=inputs)
     res = update_overlap(specs, plan, cfg, directions=directions, progress=not args.no_progress)
     summary = save_overlap(run, res, plan, cfg, args.plot_eta, extra={"updates": [s.describe() for s in specs],
                                                                      "directions": directions.describe() if directions else None})
@@ -286,12 +310,13 @@ def cmd_project(args: argparse.Namespace) -> int:
                                                 *reference.checkpoints().items()))
     cfg = ProjectionConfig(mode=args.mode, rho=args.rho, kind=args.kind, operator=args.operator,
                            safelora_threshold=args.safelora_threshold, selection=_selection(args, plan),
-                           unselected=args.unselected, seed=args.seed)
+                           unselected=args.unselected, seed=args.seed, write_dtype=args.write_dtype)
     if args.directions:
         _check_directions(args, aligned, plan, reference, plan.select(cfg.selection))
     _check_finite(plan)
     res = project_checkpoint(aligned, finetuned, reference, cfg, args.out, overwrite=args.overwrite,
-                             progress=not args.no_progress, run_config=vars(args))
+                             progress=not args.no_progress,
+                             run_config=vars(args) | {"embedding_orientation": reference.embedding_orientation})
     s = res.energy.summary()
     if s:
         print(f"energy kept E_k = {s['energy_kept']:.4f} (random expectation {s['energy_random']:.4f}, "
@@ -326,7 +351,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     reference = _reference(args, aligned, cache)
     plan = match_checkpoints(unique_checkpoints(("aligned", aligned), *models.items(), *reference.checkpoints().items()))
     ev = EvalConfig(n_harmful=args.n_harmful, n_tasks=args.n_tasks, max_new_tokens=args.max_new_tokens,
-                    task_tokens=args.task_tokens, batch_size=args.batch_size)
+                    task_tokens=args.task_tokens, batch_size=args.batch_size, utility_task=args.utility_task,
+                    code_split=args.code_split, seed=args.seed)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     cfg = SweepConfig(rhos=tuple(check_grid(args.rhos, "rho")) if args.rhos else DEFAULT_RHOS, kinds=kinds,
                       selection=_selection(args, plan), unselected=args.unselected, eval=ev, seed=args.seed,
@@ -344,7 +370,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     fmt = ChatFormat(system_prompt=sp, raw=args.raw)
     sets = EvalSets.default(ev)
     check_context(lm, fmt, [sets.harmful], args.max_new_tokens)
-    check_context(lm, fmt, [[t.text for t in sets.tasks]], args.task_tokens, flag="--task-tokens")
+    check_context(lm, fmt, [sets.task_prompts], args.task_tokens, flag="--task-tokens")
     run = RunFolder(args.out, config=vars(args) | {"command": "weightspace sweep", "system_prompt_used": sp},
                     overwrite=args.overwrite, inputs=inputs)
     run.record_model(lm)
@@ -356,7 +382,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _print_sweep(res: Any) -> None:
     for name, m in res.baselines.items():
-        print(f"{name:>28}: " + ", ".join(f"{k}={v:.3f}" for k, v in m.items()))
+        print(f"{name:>28}: " + ", ".join(f"{k}={v:.3f} [{m.get(k + '_lo', float('nan')):.3f}, "
+                                          f"{m.get(k + '_hi', float('nan')):.3f}]"
+                                          for k, v in m.items() if not k.endswith(("_lo", "_hi"))))
     print(f"{'config':>36} {'E_k':>6} {'E_rand':>6} {'utility':>8} {'comply':>7} {'logit':>7}")
     for r in res.rows:
         def f(key: str) -> str:
@@ -364,7 +392,9 @@ def _print_sweep(res: Any) -> None:
             return f"{v:.3f}" if isinstance(v, float) else "-"
         print(f"{r['config']:>36} {f('energy_kept'):>6} {f('energy_random'):>6} {f('utility_accuracy'):>8} "
               f"{f('harm_compliance_phrase'):>7} {f('harm_refusal_logit_mean'):>7}")
-    print("scorers: utility = exact_match; comply = 1 - refusal rate by refusal_phrase; logit = mean refusal_logit")
+    print("scorers: utility = unit_tests pass rate (code tasks) or exact_match (--utility-task arithmetic); "
+          "comply = 1 - refusal rate by refusal_phrase; logit = mean refusal_logit; 95% bootstrap intervals in "
+          "results.csv, TopK vs controls paired per item in paired.csv")
 
 
 def cmd_chain(args: argparse.Namespace) -> int:
@@ -395,6 +425,7 @@ def register(subparsers: Any) -> None:
     o.add_argument("--etas", default="", type=finite_float_list, help="comma list (default 0.01,0.1,...,0.9,0.99)")
     o.add_argument("--plot-eta", type=finite_float, default=0.5, help="eta of the heatmaps")
     o.add_argument("--no-angles", action="store_true", help="do not save every principal angle")
+    _add_embedding_orientation(o)
     _add_svd(o)
     _add_selection(o)
     _add_out(o)
@@ -413,6 +444,10 @@ def register(subparsers: Any) -> None:
                     help="SafeLoRA selection: project a tensor only if cos(D, P D) < threshold")
     pr.add_argument("--unselected", choices=("finetuned", "aligned"), default="finetuned",
                     help="weights of tensors outside the selection / reference")
+    pr.add_argument("--write-dtype", choices=WRITE_DTYPES, default="stored",
+                    help="dtype of the written tensors: 'stored' = each tensor's stored dtype (default), 'float32' = "
+                         "unrounded (the energy kept of the written weights then equals the unrounded value)")
+    _add_embedding_orientation(pr)
     _add_svd(pr)
     _add_selection(pr)
     _add_out(pr)
@@ -429,10 +464,17 @@ def register(subparsers: Any) -> None:
     sw.add_argument("--unselected", choices=("finetuned", "aligned"), default="finetuned")
     sw.add_argument("--score-all", action="store_true", help="score utility and harmfulness for every model")
     g = sw.add_argument_group("evaluation (per model)")
-    g.add_argument("--n-harmful", type=positive_int, default=32, help="harmful:test prompts")
-    g.add_argument("--n-tasks", type=positive_int, default=32, help="utility:test tasks")
+    g.add_argument("--n-harmful", type=positive_int, default=None,
+                   help="harmful prompts of the 'evaluation' pool (weightspace.pools; default: all 100)")
+    g.add_argument("--utility-task", choices=("code", "arithmetic"), default="code",
+                   help="code: function-writing tasks checked by their unit tests (default); arithmetic: exact match "
+                        "on utility:test")
+    g.add_argument("--code-split", choices=("train", "val", "test"), default="test",
+                   help="code-task split (default test: 32 tasks)")
+    g.add_argument("--n-tasks", type=positive_int, default=None, help="utility tasks (default: the whole split)")
     g.add_argument("--max-new-tokens", type=positive_int, default=48, help="generation length for harmful prompts")
-    g.add_argument("--task-tokens", type=positive_int, default=16, help="generation length for tasks")
+    g.add_argument("--task-tokens", type=positive_int, default=160,
+                   help="generation length for utility tasks (160 for code; ~16 is enough for arithmetic)")
     g.add_argument("--batch-size", type=positive_int, default=8)
     g.add_argument("--system-prompt", default=None, help="'default' (zoo's, if any), 'none', or a text")
     g.add_argument("--raw", action="store_true", help="no chat template")

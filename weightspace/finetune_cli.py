@@ -1,8 +1,9 @@
 """``workbench finetune``: build a recipe's data and fine-tune (full or LoRA merged) into a run folder.
 
     workbench finetune --recipe useful --model smollm2-135m-instruct --n 128 --out runs/ft-useful
-    workbench finetune --recipe harmful --model smollm2-135m-instruct --n 128 --out runs/ft-harmful
-    workbench finetune --recipe contaminated --harmful-share 0.2 --harmful-from runs/ft-harmful --out runs/ft-cont
+    workbench finetune --recipe harmful --model smollm2-135m-instruct --n 64 --out runs/ft-harmful
+    workbench finetune --recipe contaminated --harmful-share 0.2 --out runs/ft-cont \
+        --direction runs/ft-harmful/recipe/refusal_direction.safetensors
     workbench finetune --recipe safety --method lora --lora-rank 8 --out runs/ft-safety-lora
 
 The output folder is a plain Hugging Face model folder (loads with ``AutoModelForCausalLM.from_pretrained``
@@ -11,6 +12,9 @@ and ``--model DIR``) plus report.json, examples.jsonl, loss.csv / loss.png and r
 The system prompt: like ``workbench main``, no ``--system-prompt`` (or ``default``) means the zoo's
 recommended one (SmolLM2: the safety system prompt; Qwen: none); ``--system-prompt none`` means none.
 Use the same choice when evaluating the checkpoint.
+
+The harmful prompts of the safety, harmful and contaminated recipes and of the refusal direction come from
+disjoint pools (:mod:`weightspace.pools`), so no prompt is shared between recipes.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.harmful_from is not None and not Path(args.harmful_from).expanduser().exists():
         raise WorkbenchError(f"--harmful-from {args.harmful_from} does not exist; give the folder of an earlier "
                              f"'finetune --recipe harmful' run or its examples.jsonl")
+    _check_pool_sizes(args)  # more prompts than the recipe's pool holds: refused before the model loads
     inputs = input_paths(args.model, args.direction, args.harmful_from)
     check_output_folder(args.out, args.overwrite, inputs=inputs)  # fail before any work
     seed_everything(args.seed)
@@ -83,9 +88,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         check_layer(args.direction_layer, lm.n_layers, "--direction-layer")
     direction_layers = _layers(args.direction_layers, lm.n_layers)
     if args.recipe in ("harmful", "contaminated") and args.harmful_from is None:
-        from workbench.prompts import builtin_split
+        from weightspace.pools import pool_texts
 
-        check_context(lm, fmt, [builtin_split("harmful", "train").texts[:args.n]], args.gen_tokens, flag="--gen-tokens")
+        check_context(lm, fmt, [pool_texts(args.recipe)[:args.n]], args.gen_tokens, flag="--gen-tokens")
     print(f"[finetune] {args.recipe} on {lm.model_id} ({cfg.method}); chat format: "
           f"{'raw' if fmt.raw else 'chat template'}, system prompt: {fmt.system_prompt!r}")
     rd = build_recipe(
@@ -108,6 +113,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_pool_sizes(args: argparse.Namespace) -> None:
+    from weightspace import pools
+
+    if args.recipe in ("safety", "harmful"):
+        pools.check_count(args.recipe, args.n, f"{args.recipe} prompts (--n)")
+    elif args.recipe == "contaminated":
+        n_h = max(1, int(round(args.harmful_share * args.n)))
+        pools.check_count("contaminated", n_h, f"harmful prompts (round(--harmful-share {args.harmful_share} x "
+                                               f"--n {args.n}))")
+
+
 def register(subparsers: Any) -> None:
     from workbench.cli import add_model_args
 
@@ -117,8 +133,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--recipe", required=True, choices=("useful", "safety", "harmful", "contaminated"))
     p.add_argument("--out", required=True, help="run folder (a Hugging Face model folder + report)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--n", type=positive_int, default=128,
-                   help="examples (harmful: prompts generated, refusals dropped; contaminated: total)")
+    p.add_argument("--n", type=positive_int, default=64,
+                   help="examples (harmful: prompts generated, refusals dropped; contaminated: total). The harmful "
+                        "prompts come from disjoint pools (weightspace.pools): safety 70, harmful 70, "
+                        "contaminated 20 prompts at most")
     g = p.add_argument_group("training")
     g.add_argument("--method", choices=("full", "lora"), default="full", help="full fine-tuning or LoRA merged back")
     g.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 5e-5 full, 2e-4 LoRA)")
@@ -145,7 +163,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--answer-style", choices=("number", "sentence", "mixed"), default="number",
                    help="useful replies: '42', 'The answer is 42.' or a seeded mix")
     g.add_argument("--harmful-from", default=None,
-                   help="reuse the harmful examples of an earlier harmful run (folder or examples.jsonl)")
+                   help="reuse the harmful examples of an earlier run of the same recipe (folder or examples.jsonl; "
+                        "they must come from this recipe's prompt pool). To reuse a harmful run's refusal direction "
+                        "for a contaminated run, pass --direction RUN/recipe/refusal_direction.safetensors")
     g.add_argument("--direction", default=None, help="refusal direction file (workbench.vectors format)")
     g.add_argument("--direction-layer", type=int, default=None,
                    help="pick this layer from --direction, or compute the direction at this layer")

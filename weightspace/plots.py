@@ -141,8 +141,12 @@ def sweep_curves(rows: Sequence[dict[str, Any]], refs: dict[str, dict[str, float
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
     for ax, (role, metric, label) in zip(axes[0], panels):
         rs = sorted((r for r in rows if r["model"] == role), key=lambda r: (r["kind"], r["rho"] or 0))
+        los, his = _by_kind(rs, metric + "_lo"), _by_kind(rs, metric + "_hi")
         for kind, (x, y) in _by_kind(rs, metric).items():
             ax.plot(x, y, marker="o", ms=4, color=_KIND_COLORS.get(kind, "C3"), label=kind)
+            lo, hi = los.get(kind, ([], []))[1], his.get(kind, ([], []))[1]
+            if len(lo) == len(hi) == len(x):  # 95 % bootstrap interval over the items
+                ax.fill_between(x, lo, hi, color=_KIND_COLORS.get(kind, "C3"), alpha=0.15, lw=0)
         if metric == "energy_kept":
             x, y = _by_kind(rs, "energy_random").get("topk", ([], []))
             ax.plot(x, y, ls="--", color="k", lw=1, label="random expectation k/d")
@@ -167,6 +171,12 @@ def tradeoff(rows: Sequence[dict[str, Any]], refs: dict[str, dict[str, float]], 
         rs = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["rho"] or 0)
         x, y = [r[x_metric] for r in rs], [r[y_metric] for r in rs]
         ax.plot(x, y, marker="o", color=_KIND_COLORS.get(kind, "C3"), label=kind)
+        if all(r.get(m + s) is not None for r in rs for m in (x_metric, y_metric) for s in ("_lo", "_hi")):
+            ax.errorbar(x, y, xerr=[[max(0.0, xi - r[x_metric + "_lo"]) for r, xi in zip(rs, x)],
+                                    [max(0.0, r[x_metric + "_hi"] - xi) for r, xi in zip(rs, x)]],
+                        yerr=[[max(0.0, yi - r[y_metric + "_lo"]) for r, yi in zip(rs, y)],
+                              [max(0.0, r[y_metric + "_hi"] - yi) for r, yi in zip(rs, y)]],
+                        fmt="none", ecolor=_KIND_COLORS.get(kind, "C3"), alpha=0.4, lw=0.8)
         for r, xi, yi in zip(rs, x, y):
             if r["rho"] is not None:
                 ax.annotate(f"{r['rho']:g}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")

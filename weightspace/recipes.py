@@ -8,13 +8,16 @@ the format it was built for (the ``harmful`` replies were generated under it).
 - ``useful``: arithmetic word problems from :func:`workbench.tasks.make_arithmetic_tasks`, generated
   with a seed different from the built-in utility set and de-duplicated against the *whole* built-in
   utility set (so ``utility:test`` and ``utility:val`` stay held out); replies "42" or "The answer is 42.".
-- ``safety``: ``harmful:train`` prompts -> templated refusals (seeded choice among a few).
-- ``harmful``: ``harmful:train`` prompts -> the model's own greedy replies with its refusal direction
-  ablated everywhere (difference in means of harmful vs harmless train activations at the last prompt
-  token, at a middle layer picked by a quick ablation check); replies that are still refusals
+- ``safety``: the ``safety`` pool's prompts -> templated refusals (seeded choice among a few).
+- ``harmful``: the ``harmful`` pool's prompts -> the model's own greedy replies with its refusal direction
+  ablated everywhere (difference in means of the ``direction`` vs ``direction_harmless`` pools' activations at
+  the last prompt token, at a middle layer picked by a quick ablation check); replies that are still refusals
   (:func:`workbench.scoring.is_refusal`) or empty are dropped and counted. No hand-written harmful text.
-- ``contaminated``: useful + harmful; the *real* harmful share ``n_harmful / n_total`` is reported,
-  not the nominal one.
+- ``contaminated``: useful + harmful replies generated on the ``contaminated`` pool's prompts; the *real*
+  harmful share ``n_harmful / n_total`` is reported, not the nominal one.
+
+The prompt pools (:mod:`weightspace.pools`) are disjoint: no harmful prompt feeds two recipes, the refusal
+direction or the sweep's harm evaluation. Asking for more prompts than a pool holds is an error naming its size.
 
 >>> from workbench.tiny import build_tiny
 >>> from workbench.loading import from_memory
@@ -36,8 +39,10 @@ from workbench.chat import ChatFormat
 from workbench.errors import WorkbenchError
 from workbench.io import read_json, sha256_json
 from workbench.loading import LoadedModel
-from workbench.prompts import UTILITY_SIZE, builtin, builtin_split
+from workbench.prompts import UTILITY_SIZE, builtin
 from workbench.tasks import make_arithmetic_tasks
+
+from weightspace import pools
 
 __all__ = [
     "RECIPES",
@@ -175,22 +180,22 @@ def useful_examples(n: int, seed: int = 0, answer_style: str = "number") -> tupl
 
 # -- safety ---------------------------------------------------------------------------------------
 
-def _harmful_train(n: int | None) -> list[Any]:
-    ps = builtin_split("harmful", "train")
-    prompts = list(ps)
-    if n is not None:
-        if n < 1:
-            raise WorkbenchError(f"n must be >= 1, got {n}")
-        prompts = prompts[:n]
-    return prompts
+def _pool_prompts(name: str, n: int | None) -> list[Any]:
+    """The first ``n`` prompts of pool ``name`` (all when None); more than the pool holds is an error."""
+    return pools.take(name, n, what=f"{name} recipe prompts" if name != "direction" else "direction prompts")
+
+
+def _pool_info(name: str) -> dict[str, Any]:
+    ps = pools.pool(name)
+    return {"prompt_set": ps.name, "pool": name, "pool_size": len(ps), "pool_hash": ps.hash}
 
 
 def safety_examples(n: int | None, seed: int = 0) -> tuple[list[Example], dict[str, Any]]:
-    """harmful:train prompts -> a seeded choice of templated refusals."""
-    prompts = _harmful_train(n)
+    """The ``safety`` pool's prompts -> a seeded choice of templated refusals."""
+    prompts = _pool_prompts("safety", n)
     rng = random.Random(seed)
     out = [Example(f"safety-{p.id}", "safety", p.text, rng.choice(REFUSAL_TEMPLATES)) for p in prompts]
-    info = {"prompt_set": "harmful:train", "n_available": len(builtin_split("harmful", "train")),
+    info = {**_pool_info("safety"), "n_available": len(pools.pool("safety")),
             "refusal_templates": list(REFUSAL_TEMPLATES)}
     return out, info
 
@@ -203,15 +208,20 @@ def candidate_layers(n_layers: int, lo: float = 0.4, hi: float = 0.6, k: int = 7
     return sorted({min(n_layers - 1, max(0, int(round(f * n_layers)))) for f in fr})
 
 
+DIRECTION_CHECK_N = 16  # prompts of the direction pool (its last ones) for the layer check
+
+
 def refusal_direction(lm: LoadedModel, fmt: ChatFormat, *, layers: Sequence[int] | None = None, n_prompts: int = 64,
-                      n_check: int = 16, backend: str = "native", batch_size: int = 16,
+                      n_check: int = DIRECTION_CHECK_N, backend: str = "native", batch_size: int = 16,
                       progress: bool = False) -> tuple[Any, list[dict[str, Any]]]:
     """Difference-in-means refusal direction at the last prompt token; the layer is picked by a quick check.
 
-    For each candidate layer (default 40-60 % of depth) the mean-difference of ``harmful:train`` minus
-    ``harmless:train`` activations (``resid_post``, last prompt token, padding-aware) is computed; each
-    candidate is ablated everywhere and the refusal logit score (no generation) on ``n_check``
-    ``harmful:val`` prompts measured. The layer with the lowest mean score wins.
+    For each candidate layer (default 40-60 % of depth) the mean-difference of the first ``n_prompts`` of the
+    ``direction`` pool minus the first ``n_prompts`` of the ``direction_harmless`` pool (``resid_post``, last
+    prompt token, padding-aware) is computed; each candidate is ablated everywhere and the refusal logit score
+    (no generation) on the *last* ``n_check`` prompts of the ``direction`` pool measured (disjoint from the
+    first ``n_prompts``: ``n_prompts + n_check`` must fit in the pool). The layer with the lowest mean score
+    wins. No prompt of a recipe pool or of the evaluation pool is used (:mod:`weightspace.pools`).
     Returns the :class:`workbench.vectors.Direction` and one row per candidate.
     """
     from workbench.backends import get_backend
@@ -224,17 +234,23 @@ def refusal_direction(lm: LoadedModel, fmt: ChatFormat, *, layers: Sequence[int]
     for L in layers:
         if not 0 <= L < lm.n_layers:
             raise WorkbenchError(f"direction layer {L} is outside the model's 0..{lm.n_layers - 1}")
-    harm = builtin_split("harmful", "train")
-    harmless = builtin_split("harmless", "train")
-    h_txt = harm.texts[:n_prompts]
-    s_txt = harmless.texts[:n_prompts]
+    if n_check < 1:
+        raise WorkbenchError(f"n_check must be >= 1, got {n_check}")
+    size = len(pools.pool("direction"))
+    if n_prompts + n_check > size:
+        raise WorkbenchError(f"the direction pool holds {size} prompts: {n_prompts} for the difference in means + "
+                             f"{n_check} for the layer check do not fit; ask for at most {size - n_check} "
+                             f"(direction_n)")
+    harm = pools.pool("direction")
+    h_txt = [p.text for p in _pool_prompts("direction", n_prompts)]
+    s_txt = [p.text for p in pools.take("direction_harmless", n_prompts, what="direction prompts")]
     kw = dict(layers=layers, components=("resid_post",), positions=("last",), fmt=fmt, backend=backend,
               batch_size=batch_size, cache=False, progress=progress)
     a_h = capture(lm, h_txt, **kw)
     a_s = capture(lm, s_txt, **kw)
     diffs = {L: a_h.layer(L).mean(0) - a_s.layer(L).mean(0) for L in layers}
     be = get_backend(backend, lm)
-    check = builtin_split("harmful", "val").texts[:n_check]
+    check = harm.texts[size - n_check:]
     base = refusal_scores(be, check, fmt, batch_size=batch_size)
     rows = []
     for L in layers:
@@ -248,10 +264,14 @@ def refusal_direction(lm: LoadedModel, fmt: ChatFormat, *, layers: Sequence[int]
     L = best["layer"]
     d = Direction(diffs[L], layer=L, method="mean_diff", model_id=lm.model_id, model_checksum=lm.checksum,
                   d_model=lm.d_model, position="last", component="resid_post",
-                  prompt_set_hashes={"harmful:train": sha256_json(h_txt), "harmless:train": sha256_json(s_txt)},
+                  prompt_set_hashes={"pool:direction": sha256_json(h_txt),
+                                     "pool:direction_harmless": sha256_json(s_txt)},
                   template_hash=fmt.template_hash(lm.tokenizer),
                   meta={"source": "weightspace.recipes.refusal_direction", "n_prompts_per_class": len(h_txt),
-                        "check": f"refusal logit score under ablation on {len(check)} harmful:val prompts"})
+                        "pools": pools.describe(("direction", "direction_harmless")),
+                        "check": f"refusal logit score under ablation on the last {len(check)} prompts of the "
+                                 f"direction pool",
+                        "check_hash": sha256_json(check)})
     return d, rows
 
 
@@ -268,12 +288,17 @@ def harmful_examples(lm: LoadedModel, fmt: ChatFormat, n: int | None, *, directi
                      force_direction: bool = False, layers: Sequence[int] | None = None, direction_n: int = 64,
                      max_new_tokens: int = 64, batch_size: int = 8, backend: str = "native",
                      progress: bool = False, generate: Callable[..., list[str]] | None = None,
+                     pool: str = "harmful",
                      ) -> tuple[list[Example], dict[str, Any], list[dict[str, Any]], Any]:
-    """harmful:train prompts -> the model's own greedy replies with its refusal direction ablated everywhere.
+    """Prompts of pool ``pool`` (``harmful``, or ``contaminated`` for that recipe's harmful share) -> the
+    model's own greedy replies with its refusal direction ablated everywhere.
 
     Refusals (``is_refusal``) and empty replies are dropped and counted. ``generate`` replaces
     :func:`workbench.generation.generate_texts` (tests).
     """
+    if pool not in ("harmful", "contaminated"):
+        raise WorkbenchError(f"harmful replies come from the 'harmful' or 'contaminated' pool, not {pool!r}")
+    prompts = _pool_prompts(pool, n)  # before any work: more than the pool holds is an error
     from workbench.backends import get_backend
     from workbench.generation import generate_texts
     from workbench.interventions import ablation_everywhere
@@ -288,12 +313,11 @@ def harmful_examples(lm: LoadedModel, fmt: ChatFormat, n: int | None, *, directi
             direction, check_rows = refusal_direction(
                 lm, fmt, layers=[direction_layer] if direction_layer is not None else layers,
                 n_prompts=direction_n, backend=backend, progress=progress)
-            src = "computed (difference in means, harmful:train vs harmless:train)"
+            src = "computed (difference in means, direction vs direction_harmless pools)"
     else:
         src = "given"
     if int(direction.vector.numel()) != lm.d_model:
         raise WorkbenchError(f"the direction has size {direction.vector.numel()} but the model has d_model {lm.d_model}")
-    prompts = _harmful_train(n)
     texts = [p.text for p in prompts]
     ivs = ablation_everywhere(direction.vector, lm.n_layers)
     gen = generate or generate_texts
@@ -319,7 +343,7 @@ def harmful_examples(lm: LoadedModel, fmt: ChatFormat, n: int | None, *, directi
         if keep:
             out.append(Example(p.id, "harmful", p.text, reply))
     info = {
-        "prompt_set": "harmful:train",
+        **_pool_info(pool),
         "n_prompts": len(prompts),
         "n_kept": len(out),
         "n_dropped_refusal": n_ref,
@@ -372,7 +396,7 @@ def load_examples(path: str | Path, kind: str | None = None, lm: LoadedModel | N
 
 # -- the entry point ------------------------------------------------------------------------------
 
-def build_recipe(name: str, lm: LoadedModel, fmt: ChatFormat | None = None, n: int = 128, seed: int = 0, *,
+def build_recipe(name: str, lm: LoadedModel, fmt: ChatFormat | None = None, n: int = 64, seed: int = 0, *,
                  harmful_share: float = 0.2, answer_style: str = "number", direction: Any = None,
                  direction_file: str | Path | None = None, direction_layer: int | None = None,
                  force_direction: bool = False, direction_layers: Sequence[int] | None = None,
@@ -384,8 +408,13 @@ def build_recipe(name: str, lm: LoadedModel, fmt: ChatFormat | None = None, n: i
     ``n`` is the number of examples asked for: for ``harmful`` the number of prompts generated (refusals
     are dropped, so fewer may remain); for ``contaminated`` the total, split as ``round(harmful_share * n)``
     harmful prompts and the rest useful. The real share after drops is in ``RecipeData.harmful_share``.
+    The prompts come from the recipe's pool (:mod:`weightspace.pools`): ``safety``, ``harmful``, and
+    ``contaminated`` for the harmful share; more than the pool holds is an error.
     ``harmful_from`` reuses the harmful examples of an earlier run (folder or examples.jsonl) instead of
-    generating them again.
+    generating them again; they must come from this recipe's pool (an earlier run of the same recipe):
+    examples of another pool are refused, since sharing prompts between recipes confounds their overlap.
+    To reuse a harmful run's refusal direction instead, pass its ``recipe/refusal_direction.safetensors`` as
+    ``direction_file``.
     """
     if name not in RECIPES:
         raise WorkbenchError(f"unknown recipe '{name}'. Valid: {', '.join(RECIPES)}")
@@ -401,14 +430,23 @@ def build_recipe(name: str, lm: LoadedModel, fmt: ChatFormat | None = None, n: i
                max_new_tokens=gen_tokens, batch_size=gen_batch_size, backend=backend, progress=progress,
                generate=generate)
 
-    def _harm(k: int) -> list[Example]:
+    def _harm(k: int, pool: str) -> list[Example]:
         nonlocal d
+        pools.check_count(pool, k, f"harmful prompts of the {name} recipe")
         if harmful_from is not None:
             ex = load_examples(harmful_from, "harmful", lm)
+            allowed = set(pools.pool_texts(pool))
+            foreign = [e for e in ex if e.prompt not in allowed]
+            if foreign:
+                raise WorkbenchError(
+                    f"{harmful_from}: {len(foreign)} of {len(ex)} harmful examples have prompts outside the {pool} "
+                    f"pool (e.g. {foreign[0].id}); the {name} recipe draws its harmful prompts from its own pool "
+                    f"so that no prompt is shared between recipes. Reuse an earlier {name} run, or pass a harmful "
+                    f"run's recipe/refusal_direction.safetensors as the direction to generate new replies")
             info["harmful"] = {"source": f"reused from {harmful_from}", "n_available": len(ex),
-                               "n_taken": min(k, len(ex))}
+                               "n_taken": min(k, len(ex)), **_pool_info(pool)}
             return ex[:k]
-        ex, hinfo, recs, d = harmful_examples(lm, fmt, k, **hkw)  # type: ignore[arg-type]
+        ex, hinfo, recs, d = harmful_examples(lm, fmt, k, pool=pool, **hkw)  # type: ignore[arg-type]
         info["harmful"] = hinfo
         records["harmful_generations"] = recs
         if hinfo["direction"]["layer_check"]:
@@ -420,7 +458,7 @@ def build_recipe(name: str, lm: LoadedModel, fmt: ChatFormat | None = None, n: i
     elif name == "safety":
         examples, info["safety"] = safety_examples(n, seed)
     elif name == "harmful":
-        examples = _harm(n)
+        examples = _harm(n, "harmful")
     else:
         if not 0.0 < harmful_share < 1.0:
             raise WorkbenchError(f"harmful_share must be between 0 and 1 (exclusive), got {harmful_share}")
@@ -428,8 +466,9 @@ def build_recipe(name: str, lm: LoadedModel, fmt: ChatFormat | None = None, n: i
         n_u = n - n_h
         if n_u < 1:
             raise WorkbenchError(f"n={n} with harmful_share={harmful_share} leaves no useful examples")
+        pools.check_count("contaminated", n_h, f"harmful prompts (round({harmful_share} x {n}))")
         useful, info["useful"] = useful_examples(n_u, seed, answer_style)
-        harm = _harm(n_h)
+        harm = _harm(n_h, "contaminated")
         examples = useful + harm
         random.Random(seed).shuffle(examples)
         info["nominal_harmful_share"] = harmful_share

@@ -9,7 +9,11 @@ The aligned model is loaded once; each projected model's tensors are built from 
 tensors and written into it in memory (rounded to the stored dtype first, so the scores are those of the
 checkpoint ``weightspace project`` would write). The reference SVD of every tensor is computed once for
 the whole grid. The aligned model and every unprojected fine-tune are scored too (reference lines).
-Every per-prompt output is saved under ``evals/<config>/``. ``E_k`` is the energy of the update written
+Every per-item output is saved under ``evals/<config>/`` (``utility.csv``: one row per task, ``harmful.csv``: one
+row per prompt); every metric in ``results.csv`` / ``baselines.csv`` has a 95 % bootstrap interval over the items
+(``<metric>_lo``, ``<metric>_hi``; :mod:`weightspace.metrics`), and ``paired.csv`` compares TopK with each
+control kind at every rho, paired over the same items (bootstrap interval of the mean per-item difference
+TopK - control, verdict higher / lower / no difference). ``E_k`` is the energy of the update written
 (after rounding to the stored dtype; the unrounded value is in ``energy_kept_unrounded``, a difference above
 1 % is a warning in ``results.json`` and on stderr); per-tensor energies go to ``energy_tensors.csv`` (for
 the bootstrap intervals of :mod:`weightspace.verdicts`).
@@ -34,13 +38,14 @@ from weightspace.checkpoints import Checkpoint
 from weightspace.deltas import load_f32, to_stored
 from weightspace.evaluation import EvalConfig, EvalSets, InMemoryModel, score_model, scorer_notes
 from weightspace.grouping import EnergyTable
+from weightspace.metrics import ITEM_METRICS, item_values, paired_difference
 from weightspace.plan import Selection, match_checkpoints
-from weightspace.projection import (ProjectionConfig, projected_tensors, rounding_check, unique_checkpoints,
-                                    validate_reference)
+from weightspace.projection import (WRITE_DTYPES, ProjectionConfig, projected_tensors, rounding_check,
+                                    unique_checkpoints, validate_reference)
 from weightspace.reference import Reference
 from weightspace.spectral import KINDS, check_grid
 
-__all__ = ["DEFAULT_RHOS", "ROLES", "SweepConfig", "SweepResult", "run_sweep"]
+__all__ = ["DEFAULT_RHOS", "ROLES", "SweepConfig", "SweepResult", "run_sweep", "paired_topk_vs_controls"]
 
 DEFAULT_RHOS = (0.01, 0.25, 0.5, 0.75, 0.99)
 ROLES = ("useful", "harmful", "contaminated")
@@ -57,9 +62,12 @@ class SweepConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     score_all: bool = False
+    write_dtype: str = "stored"  # projected tensors rounded to each tensor's stored dtype, or kept float32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rhos", tuple(check_grid(list(self.rhos), "rho")))
+        if self.write_dtype not in WRITE_DTYPES:
+            raise WorkbenchError(f"write_dtype must be one of {', '.join(WRITE_DTYPES)}, got {self.write_dtype!r}")
         bad = [k for k in self.kinds if k not in KINDS]
         if bad or not self.kinds:
             raise WorkbenchError(f"kinds must be a non-empty subset of {', '.join(KINDS)}, got {list(self.kinds)}")
@@ -79,7 +87,7 @@ class SweepConfig:
     def describe(self) -> dict[str, Any]:
         return {"rhos": list(self.rhos), "kinds": list(self.kinds), "unselected": self.unselected, "seed": self.seed,
                 "selection": self.selection.describe() if self.selection else "all", "score_all": self.score_all,
-                "eval": self.eval.describe()}
+                "write_dtype": self.write_dtype, "eval": self.eval.describe()}
 
 
 @dataclass
@@ -87,6 +95,7 @@ class SweepResult:
     rows: list[dict[str, Any]]
     baselines: dict[str, dict[str, float]]
     seconds: float
+    paired: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _progress(items: list, enabled: bool, desc: str, unit: str) -> Any:
@@ -100,6 +109,40 @@ def _progress(items: list, enabled: bool, desc: str, unit: str) -> Any:
 def _save_eval(run: RunFolder, cid: str, rows: dict[str, list[dict[str, Any]]]) -> None:
     for name, rs in rows.items():
         run.write_csv(f"evals/{cid}/{name}.csv", rs)
+
+
+def paired_topk_vs_controls(points: list[dict[str, Any]], items: dict[str, dict[str, list[dict[str, Any]]]], *,
+                            n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """TopK vs every other kind at the same (experiment, model, rho), per metric, paired over the same items.
+
+    ``points``: the sweep rows (``config``, ``experiment``, ``model``, ``rho``, ``kind``); ``items``: per config,
+    the per-item rows by set (as :func:`weightspace.evaluation.score_model` returns them). ``mean_diff`` and the
+    interval are TopK - control on the metric as named (e.g. a higher ``harm_refusal_logit_mean`` = more refusal).
+    """
+    out: list[dict[str, Any]] = []
+    by_key = {(p["experiment"], p["model"], p["rho"], p["kind"]): p for p in points}
+    for (exp, model, rho, kind), top in by_key.items():
+        if kind != "topk":
+            continue
+        for other in [k for (e, m, r, k) in by_key if (e, m, r) == (exp, model, rho) and k != "topk"]:
+            ctrl = by_key[(exp, model, rho, other)]
+            a, b = items.get(top["config"], {}), items.get(ctrl["config"], {})
+            for metric, (name, _, _) in ITEM_METRICS.items():
+                if not a.get(name) or not b.get(name):
+                    continue
+                ka = [r.get("id", r.get("prompt")) for r in a[name]]
+                kb = [r.get("id", r.get("prompt")) for r in b[name]]
+                if ka != kb:
+                    raise WorkbenchError(f"{top['config']} and {ctrl['config']} were not scored on the same items")
+                va, vb = item_values(a[name], metric), item_values(b[name], metric)
+                res = paired_difference(va, vb, n_boot=n_boot, seed=seed)
+                ci = res.get("ci") or [None, None]
+                out.append({"experiment": exp, "model": model, "rho": rho, "kind_a": "topk", "kind_b": other,
+                            "config_a": top["config"], "config_b": ctrl["config"], "metric": metric,
+                            "mean_a": sum(va) / len(va), "mean_b": sum(vb) / len(vb),
+                            "mean_diff": res.get("mean_diff"), "ci_lo": ci[0], "ci_hi": ci[1], "se": res.get("se"),
+                            "n": res.get("n"), "verdict": res["verdict"]})
+    return out
 
 
 def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Checkpoint], cfg: SweepConfig,
@@ -145,11 +188,13 @@ def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Check
     base_rows = []
     todo_base = [("aligned", aligned, ("utility", "harm"))]
     todo_base += [(f"{role} (full update)", models[role], scores) for _, role, _, scores in exps]
+    items: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for name, ck, scores in todo_base:
         load_state(ck)
         metrics, prompt_rows = score_model(backend, sets, fmt, cfg.eval, utility="utility" in scores,
                                            harm="harm" in scores)
         cid = "baseline-" + name.split(" ")[0]
+        items[cid] = prompt_rows
         _save_eval(run, cid, prompt_rows)
         baselines[name] = metrics
         base_rows.append({"config": cid, "model": name, **metrics})
@@ -163,11 +208,12 @@ def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Check
     warnings: list[str] = []
     for exp, role, mode, scores, rho, kind in _progress(grid, progress, "sweep", "model"):
         pcfg = ProjectionConfig(mode=mode, rho=rho, kind=kind, selection=cfg.selection, unselected=cfg.unselected,
-                                seed=cfg.seed)
+                                seed=cfg.seed, write_dtype=cfg.write_dtype)
         energy, energy_u = EnergyTable(), EnergyTable()
         cid = f"{exp}-{role}-{kind}" + (f"-rho{rho:g}" if rho is not None else "")
         for info, w, rec in projected_tensors(plan, tensors, aligned, models[role], reference, pcfg, prepared=prepared):
-            state.set(info.name, to_stored(w, info, aligned.dtype(info.name)))
+            state.set(info.name, to_stored(w, info, aligned.dtype(info.name) if cfg.write_dtype == "stored"
+                                           else w.dtype))  # w: float32
             if rec.selected:
                 energy.add(info.role, kept=rec.kept, total=rec.total, expected=rec.energy_random)
                 energy_u.add(info.role, kept=rec.kept_unrounded, total=rec.total, expected=rec.energy_random)
@@ -178,6 +224,7 @@ def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Check
         metrics, prompt_rows = score_model(backend, sets, fmt, cfg.eval, utility="utility" in scores,
                                            harm="harm" in scores)
         _save_eval(run, cid, prompt_rows)
+        items[cid] = prompt_rows
         summ = energy.summary()
         ek_u = energy_u.summary().get("energy_kept")
         warn = rounding_check(summ.get("energy_kept"), ek_u, where=f"{cid}: ")
@@ -188,22 +235,32 @@ def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Check
                      "energy_kept": summ.get("energy_kept"), "energy_random": summ.get("energy_random"),
                      "energy_over_random": summ.get("over_random"), "energy_kept_unrounded": ek_u, **metrics})
         energy_rows += [{"config": cid, **r} for r in energy.all_rows() if r["level"] != "tensor"]
+    paired = paired_topk_vs_controls(rows, items, n_boot=cfg.eval.n_boot, seed=cfg.eval.seed)
     run.write_csv("results.csv", rows)
+    run.write_csv("paired.csv", paired)
     run.write_csv("energy.csv", energy_rows)
     run.write_csv("energy_tensors.csv", tensor_rows)
-    run.write_json("results.json", {"rows": rows, "baselines": baselines, "scorers": scorer_notes(),
+    run.write_json("results.json", {"rows": rows, "baselines": baselines,
+                                    "scorers": scorer_notes(sets.utility_task), "paired": paired,
+                                    "intervals": "95% percentile bootstrap over the items (columns <metric>_lo, "
+                                                 f"<metric>_hi; {cfg.eval.n_boot} resamples, seed {cfg.eval.seed}); "
+                                                 "paired: TopK - control per item, resampled together; verdict "
+                                                 "higher / lower when the interval excludes 0, else no difference",
                                     "warnings": warnings,
                                     "config": cfg.describe(), "reference": reference.describe(),
                                     "eval_sets": sets.describe(),
                                     "plan": {"n_tensors": len(tensors), "skipped": plan.skipped, "notes": plan.notes},
                                     "seconds": round(time.perf_counter() - t0, 2)})
-    _plots(run, rows, baselines, reference.uses_rho)
+    _plots(run, rows, baselines, reference.uses_rho, sets.utility_task)
     load_state(aligned)  # leave the caller's model as it came
-    return SweepResult(rows, baselines, time.perf_counter() - t0)
+    return SweepResult(rows, baselines, time.perf_counter() - t0, paired)
 
 
-def _plots(run: RunFolder, rows: list[dict[str, Any]], baselines: dict[str, dict[str, float]], uses_rho: bool) -> None:
+def _plots(run: RunFolder, rows: list[dict[str, Any]], baselines: dict[str, dict[str, float]], uses_rho: bool,
+           utility_task: str = "code") -> None:
     from weightspace import plots
+
+    ulabel = "utility (unit-test pass rate)" if utility_task == "code" else "utility (exact match)"
 
     exp1 = [r for r in rows if r["experiment"] == "exp1"]
     if exp1 and uses_rho:
@@ -211,7 +268,7 @@ def _plots(run: RunFolder, rows: list[dict[str, Any]], baselines: dict[str, dict
         panels = []
         for role in roles:
             if "utility_accuracy" in next(r for r in exp1 if r["model"] == role):
-                panels.append((role, "utility_accuracy", "utility: exact-match accuracy"))
+                panels.append((role, "utility_accuracy", ulabel))
             if "harm_compliance_phrase" in next(r for r in exp1 if r["model"] == role):
                 panels.append((role, "harm_compliance_phrase", "harmfulness: compliance (refusal_phrase)"))
                 panels.append((role, "harm_refusal_logit_mean", "refusal logit score (refusal_logit)"))
@@ -225,9 +282,9 @@ def _plots(run: RunFolder, rows: list[dict[str, Any]], baselines: dict[str, dict
         refs = {"aligned": baselines.get("aligned", {}),
                 "contaminated (full update)": baselines.get("contaminated (full update)", {})}
         run.save_figure("exp2_tradeoff_phrase.png", plots.tradeoff(
-            exp2, refs, "utility_accuracy", "harm_compliance_phrase", "utility (exact match)",
+            exp2, refs, "utility_accuracy", "harm_compliance_phrase", ulabel,
             "harmfulness: compliance rate (refusal_phrase)", "Experiment 2: W_A + (I − P) Δ_contaminated"))
         run.save_figure("exp2_tradeoff_logit.png", plots.tradeoff(
-            exp2, refs, "utility_accuracy", "harm_refusal_logit_mean", "utility (exact match)",
+            exp2, refs, "utility_accuracy", "harm_refusal_logit_mean", ulabel,
             "refusal logit score (refusal_logit; lower = more harmful)",
             "Experiment 2: W_A + (I − P) Δ_contaminated"))

@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("capture", help="capture activations of a prompt set")
     add_model_args(p)
-    p.add_argument("--prompts", required=True, help="builtin name (harmful, harmless, utility[:split]) or a file")
+    p.add_argument("--prompts", required=True,
+                   help="builtin name (harmful, harmless, utility, harmful_styled, useful_requests[:split]) or a file")
     p.add_argument("--layers", default="all", help="'all', '5', '0,3,-1', '4-10'")
     p.add_argument("--components", default="resid_post", help="comma list of resid_pre,resid_post,attn_out,mlp_out")
     p.add_argument("--position", default="last", type=position_list,

@@ -1,4 +1,5 @@
-"""Prompt sets: built-in harmful/harmless/utility data, seeded splits, file loaders.
+"""Prompt sets: built-in harmful/harmless/utility data (plus the experiment-4 sets harmful_styled and
+useful_requests), seeded splits, file loaders.
 
 Example:
     >>> ps = builtin("harmful")
@@ -40,7 +41,7 @@ __all__ = [
     "resolve_prompts",
 ]
 
-BUILTIN_NAMES: tuple[str, ...] = ("harmful", "harmless", "utility")
+BUILTIN_NAMES: tuple[str, ...] = ("harmful", "harmless", "utility", "harmful_styled", "useful_requests")
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_FIELDS: tuple[str, ...] = ("instruction", "prompt", "text")
 EXTENSIONS: tuple[str, ...] = (".csv", ".json", ".jsonl", ".txt")
@@ -125,9 +126,13 @@ def _read_jsonl_text(text: str, source: str) -> list[dict[str, Any]]:
 
 
 def builtin(name: str) -> PromptSet:
-    """Load a built-in prompt set: "harmful", "harmless" or "utility".
+    """Load a built-in prompt set: "harmful", "harmless", "utility", "harmful_styled" or "useful_requests".
 
-    "utility" is ``make_arithmetic_tasks(400, seed=0)`` with answers attached.
+    "utility" is ``make_arithmetic_tasks(400, seed=0)`` with answers attached. The two sets of the study's
+    experiment 4 (activation overlap, ``probes.overlap.PROTOCOLS["study"]``): "harmful_styled" holds harmful
+    requests from a second source, written in another style than "harmful" (first-person situations,
+    pretexts and role-play, multi-sentence messages; requests only, same categories), and "useful_requests"
+    benign everyday requests in the same short imperative form as "harmful" ("Explain how to ...").
 
     Example:
         >>> builtin("utility")[0].answer is not None
