@@ -1,4 +1,4 @@
-"""``workbench steer extract | select | sweep | generate | orthogonalize`` and the steering stage of the
+"""``workbench steer extract | select | sweep | generate | orthogonalize | optimize`` and the steering stage of the
 main job (extract -> select -> evaluate ablation / addition against random controls)."""
 
 from __future__ import annotations
@@ -255,10 +255,221 @@ def cmd_orthogonalize(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- steer optimize -------------------------------------------------------------------------------------
+
+# Settings a resumed study must share with the run it continues (the study's own signature is checked too).
+OPTIMIZE_RESUME_KEYS = ("model", "dtype", "raw", "system_prompt", "direction", "direction_layer", "directions",
+                        "position", "positive", "negative", "limit", "n_val", "index_range", "seed", "startup_trials")
+
+
+def _optimize_resume_source(args: argparse.Namespace) -> Any:
+    """With ``--resume``: the finished ``steer optimize`` run in ``--out`` whose study continues (checked before
+    any work); else None."""
+    import json
+    from pathlib import Path
+
+    from workbench.runs import read_marker
+
+    if not args.resume:
+        return None
+    out = Path(args.out)
+    m = read_marker(out)
+    if m is None or not m.get("complete") or m.get("command") != "steer optimize" or not (out / "study.db").is_file():
+        raise WorkbenchError(f"--resume needs a finished 'steer optimize' run with its study.db in --out {out}; "
+                             f"start a new study without --resume")
+    old = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    for k in OPTIMIZE_RESUME_KEYS:
+        new = json.loads(json.dumps(getattr(args, k, None)))
+        if old.get(k) != new:
+            raise WorkbenchError(f"--resume: --{k.replace('_', '-')} {new} differs from the study's {old.get(k)} "
+                                 f"({out / 'config.json'}); resume with the same settings or choose a new --out")
+    return out
+
+
+def _optimize_position(dirs: Sequence[Direction], want: str | None, source: str) -> list[Direction]:
+    have = sorted({d.position for d in dirs})
+    pos = want or next((p for p in ("pos-1", "last") if p in have), None)
+    if pos is None or pos not in have:
+        raise WorkbenchError(f"--position {want or '(default pos-1 / last)'} is not in {source}; its positions: "
+                             f"{', '.join(have)}")
+    return sorted((d for d in dirs if d.position == pos), key=lambda d: d.layer)
+
+
+def _optimize_index_layers(per_layer: Sequence[Direction], index: Any, index_range: Any) -> None:
+    """Every layer the direction index can reach has a non-zero direction (residual input of layer 0 at a
+    template token is the same embedding for every prompt: a zero mean difference)."""
+    import math
+
+    need = set(range(math.floor(index[0]), math.ceil(index[1]) + 1))
+    by_layer = {d.layer: d for d in per_layer}
+    missing = sorted(need - set(by_layer))
+    if missing:
+        raise WorkbenchError(f"--index-range {index_range[0]:g},{index_range[1]:g} spans layers {min(need)}..{max(need)} "
+                             f"but the directions lack layer(s) {missing[:8]}")
+    top = max(d.norm for d in by_layer.values())
+    zero = sorted(i for i in need if by_layer[i].norm <= 1e-6 * max(top, 1.0))
+    if zero:
+        raise WorkbenchError(f"the direction of layer(s) {zero[:8]} is zero (both prompt sets give the same activations "
+                             f"there); raise the LOW end of --index-range {index_range[0]:g},{index_range[1]:g}")
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    """Search a kernel ablation (:mod:`steering.optimize`) on validation prompts; write the study and its choice.
+
+    The Optuna study lives in ``study.db`` (SQLite) inside the run folder. Like every run, the folder is staged (a
+    hidden sibling moved into place when the command completes), so the study is written in the staging folder
+    and moves with it; ``--resume`` copies the finished run's study.db (and its directions) into the new staging
+    folder and continues the study there. A resumed call that fails or is interrupted therefore leaves the
+    previous run and its study exactly as they were; only that call's trials are lost (run a long search in
+    chunks: ``--resume --n-trials N`` with a growing N). The storage is closed before the folder moves.
+    """
+    import shutil
+    import time
+
+    from steering import optimize as opt
+    from steering.kernel import KernelAblation, save_kernel_ablation
+    from workbench.cli import format_from_args, load_from_args
+    from workbench.io import sha256_json
+
+    if args.position is not None and not (args.position in ("last", "mean") or (
+            args.position.startswith("pos-") and args.position[4:].isdigit() and int(args.position[4:]) >= 1)):
+        raise WorkbenchError(f"--position {args.position!r}: use last, mean or pos-K (K >= 1)")
+    for flag, spec in (("--positive", args.positive), ("--negative", args.negative)):
+        if str(spec).strip().endswith(":test"):
+            raise WorkbenchError(f"{flag} {spec}: the optimisation never sees a test split; use a train split (the "
+                                 f"default) or your own prompts")
+    src = _optimize_resume_source(args)
+    fixed: Direction | None = None
+    per_layer: list[Direction] | None = None
+    if src is not None:  # the study's own directions, saved by its first call
+        saved = load_directions(src / "directions.safetensors")
+        fixed, per_layer = (saved[0], None) if args.direction else (None, saved)
+    elif args.direction:
+        fixed = pick(load_directions(args.direction), layer=args.direction_layer)
+        fixed.unit  # noqa: B018 - a zero vector is refused here, before any work
+    elif args.directions:
+        per_layer = _optimize_position(load_directions(args.directions), args.position, args.directions)
+    need_train = fixed is None and per_layer is None
+    train = (_texts(args.positive, args.limit), _texts(args.negative, args.limit)) if need_train else ([], [])
+    val_h, val_b = _texts("harmful:val", args.n_val), _texts("harmless:val", args.n_val)
+    inputs = input_paths(args.model, args.direction, args.directions,
+                         *([args.positive, args.negative] if need_train else []))
+    seed_everything(args.seed)
+    check_out(args.out, overwrite=args.overwrite or src is not None, inputs=inputs)
+    lm = load_from_args(args)
+    fmt = format_from_args(args, lm)
+    if src is not None:
+        import json
+
+        old = json.loads((src / "model.json").read_text(encoding="utf-8")).get("checksum")
+        if old != lm.checksum:
+            raise WorkbenchError(f"--resume: the model's checksum {lm.checksum[:12]} differs from the study's "
+                                 f"{str(old)[:12]} ({src / 'model.json'}); resume on the same model")
+    space = opt.SearchSpace.for_model(lm.n_layers, index_range=None if fixed is not None else args.index_range)
+    if fixed is not None:
+        fixed.check_compatible(lm, force=args.force)
+    elif per_layer is not None:
+        for d in per_layer:
+            d.check_compatible(lm, force=args.force)
+    if space.index is not None and per_layer is not None:
+        _optimize_index_layers(per_layer, space.index, args.index_range)
+    check_context(lm, fmt, [val_h, val_b, *train], args.max_new_tokens if args.confirm else None)
+    run = RunFolder(args.out, config=vars(args) | {"command": "steer optimize"},
+                    overwrite=args.overwrite or src is not None, inputs=inputs)
+    run.record_model(lm)
+    t_setup = time.perf_counter()
+    if src is not None:
+        shutil.copy2(src / "study.db", run.path / "study.db")  # continued in the staging copy: a failed call keeps src
+    if need_train:
+        positions = ["post_instruction"] if (args.position or "pos-1").startswith("pos-") else [args.position]
+        dirs = mean_diff_directions(lm, *train, fmt=fmt, positions=positions, backend=args.backend)
+        per_layer = _optimize_position(dirs, args.position or "pos-1", "the extracted directions")
+        if space.index is not None:
+            _optimize_index_layers(per_layer, space.index, args.index_range)
+    save_directions(run.path / "directions.safetensors", [fixed] if fixed is not None else per_layer or [])
+    extraction_s = time.perf_counter() - t_setup
+    objective = opt.ModelObjective(get_backend(args.backend, lm), fmt, fixed if fixed is not None else per_layer or [],
+                                   val_h, val_b, batch_size=args.batch_size)
+    setup_s = time.perf_counter() - t_setup
+    signature = {"model_checksum": lm.checksum, "dtype": str(lm.dtype), "template": fmt.template_hash(lm.tokenizer),
+                 "harmful_val": sha256_json(val_h)[:16], "harmless_val": sha256_json(val_b)[:16],
+                 "directions": sha256_json([d.vector.tolist() for d in ([fixed] if fixed is not None else per_layer or [])])[:16],
+                 "space": space.record(), "seed": args.seed}
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(run.path / 'study.db').resolve()}")
+    try:
+        study = optuna.create_study(study_name=opt.STUDY_NAME, storage=storage, directions=["minimize", "minimize"],
+                                    load_if_exists=True)
+        before = len(opt.trial_rows(study, space))
+        if before == 0 and not study.user_attrs.get("signature"):
+            study.set_user_attr("signature", signature)
+        elif study.user_attrs.get("signature") != signature:
+            old_sig = study.user_attrs.get("signature") or {}
+            diff = [k for k in signature if old_sig.get(k) != signature[k]]
+            raise WorkbenchError(f"--resume: the study in {src} was made with other {', '.join(diff)}; resume with "
+                                 f"the same model, prompts and directions, or choose a new --out")
+        t0 = time.perf_counter()
+        study = opt.run_study(objective, space, n_trials=args.n_trials, seed=args.seed, storage=storage,
+                              n_startup_trials=args.startup_trials, progress="optimize")
+        rows = opt.trial_rows(study, space)
+        invocation = {"trials_before": before, "trials_after": len(rows), "setup_seconds": setup_s,
+                      "extraction_seconds": extraction_s if need_train else 0.0,
+                      "trial_seconds": time.perf_counter() - t0, "setup_evaluations": objective.setup_evaluations,
+                      "trial_evaluations": objective.evaluations - objective.setup_evaluations}
+        invocations = [*study.user_attrs.get("invocations", []), invocation]
+        study.set_user_attr("invocations", invocations)
+    finally:
+        storage.remove_session()
+        storage.engine.dispose()
+    front = opt.pareto_front(rows)
+    chosen = opt.choose_trial(rows, args.kl_max)
+    for r in rows:
+        r["pareto"], r["chosen"] = r["number"] in front, r["number"] == chosen["number"]
+    cand = opt.Candidate.from_row(chosen)
+    ka = KernelAblation(cand.profile, objective.direction(cand))
+    cost = opt.cost_to_trial(rows, invocations, chosen["number"])
+    run.write_csv("trials.csv", rows)
+    run.write_csv("pareto.csv", [r for r in rows if r["pareto"]])
+    summary = {"chosen": chosen, "rule": opt.CHOICE_RULE, "kl_max": args.kl_max, "n_trials": len(rows),
+               "n_trials_this_call": len(rows) - before, "pareto_trials": sorted(front),
+               "baseline_harmful_refusal_score": objective.baseline_refusal, "n_val": [len(val_h), len(val_b)],
+               "model_evaluations": sum(i["setup_evaluations"] + i["trial_evaluations"] for i in invocations),
+               "model_evaluations_unit": "batched forward passes of the search (KL reference, baseline, trials); "
+                                         "direction extraction and confirmation generations not included",
+               **cost, "invocations": invocations, "space": space.record(), "signature": signature,
+               "layer_weights": ka.profile.layer_weights(lm.n_layers), "profile": ka.profile.record()}
+    save_kernel_ablation(run.path / "chosen_ablation.safetensors", ka,
+                         meta={"trial": chosen["number"], "refusal_score": chosen["refusal_score"], "kl": chosen["kl"],
+                               "kl_max": args.kl_max, "within_kl_max": chosen["within_kl_max"],
+                               "model_id": lm.model_id, "n_layers": lm.n_layers})
+    run.save_figure("pareto.png", opt.pareto_plot(rows, chosen, args.kl_max, lm.n_layers, ka.profile,
+                                                  objective.baseline_refusal, f"{lm.model_id}: steer optimize"))
+    if args.confirm:  # generation-based check of the chosen trial (validation prompts only)
+        ev = evaluate_conditions(get_backend(args.backend, lm), fmt,
+                                 [Condition("optimised ablation", ka.interventions(lm.n_layers),
+                                            {"trial": chosen["number"]})],
+                                 harmful=val_h[:args.confirm], harmless=val_b[:args.confirm],
+                                 max_new_tokens=args.max_new_tokens, seed=args.seed)
+        run.write_csv("confirm.csv", ev.summary)
+        run.write_csv("confirm_per_prompt.csv", ev.per_prompt)
+        summary["confirm"] = ev.summary
+    run.write_json("optimize.json", summary)
+    print(f"{len(rows)} trials ({len(rows) - before} this call, {summary['model_evaluations']} model evaluations in "
+          f"all); Pareto front: {len(front)} trials")
+    print(f"chosen trial {chosen['number']}: refusal score {chosen['refusal_score']:.3f} (unmodified "
+          f"{objective.baseline_refusal:.3f}), KL {chosen['kl']:.4f}"
+          + ("" if chosen["within_kl_max"] else f" (no trial within --kl-max {args.kl_max:g}: lowest KL)"))
+    if args.confirm:
+        table_print(ev.summary)
+    return 0
+
+
 def register(sub: Any) -> None:
     from workbench.cli import add_model_args
 
-    st = sub.add_parser("steer", help="steering: extract | select | sweep | generate | orthogonalize | battery")
+    st = sub.add_parser("steer", help="steering: extract | select | sweep | generate | orthogonalize | optimize | battery")
     ss = st.add_subparsers(dest="steer_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -327,6 +538,38 @@ def register(sub: Any) -> None:
     p.add_argument("--direction", required=True)
     p.add_argument("--direction-layer", type=int, default=None)
     p.set_defaults(func=cmd_orthogonalize)
+
+    from workbench.argtypes import fraction_range
+
+    p = ss.add_parser("optimize", help="optimise a per-layer ablation kernel (attention / MLP) and the direction "
+                                       "index: refusal vs KL on validation prompts, Optuna TPE")
+    common(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--directions", default=None,
+                     help="per-layer directions file (e.g. from 'steer extract'); default: mean-diff of --positive vs "
+                          "--negative now; the search interpolates between adjacent layers")
+    src.add_argument("--direction", default=None, help="one fixed direction instead (no direction index is searched)")
+    p.add_argument("--direction-layer", type=int, default=None, help="pick this layer's direction from --direction")
+    p.add_argument("--position", default=None, help="reading position of the per-layer directions (default pos-1, "
+                                                    "i.e. the last prompt token; or last, mean, pos-K)")
+    p.add_argument("--positive", default="harmful:train", help="prompts for the directions (never a test split)")
+    p.add_argument("--negative", default="harmless:train")
+    p.add_argument("--limit", type=positive_int, default=None, help="use at most N prompts per set for the directions")
+    p.add_argument("--n-val", type=positive_int, default=32, help="validation prompts per set the trials score")
+    p.add_argument("--n-trials", type=positive_int, default=100,
+                   help="trials the study should have in all (with --resume, only the missing ones run)")
+    p.add_argument("--startup-trials", type=positive_int, default=10, help="random trials before TPE takes over")
+    p.add_argument("--kl-max", type=nonnegative_float, default=0.2,
+                   help="the chosen trial: lowest refusal score with mean KL <= this (default 0.2)")
+    p.add_argument("--index-range", type=fraction_range, default=(0.2, 0.9),
+                   help="direction index range as fractions of depth LOW,HIGH (default 0.2,0.9)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--confirm", type=nonnegative_int, default=8,
+                   help="generate for this many validation prompts per set with the chosen ablation (0 = skip)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens per confirmation generation")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the study of the finished optimize run in --out (same settings; its study.db)")
+    p.set_defaults(func=cmd_optimize)
 
     from steering.battery import add_battery_parser  # harm + utility batteries (the app's "score this setting")
 

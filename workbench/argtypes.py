@@ -31,7 +31,8 @@ from typing import Any, Iterable, NoReturn, Sequence
 from workbench.errors import WorkbenchError
 
 __all__ = [
-    "finite_float", "positive_float", "nonnegative_float", "fraction", "open_fraction", "finite_float_list",
+    "finite_float", "positive_float", "nonnegative_float", "fraction", "open_fraction", "fraction_range",
+    "finite_float_list",
     "positive_int", "nonnegative_int", "seed_int", "position_list", "one_line_errors", "input_paths", "check_layer",
     "check_context",
 ]
@@ -84,6 +85,17 @@ def open_fraction(s: str) -> float:
     if not 0 < v <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}")
     return v
+
+
+def fraction_range(s: str) -> tuple[float, float]:
+    """Two fractions ``LOW,HIGH`` with 0 <= LOW <= HIGH <= 1 (``"0.2,0.9"``; equal ends fix the value)."""
+    items = [x.strip() for x in str(s).split(",")]
+    if len(items) != 2 or not all(items):
+        raise argparse.ArgumentTypeError(f"expected two fractions LOW,HIGH like '0.2,0.9', got {s!r}")
+    lo, hi = (fraction(x) for x in items)
+    if lo > hi:
+        raise argparse.ArgumentTypeError(f"expected LOW <= HIGH, got {s!r}")
+    return lo, hi
 
 
 def finite_float_list(s: str) -> list[float]:

@@ -15,6 +15,7 @@ and a :class:`HookContext` that knows which of those tokens are padding, prompt 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, Union
 
@@ -127,18 +128,34 @@ class Addition(Intervention):
 
 @dataclass
 class Ablation(Intervention):
-    """Directional ablation: ``act - (act . r) r`` with ``r`` the unit direction."""
+    """Directional ablation: ``act - weight * (act . r) r`` with ``r`` the unit direction.
+
+    ``weight`` 1 (the default) removes the direction; a weight in [0, 1] removes that fraction of the
+    projection (the per-layer weights of :mod:`steering.kernel`); 0 leaves the activation unchanged.
+    """
 
     site: Site
     direction: torch.Tensor
     apply_to: ApplyTo = "all"
+    weight: float = 1.0
     _unit_dir: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._unit_dir = _unit(self.direction)
+        try:
+            w = float(self.weight)
+        except (TypeError, ValueError):
+            w = math.nan
+        if not math.isfinite(w):
+            raise WorkbenchError(f"the ablation weight must be a finite number, got {self.weight!r}")
+        self.weight = w
 
     def edit(self, act: torch.Tensor) -> torch.Tensor:
-        return _set_projection(act, self._unit_dir, 0.0)
+        if self.weight == 1.0:
+            return _set_projection(act, self._unit_dir, 0.0)
+        _check_width(self._unit_dir, act, "the direction")
+        r = self._unit_dir.to(device=act.device, dtype=act.dtype)
+        return act - (self.weight * (act @ r)).unsqueeze(-1) * r
 
 
 @dataclass
