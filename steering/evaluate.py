@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from workbench.backends.base import Backend
 from workbench.chat import ChatFormat
 from workbench.generation import generate_texts
 from workbench.interventions import Intervention
-from workbench.scoring import (completion_nll, is_refusal, kl_divergence, next_token_logprobs, perplexity,
-                               refusal_scores, task_accuracy)
+from workbench.scoring import (completion_nll, completion_pass, is_refusal, kl_from_logprobs, last_position_safe,
+                               next_token_logprobs, perplexity, refusal_scores, refusal_scores_from_logprobs,
+                               task_accuracy)
 from workbench.stats import bootstrap_mean_ci
 
 
@@ -68,7 +70,7 @@ def evaluate_conditions(
     if not conds or conds[0].interventions:
         conds = [Condition("unmodified")] + conds
     same = list(harmful) == list(harmless)
-    ref_logp = next_token_logprobs(backend, harmless, fmt, batch_size=16)
+    ref_logp: torch.Tensor | None = None  # the unmodified model's next-token log-probabilities (harmless)
     ppl_texts: list[str] | None = None
     summary, rows = [], []
     for c in conds:
@@ -78,12 +80,22 @@ def evaluate_conditions(
         gb = gh if same else generate_texts(backend, harmless, fmt, max_new_tokens=max_new_tokens,
                                             interventions=c.interventions, batch_size=batch_size,
                                             progress=f"{tag}: harmless" if progress else False)
-        sh = refusal_scores(backend, harmful, fmt, interventions=c.interventions)
-        sb = sh if same else refusal_scores(backend, harmless, fmt, interventions=c.interventions)
-        kl = kl_divergence(backend, harmless, fmt, interventions=c.interventions, reference=ref_logp)
         if ppl_texts is None:  # the unmodified model's own completions are the perplexity reference text
             ppl_texts = gb
-        nll = completion_nll(backend, harmless, ppl_texts, fmt, interventions=c.interventions)
+        if last_position_safe(c.interventions):
+            # one teacher-forced pass gives the perplexity text's NLL and, at the last prompt position, the
+            # next-token distribution (refusal score, KL) that a forward over the prompt alone would give
+            nll, logp_b = completion_pass(backend, harmless, ppl_texts, fmt, interventions=c.interventions,
+                                          last_logprobs=True)
+            assert logp_b is not None
+        else:  # position sets counted from the prompt's end: separate passes
+            nll = completion_nll(backend, harmless, ppl_texts, fmt, interventions=c.interventions)
+            logp_b = next_token_logprobs(backend, harmless, fmt, interventions=c.interventions)
+        if ref_logp is None:
+            ref_logp = logp_b if not c.interventions else next_token_logprobs(backend, harmless, fmt)
+        sb = refusal_scores_from_logprobs(backend.lm.tokenizer, logp_b)
+        sh = sb if same else refusal_scores(backend, harmful, fmt, interventions=c.interventions)
+        kl = kl_from_logprobs(ref_logp, logp_b)
         fh, fb = [is_refusal(t) for t in gh], [is_refusal(t) for t in gb]
         r_h, r_h_lo, r_h_hi = _rate(fh, n_boot, seed)
         r_b, r_b_lo, r_b_hi = _rate(fb, n_boot, seed + 1)

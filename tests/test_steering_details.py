@@ -391,3 +391,35 @@ def test_selection_does_not_repeat_forward_passes(selection_setup):
                                screen=True, top_k=1)
     full = [r for r in res.rows if r["exact"] == "full"]
     assert full and all(r["kl"] > 0.0 and np.isnan(r["steering_score"]) for r in full)
+
+
+def test_evaluation_scores_equal_separate_prompt_only_passes(selection_setup):
+    """The evaluation reads the refusal score and KL of the harmless prompts from the teacher-forced perplexity
+    pass (last prompt position); they must equal separate forwards over the prompts alone, for interventions
+    on all positions (shared pass) and on the last prompt token only (separate passes)."""
+    from steering.evaluate import Condition, evaluate_conditions
+    from steering.interventions import addition
+    from workbench.scoring import completion_nll, kl_divergence, refusal_scores
+
+    lm, cands, val_h, val_b = selection_setup
+    d = max(cands, key=lambda c: c.norm)
+    be = get_backend("native", lm)
+    conds = [Condition("ablation", ablation(d, lm.n_layers)), Condition("addition", addition(d, 2.0)),
+             Condition("last only", addition(d, 4.0, apply_to="last"))]
+    ev = evaluate_conditions(be, None, conds, harmful=val_h, harmless=val_b, max_new_tokens=4, n_boot=10,
+                             progress=False)
+    ref_text = [r["completion"] for r in ev.per_prompt if r["condition"] == "unmodified" and r["set"] == "harmless"]
+    for c in [Condition("unmodified")] + conds:
+        rows = [r for r in ev.per_prompt if r["condition"] == c.name]
+        sb = refusal_scores(be, val_b, None, interventions=c.interventions)
+        sh = refusal_scores(be, val_h, None, interventions=c.interventions)
+        kl = kl_divergence(be, val_b, None, interventions=c.interventions)
+        got_b = [r["refusal_logit"] for r in rows if r["set"] == "harmless"]
+        got_h = [r["refusal_logit"] for r in rows if r["set"] == "harmful"]
+        assert got_b == pytest.approx(sb.tolist(), abs=1e-4) and got_h == pytest.approx(sh.tolist(), abs=1e-4)
+        assert [r["kl_last"] for r in rows if r["set"] == "harmless"] == pytest.approx(kl.tolist(), abs=1e-5)
+        nll = completion_nll(be, val_b, ref_text, None, interventions=c.interventions)
+        want = float(np.exp(sum(n for n, _ in nll) / sum(k for _, k in nll)))
+        assert next(s for s in ev.summary if s["condition"] == c.name)["perplexity"] == pytest.approx(want, rel=1e-5)
+    assert sum(r["kl_last"] for r in ev.per_prompt
+               if r["condition"] == "last only" and r["set"] == "harmless") > 1e-4  # the check can fail
