@@ -90,6 +90,8 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "the mean and bootstrap of a bool array equal those of its 0/1 float array"),
     ("steering/evaluate.py", "seed + 3", "3 -> 4",
      "the task-accuracy bootstrap's seed offset: another seed gives another, equally valid interval"),
+    ("workbench/capture.py", "batch_size: int = 16", "16 -> 17",
+     "the default batch size only changes the batching; batched equals one-by-one is tested (test_capture)"),
     ("workbench/capture.py", "(10**9)", "10 -> 11",
      "sort key multiplier: any value above the longest prompt gives the same order"),
     ("workbench/capture.py", "(10**9)", "9 -> 10",
