@@ -51,9 +51,10 @@ MODULES: dict[str, dict[str, Any]] = {
                                 "tests/test_native_backend.py", "tests/test_generation_ablation.py"]},
     "steering": {"files": ["steering/directions.py", "steering/evaluate.py", "steering/interventions.py",
                            "steering/orthogonalize.py", "steering/selection.py", "steering/sweep.py",
-                           "steering/gguf_export.py"],
+                           "steering/gguf_export.py", "steering/kernel.py", "steering/optimize.py"],
                  "tests": ["tests/test_steering.py", "tests/test_steering_details.py", "tests/test_orthogonalize.py",
-                           "tests/test_generation_ablation.py", "tests/test_screening.py", "-k", "not console_script"]},
+                           "tests/test_generation_ablation.py", "tests/test_screening.py", "tests/test_kernel.py",
+                           "tests/test_optimize.py", "-k", "not console_script"]},
     "projection": {"files": ["weightspace/projection.py"],
                    "tests": ["tests/test_breakage.py", "tests/test_projection_details.py", "tests/test_weightspace.py", "-k",
                              "projection or project or safelora or unselected or fraction or right_side or layer_range "

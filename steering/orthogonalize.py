@@ -45,12 +45,12 @@ def _is_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D"  # GPT-2 style: weight is [in, out]
 
 
-def _project_out_rows(W: torch.Tensor, r: torch.Tensor, weight: float = 1.0) -> None:
+def _project_out_rows(W: torch.Tensor, r: torch.Tensor, weight: float) -> None:
     """In place: rows are d-vectors (embeddings, Conv1D weights [in, d])."""
     W.sub_(torch.outer(W @ r, r) if weight == 1.0 else weight * torch.outer(W @ r, r))
 
 
-def _project_out_cols(W: torch.Tensor, r: torch.Tensor, weight: float = 1.0) -> None:
+def _project_out_cols(W: torch.Tensor, r: torch.Tensor, weight: float) -> None:
     """In place: nn.Linear weight [d, in] writes W x; remove (the fraction ``weight`` of) r from its output space."""
     W.sub_(torch.outer(r, r @ W) if weight == 1.0 else weight * torch.outer(r, r @ W))
 
