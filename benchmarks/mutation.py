@@ -62,7 +62,7 @@ MODULES: dict[str, dict[str, Any]] = {
     # the paired TopK-vs-Random verdicts of the chain report (moved from weightspace/chain.py to chain_report.py)
     # the study's verdict rules (claim, statistic, interval, rule -> verdict) and the planted positive controls
     "verdicts": {"files": ["weightspace/verdicts.py"],
-                 "tests": ["tests/test_verdicts.py", "tests/test_weightspace_defects.py"]},
+                 "tests": ["tests/test_verdicts.py", "tests/test_weightspace_defects.py", "tests/test_verdict_rules.py"]},
     "chain-verdicts": {"files": ["weightspace/chain_report.py"], "functions": ["_paired", "_per_prompt", "_se"],
                        "tests": ["tests/test_breakage.py", "-k", "paired or standard_error"]},
 }
@@ -91,12 +91,28 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "the mean and bootstrap of a bool array equal those of its 0/1 float array"),
     ("steering/evaluate.py", "seed + 3", "3 -> 4",
      "the task-accuracy bootstrap's seed offset: another seed gives another, equally valid interval"),
+    ("steering/selection.py", 'int(p[3:]) if p.startswith("pos-") else 0', "0 -> 1",
+     "row order of the selection heat map only (a named position sorts before or beside pos-1)"),
+    ("*", "shutil.rmtree(tmp, ignore_errors=True)", "drop keyword ignore_errors=",
+     "removal of a temporary folder that exists: differs only when the removal itself fails"),
     ("workbench/capture.py", "batch_size: int = 16", "16 -> 17",
      "the default batch size only changes the batching; batched equals one-by-one is tested (test_capture)"),
     ("workbench/capture.py", "(10**9)", "10 -> 11",
      "sort key multiplier: any value above the longest prompt gives the same order"),
     ("workbench/capture.py", "(10**9)", "9 -> 10",
      "sort key multiplier: any value above the longest prompt gives the same order"),
+    ("weightspace/verdicts.py", "du = np.asarray(utility_high, dtype=np.float64) - np.asarray(utility_low, dtype=np.float64)",
+     "drop keyword dtype=", "the other operand of the subtraction stays float64, so numpy promotes this one (bool, int, "
+     "float32) to float64 before subtracting, exactly as the cast would: the same float64 differences (numbers only, "
+     "as typed: None or numeric strings, which the cast turns into nan / floats, are outside Sequence[float])"),
+    ("weightspace/verdicts.py", "dh = np.asarray(harm_high, dtype=np.float64) - np.asarray(harm_low, dtype=np.float64)",
+     "drop keyword dtype=", "the other operand of the subtraction stays float64, so numpy promotes this one (bool, int, "
+     "float32) to float64 before subtracting, exactly as the cast would: the same float64 differences (numbers only, "
+     "as typed: None or numeric strings, which the cast turns into nan / floats, are outside Sequence[float])"),
+    ("weightspace/verdicts.py", 'mu, ms = np.asarray(uh["mso"], dtype=np.float64), np.asarray(sh["mso"], dtype=np.float64)',
+     "drop keyword dtype=", "mu / ms are read only through mu - ms (the other one stays float64: promoted exactly as the "
+     "cast would), .size and .shape (dtype-free); separability and bootstrap_ci cast their own inputs (numbers only, "
+     "as typed: None or numeric strings are outside Sequence[float])"),
 ]
 
 

@@ -423,3 +423,56 @@ def test_evaluation_scores_equal_separate_prompt_only_passes(selection_setup):
         assert next(s for s in ev.summary if s["condition"] == c.name)["perplexity"] == pytest.approx(want, rel=1e-5)
     assert sum(r["kl_last"] for r in ev.per_prompt
                if r["condition"] == "last only" and r["set"] == "harmless") > 1e-4  # the check can fail
+
+
+def test_orthogonalized_checkpoint_is_staged_next_to_its_destination(make_tiny, tmp_path, monkeypatch):
+    """The temporary folder lives in the destination's parent (same filesystem, so the final rename is atomic)
+    and is gone afterwards, also when saving fails."""
+    import tempfile
+
+    lm = make_tiny("llama")
+    seen: list[dict] = []
+    real = tempfile.mkdtemp
+
+    def spy(*a, **kw):
+        seen.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ortho_mod.tempfile, "mkdtemp", spy)
+    r = torch.zeros(lm.d_model)
+    r[0] = 1.0
+    out = tmp_path / "sub" / "ortho"
+    ortho_mod.write_orthogonalized(lm, r, out)
+    assert seen and seen[0]["dir"] == out.parent and (out / "config.json").exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".ortho.")]
+    monkeypatch.setattr(lm.tokenizer, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        ortho_mod.write_orthogonalized(lm, r, tmp_path / "other")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ortho.")] and not (tmp_path / "other").exists()
+
+
+def test_selection_default_filters_the_last_fifth_of_the_layers(selection_setup):
+    """Default ``max_layer_frac=0.8``: on a 5-layer model layers 0-3 pass and layer 4 (>= 4.0) is filtered;
+    on the 2-layer model with 0.5 every candidate (all at layer 1) is too deep and the fallback scores all."""
+    import warnings
+
+    from steering.directions import mean_diff_directions
+    from steering.selection import select_direction
+    from workbench.loading import from_memory
+    from workbench.tiny import build_tiny
+
+    lm, cands, val_h, val_b = selection_setup
+    deep = from_memory(*build_tiny("llama", n_layers=5), model_id="tiny-llama-5")
+    dirs = mean_diff_directions(deep, val_h, val_b, layers=[3, 4], positions=["last"], cache=False)
+    res = select_direction(get_backend("native", deep), None, dirs, harmful_val=val_h, harmless_val=val_b,
+                           kl_max=1e9, progress=False, estimate=False)
+    reasons = {r["layer"]: r["filtered"] for r in res.rows}
+    assert reasons[4].startswith("layer >= 80%") and "layer >=" not in reasons[3]
+    be = get_backend("native", lm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        too_deep = select_direction(be, None, cands, harmful_val=val_h, harmless_val=val_b, kl_max=10.0,
+                                    max_layer_frac=0.5, progress=False, estimate=False, screen=True, top_k=1)
+    nz = [r for r in too_deep.rows if r["norm"] > 1e-6]
+    # the fallback scores every candidate exactly (finite ablation scores), none was screened out
+    assert nz and all(np.isfinite(r["ablation_score"]) and r["filtered"].startswith("layer >= 50%") for r in nz)
