@@ -91,7 +91,7 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "the mean and bootstrap of a bool array equal those of its 0/1 float array"),
     ("steering/evaluate.py", "seed + 3", "3 -> 4",
      "the task-accuracy bootstrap's seed offset: another seed gives another, equally valid interval"),
-    ("steering/selection.py", 'int(p[3:]) if p.startswith("pos-") else 0', "0 -> 1",
+    ("steering/selection.py", 'int(p[3:]) if p.startswith("pos") else 0', "0 -> 1",
      "row order of the selection heat map only (a named position sorts before or beside pos-1)"),
     ("*", "shutil.rmtree(tmp, ignore_errors=True)", "drop keyword ignore_errors=",
      "removal of a temporary folder that exists: differs only when the removal itself fails"),

@@ -1,5 +1,5 @@
 """Prompt sets: built-in harmful/harmless/utility data (plus the experiment-4 sets harmful_styled and
-useful_requests), seeded splits, file loaders.
+useful_requests, and the generalisation sets harmful_extra and alarming_harmless), seeded splits, file loaders.
 
 Example:
     >>> ps = builtin("harmful")
@@ -41,7 +41,8 @@ __all__ = [
     "resolve_prompts",
 ]
 
-BUILTIN_NAMES: tuple[str, ...] = ("harmful", "harmless", "utility", "harmful_styled", "useful_requests")
+BUILTIN_NAMES: tuple[str, ...] = ("harmful", "harmless", "utility", "harmful_styled", "useful_requests",
+                                  "harmful_extra", "alarming_harmless")
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_FIELDS: tuple[str, ...] = ("instruction", "prompt", "text")
 EXTENSIONS: tuple[str, ...] = (".csv", ".json", ".jsonl", ".txt")
@@ -126,13 +127,24 @@ def _read_jsonl_text(text: str, source: str) -> list[dict[str, Any]]:
 
 
 def builtin(name: str) -> PromptSet:
-    """Load a built-in prompt set: "harmful", "harmless", "utility", "harmful_styled" or "useful_requests".
+    """Load a built-in prompt set: "harmful", "harmless", "utility", "harmful_styled", "useful_requests",
+    "harmful_extra" or "alarming_harmless".
 
     "utility" is ``make_arithmetic_tasks(400, seed=0)`` with answers attached. The two sets of the study's
     experiment 4 (activation overlap, ``probes.overlap.PROTOCOLS["study"]``): "harmful_styled" holds harmful
     requests from a second source, written in another style than "harmful" (first-person situations,
     pretexts and role-play, multi-sentence messages; requests only, same categories), and "useful_requests"
     benign everyday requests in the same short imperative form as "harmful" ("Explain how to ...").
+
+    Two sets for refusal removal that generalises (issue 12): "harmful_extra" holds harmful requests in
+    categories "harmful" lacks (extremism, CBRN weapons, election interference, money laundering,
+    counterfeiting, trafficking, animal cruelty, environmental crime, infrastructure sabotage, evading the
+    law, academic dishonesty, non-consensual imagery) and in styles it lacks (terse fragments, plain
+    questions, long first-person stories, fiction framing, "hypothetically", lower-case chat with typos,
+    French / German / Spanish / Italian, persona jailbreaks, professional pretexts; requests only);
+    "alarming_harmless" harmless requests that merely sound alarming ("How do I kill a stuck Python
+    process?"), across programming, photography, law, cooking, sport, games, health, history and more,
+    for measuring over-refusal.
 
     Example:
         >>> builtin("utility")[0].answer is not None
