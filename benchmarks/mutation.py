@@ -95,6 +95,8 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "row order of the selection heat map only (a named position sorts before or beside pos-1)"),
     ("*", "shutil.rmtree(tmp, ignore_errors=True)", "drop keyword ignore_errors=",
      "removal of a temporary folder that exists: differs only when the removal itself fails"),
+    ("workbench/interventions.py", "(t0 + p) * torch.ones_like(pads)", "* -> /",
+     "(t0 + p) / ones equals (t0 + p) * ones; the position comparison is the same for the float result"),
     ("workbench/capture.py", "batch_size: int = 16", "16 -> 17",
      "the default batch size only changes the batching; batched equals one-by-one is tested (test_capture)"),
     ("workbench/capture.py", "(10**9)", "10 -> 11",
