@@ -17,11 +17,10 @@ import torch
 
 from workbench.backends.base import Backend
 from workbench.chat import ChatFormat
-from workbench.generation import generate_texts
+from workbench.generation import generate_with_first_logprobs
 from workbench.interventions import Intervention
-from workbench.scoring import (completion_nll, completion_pass, is_refusal, kl_from_logprobs, last_position_safe,
-                               next_token_logprobs, perplexity, refusal_scores, refusal_scores_from_logprobs,
-                               task_accuracy)
+from workbench.scoring import (completion_nll, is_refusal, kl_from_logprobs, next_token_logprobs, perplexity,
+                               refusal_scores_from_logprobs, task_accuracy)
 from workbench.stats import bootstrap_mean_ci
 
 
@@ -75,26 +74,21 @@ def evaluate_conditions(
     summary, rows = [], []
     for c in conds:
         tag = c.name
-        gh = generate_texts(backend, harmful, fmt, max_new_tokens=max_new_tokens, interventions=c.interventions,
-                            batch_size=batch_size, progress=f"{tag}: harmful" if progress else False)
-        gb = gh if same else generate_texts(backend, harmless, fmt, max_new_tokens=max_new_tokens,
-                                            interventions=c.interventions, batch_size=batch_size,
-                                            progress=f"{tag}: harmless" if progress else False)
+        # the next-token distribution at the last prompt position (refusal score, KL) comes from each
+        # generation's own prefill (native backend; one extra forward pass with the others)
+        gh, logp_h = generate_with_first_logprobs(backend, harmful, fmt, max_new_tokens=max_new_tokens,
+                                                  interventions=c.interventions, batch_size=batch_size,
+                                                  progress=f"{tag}: harmful" if progress else False)
+        gb, logp_b = (gh, logp_h) if same else generate_with_first_logprobs(
+            backend, harmless, fmt, max_new_tokens=max_new_tokens, interventions=c.interventions,
+            batch_size=batch_size, progress=f"{tag}: harmless" if progress else False)
         if ppl_texts is None:  # the unmodified model's own completions are the perplexity reference text
             ppl_texts = gb
-        if last_position_safe(c.interventions):
-            # one teacher-forced pass gives the perplexity text's NLL and, at the last prompt position, the
-            # next-token distribution (refusal score, KL) that a forward over the prompt alone would give
-            nll, logp_b = completion_pass(backend, harmless, ppl_texts, fmt, interventions=c.interventions,
-                                          last_logprobs=True)
-            assert logp_b is not None
-        else:  # position sets counted from the prompt's end: separate passes
-            nll = completion_nll(backend, harmless, ppl_texts, fmt, interventions=c.interventions)
-            logp_b = next_token_logprobs(backend, harmless, fmt, interventions=c.interventions)
+        nll = completion_nll(backend, harmless, ppl_texts, fmt, interventions=c.interventions)
         if ref_logp is None:
             ref_logp = logp_b if not c.interventions else next_token_logprobs(backend, harmless, fmt)
+        sh = refusal_scores_from_logprobs(backend.lm.tokenizer, logp_h)
         sb = refusal_scores_from_logprobs(backend.lm.tokenizer, logp_b)
-        sh = sb if same else refusal_scores(backend, harmful, fmt, interventions=c.interventions)
         kl = kl_from_logprobs(ref_logp, logp_b)
         fh, fb = [is_refusal(t) for t in gh], [is_refusal(t) for t in gb]
         r_h, r_h_lo, r_h_hi = _rate(fh, n_boot, seed)

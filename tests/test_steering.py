@@ -22,7 +22,7 @@ from workbench.chat import ChatFormat, encode
 from workbench.errors import WorkbenchError
 from workbench.generation import generate_texts
 from workbench.interventions import Ablation, Addition
-from workbench.scoring import completion_nll, kl_divergence, perplexity, refusal_scores
+from workbench.scoring import completion_nll, kl_divergence, next_token_logprobs, perplexity, refusal_scores
 from workbench.sites import Site
 from workbench.vectors import Direction, load_directions
 
@@ -306,7 +306,11 @@ def test_evaluate_conditions_rates_with_a_stubbed_generator(make_tiny, monkeypat
             return ["Sure, here you go." for _ in prompts]
         return ["I'm sorry, I can't do that." if i % 2 == 0 else "Sure thing: step one." for i in range(len(prompts))]
 
-    monkeypatch.setattr(steering.evaluate, "generate_texts", fake_generate)
+    def fake_with_logprobs(backend, prompts, fmt=None, **kw):  # texts stubbed, the log-probs real
+        return fake_generate(backend, prompts, fmt, **kw), next_token_logprobs(
+            backend, prompts, fmt, interventions=kw.get("interventions", ()))
+
+    monkeypatch.setattr(steering.evaluate, "generate_with_first_logprobs", fake_with_logprobs)
     d = _rand_direction(lm)
     ev = evaluate_conditions(be, FMT, [Condition("ablate", ablation(d, lm.n_layers))], harmful=HARMFUL,
                              harmless=HARMLESS, max_new_tokens=3, n_boot=200, progress=False)

@@ -357,13 +357,13 @@ def test_evaluation_generates_32_new_tokens_by_default(selection_setup, monkeypa
 
     lm, _, val_h, val_b = selection_setup
     seen: list[int] = []
-    real = ev_mod.generate_texts
+    real = ev_mod.generate_with_first_logprobs
 
     def gen(*a, max_new_tokens, **kw):
         seen.append(max_new_tokens)
         return real(*a, max_new_tokens=2, **kw)
 
-    monkeypatch.setattr(ev_mod, "generate_texts", gen)
+    monkeypatch.setattr(ev_mod, "generate_with_first_logprobs", gen)
     ev_mod.evaluate_conditions(get_backend("native", lm), None, [], harmful=val_h[:1], harmless=val_b[:1], n_boot=10,
                                progress=False)
     assert seen == [32, 32]
@@ -476,3 +476,24 @@ def test_selection_default_filters_the_last_fifth_of_the_layers(selection_setup)
     nz = [r for r in too_deep.rows if r["norm"] > 1e-6]
     # the fallback scores every candidate exactly (finite ablation scores), none was screened out
     assert nz and all(np.isfinite(r["ablation_score"]) and r["filtered"].startswith("layer >= 50%") for r in nz)
+
+
+@pytest.mark.parametrize("backend", ["native", "transformer_lens", "nnsight"])
+def test_first_step_logprobs_equal_a_forward_over_the_prompts(selection_setup, backend):
+    """The generation's prefill gives the next-token distribution of a prompt-only forward, under interventions
+    on every position, on the last prompt token only, and on generated tokens only (not at the prefill)."""
+    from steering.interventions import addition
+    from workbench.generation import generate_texts, generate_with_first_logprobs
+    from workbench.scoring import next_token_logprobs
+
+    lm, cands, val_h, _ = selection_setup
+    d = max(cands, key=lambda c: c.norm)
+    be = get_backend(backend, lm)
+    for ivs in ([], ablation(d, lm.n_layers), addition(d, 4.0, apply_to="last"),
+                addition(d, 4.0, apply_to="generated")):
+        texts, lp = generate_with_first_logprobs(be, val_h, None, max_new_tokens=3, interventions=ivs, batch_size=2)
+        assert torch.allclose(lp, next_token_logprobs(be, val_h, None, interventions=ivs), atol=1e-4)
+        assert texts == generate_texts(be, val_h, None, max_new_tokens=3, interventions=ivs, batch_size=2)
+    # the check can fail: a last-token addition moves the distribution
+    assert not torch.allclose(next_token_logprobs(be, val_h, None, interventions=addition(d, 4.0, apply_to="last")),
+                              next_token_logprobs(be, val_h, None), atol=1e-3)

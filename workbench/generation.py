@@ -90,18 +90,65 @@ def generate_texts(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | N
 
     ``batch_size=None`` (default) sizes the batches for the machine (:func:`auto_batch_size`); a batch
     stops as soon as every row has ended."""
+    return _generate(backend, prompts, fmt, max_new_tokens=max_new_tokens, interventions=interventions,
+                     batch_size=batch_size, do_sample=do_sample, seed=seed, progress=progress, first=False)[0]
+
+
+def generate_with_first_logprobs(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | None = None, *,
+                                 max_new_tokens: int = 64, interventions: Sequence[Intervention] = (),
+                                 batch_size: int | None = None, progress: bool | str = False
+                                 ) -> tuple[list[str], torch.Tensor]:
+    """Greedy completions and the next-token log-probabilities ``[N, V]`` at the last prompt position under the
+    interventions (what :func:`workbench.scoring.next_token_logprobs` computes), taken from the generation's
+    own prefill where the backend records it (native), else by one extra forward pass.
+
+    Example::
+
+        >>> from workbench.loading import from_memory
+        >>> from workbench.tiny import build_tiny
+        >>> from workbench.backends import get_backend
+        >>> from workbench.scoring import next_token_logprobs
+        >>> be = get_backend("native", from_memory(*build_tiny("llama")))
+        >>> texts, lp = generate_with_first_logprobs(be, ["Hi", "Tell me a story"], max_new_tokens=2)
+        >>> torch.allclose(lp, next_token_logprobs(be, ["Hi", "Tell me a story"]), atol=1e-4)
+        True
+    """
+    texts, lp = _generate(backend, prompts, fmt, max_new_tokens=max_new_tokens, interventions=interventions,
+                          batch_size=batch_size, do_sample=False, seed=0, progress=progress,
+                          first=backend.records_first_step)
+    if lp is None:
+        lp = map_last_logits(backend, prompts, fmt, _logprobs, interventions=interventions)
+    return texts, lp
+
+
+def _logprobs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.double(), -1).float().cpu()
+
+
+def _generate(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | None, *, max_new_tokens: int,
+              interventions: Sequence[Intervention], batch_size: int | None, do_sample: bool, seed: int,
+              progress: bool | str, first: bool) -> tuple[list[str], torch.Tensor | None]:
     if max_new_tokens < 1:
         raise WorkbenchError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size is None:
         longest = max((len(t) for t in prompts), default=1) // 2 + 64  # a cheap upper bound on prompt tokens
         batch_size = auto_batch_size(backend, len(prompts), longest + max_new_tokens)
     out: list[str] = [""] * len(prompts)
+    lps: list[Any] = [None] * len(prompts)
     for idx, b in batches(backend, prompts, fmt, batch_size, progress):
+        kw: dict[str, Any] = {}
+        rec: list[torch.Tensor] = []
+        if first:
+            kw["first_step"] = rec
         toks = backend.generate(b, max_new_tokens=max_new_tokens, interventions=interventions, do_sample=do_sample,
-                                seed=seed)
+                                seed=seed, **kw)
         for i, text in zip(idx, backend.decode(toks)):
             out[i] = text
-    return out
+        if first:
+            lp = _logprobs(rec[0])
+            for j, i in enumerate(idx):
+                lps[i] = lp[j]
+    return out, (torch.stack(lps) if first else None)
 
 
 def map_last_logits(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | None,

@@ -51,6 +51,8 @@ class Backend(ABC):
     """Run forward passes / generation with captures and interventions."""
 
     name: ClassVar[str] = "abstract"
+    #: ``generate(..., first_step=[])`` records the prefill's next-token logits (see the native backend)
+    records_first_step: ClassVar[bool] = False
 
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm

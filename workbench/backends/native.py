@@ -30,6 +30,8 @@ def _replace_first(out: Any, new: torch.Tensor) -> Any:
 class NativeBackend(Backend):
     """Plain PyTorch hooks (the default and fastest backend)."""
 
+    records_first_step = True
+
     name = "native"
 
     @contextmanager
@@ -108,7 +110,11 @@ class NativeBackend(Backend):
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int = 0,
+        first_step: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """As :meth:`Backend.generate`; with ``first_step`` (a list), the raw next-token logits ``[B, V]`` of the
+        prefill (the last prompt position, interventions active, before any logits processor such as a
+        repetition penalty) are appended to it: what a forward over the prompts alone gives."""
         model = self.lm.model
         batch = batch.to(self.lm.device)
         ctx = self.context(batch)
@@ -116,8 +122,25 @@ class NativeBackend(Backend):
         kw = self.hf_generate_kwargs(max_new_tokens, do_sample, temperature, top_p)
         if do_sample:
             torch.manual_seed(seed)
-        with torch.no_grad(), self.hooked(ctx, fns):
-            out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True, **kw)
+        head = model.get_output_embeddings()
+        handle = None
+        if first_step is not None:
+            seen: list[torch.Tensor] = []
+
+            def record(module: Any, args: tuple, out: torch.Tensor) -> None:
+                if not seen:  # the first unembedding of a generate call is the prefill
+                    seen.append(out[:, -1].detach().float().cpu())
+
+            handle = head.register_forward_hook(record)
+        try:
+            with torch.no_grad(), self.hooked(ctx, fns):
+                out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True,
+                                     **kw)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if first_step is not None:
+            first_step.append(seen[0])
         new = out[:, batch.width:]
         if new.shape[1] < max_new_tokens:  # every row stopped early
             pad = torch.full((new.shape[0], max_new_tokens - new.shape[1]), self.pad_id(), dtype=new.dtype,
