@@ -497,3 +497,19 @@ def test_first_step_logprobs_equal_a_forward_over_the_prompts(selection_setup, b
     # the check can fail: a last-token addition moves the distribution
     assert not torch.allclose(next_token_logprobs(be, val_h, None, interventions=addition(d, 4.0, apply_to="last")),
                               next_token_logprobs(be, val_h, None), atol=1e-3)
+
+
+def test_mean_diff_directions_of_another_component(selection_setup):
+    """``component="resid_post"``: the directions record it and equal the difference of the means of that
+    component's activations, captured here directly."""
+    from steering.directions import mean_diff_directions
+    from workbench.capture import capture
+
+    lm, _, val_h, val_b = selection_setup
+    dirs = mean_diff_directions(lm, val_h, val_b, layers=[0], positions=["last"], component="resid_post", cache=False)
+    assert [d.component for d in dirs] == ["resid_post"]
+    kw = dict(layers=[0], components=("resid_post",), positions=["last"], cache=False, progress=False)
+    a, b = capture(lm, val_h, **kw), capture(lm, val_b, **kw)
+    assert a.sites == [Site(0, "resid_post")]
+    want = a.data["last"][:, 0].mean(0) - b.data["last"][:, 0].mean(0)
+    assert torch.allclose(dirs[0].vector.float(), want.float(), atol=1e-5)
