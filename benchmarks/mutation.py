@@ -62,8 +62,14 @@ MODULES: dict[str, dict[str, Any]] = {
                              "or direction_reference or conv1d or existing_output"]},
     # the paired TopK-vs-Random verdicts of the chain report (moved from weightspace/chain.py to chain_report.py)
     # the study's verdict rules (claim, statistic, interval, rule -> verdict) and the planted positive controls
-    "verdicts": {"files": ["weightspace/verdicts.py"],
-                 "tests": ["tests/test_verdicts.py", "tests/test_weightspace_defects.py", "tests/test_verdict_rules.py"]},
+    "verdicts": {"files": ["weightspace/verdicts.py", "workbench/verdict_rules.py"],
+                 "tests": ["tests/test_verdicts.py", "tests/test_weightspace_defects.py", "tests/test_verdict_rules.py",
+                           "tests/test_exp4_verdict.py"]},
+    # the sweep's per-item metrics: bootstrap intervals of item means and paired TopK-vs-control comparisons
+    "metrics": {"files": ["weightspace/metrics.py"], "tests": ["tests/test_weightspace_metrics.py"]},
+    # experiment 4's interval: subsampling without replacement, and the overlap module that uses it
+    "subsampling": {"files": ["workbench/subsampling.py"],
+                    "tests": ["tests/test_exp4_verdict.py", "tests/test_overlap.py"]},
     "chain-verdicts": {"files": ["weightspace/chain_report.py"], "functions": ["_paired", "_per_prompt", "_se"],
                        "tests": ["tests/test_breakage.py", "-k", "paired or standard_error"]},
 }

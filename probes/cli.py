@@ -166,9 +166,10 @@ def run_overlap(lm: Any, fmt: Any, run: RunFolder, sets: dict[str, Any], *, posi
     ``protocols = {protocol: {role: set name}}`` (see :func:`protocol_overlap_sets`); ``None``: both protocols
     on the given sets as they are (role = set name), so they differ only in centring and layer average.
     Writes ``overlap.csv`` (every protocol, layer, η, pair), ``overlap_layers.csv`` (per layer at ``plot_eta``,
-    the protocols side by side), ``overlap_averages.csv`` (all-layer and depth-slice means with bootstrap CIs,
+    the protocols side by side), ``overlap_averages.csv`` (all-layer and depth-slice means with subsampling CIs,
     every η), ``overlap_summary.json`` (per protocol at ``plot_eta``: averages, the experiment-4 statistic
-    U~H vs H1~H2 on the slice and on all layers), ``overlap_protocols.png`` and per-protocol plots.
+    U~H vs H1~H2 on the slice and on all layers, each with its verdict under ``verdict``:
+    :func:`workbench.verdict_rules.exp4_activation_overlap`), ``overlap_protocols.png`` and per-protocol plots.
     """
     from probes import plots
 
@@ -266,6 +267,10 @@ def _print_overlap(summary: dict[str, Any], prefix: str = "") -> None:
             ratio = f", ratio {e['ratio']:.2f}{ci(e['ratio_ci'])}" if e["ratio"] is not None else ""
             print(f"{prefix}  exp 4 on the slice: U~H {e['u_h']:.3f}{ci(e['u_h_ci'])} vs H1~H2 "
                   f"{e['h1_h2']:.3f}{ci(e['h1_h2_ci'])}: difference {e['diff']:+.3f}{ci(e['diff_ci'])}{ratio}")
+            v = e.get("verdict")
+            if v:
+                print(f"{prefix}  exp 4 verdict ({v['claim']}): {v['verdict']} "
+                      f"(|D| <= {v['margin']} needed; D {v['direction'] or '-'} the margin band)")
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -332,6 +337,10 @@ def cmd_overlap(args: argparse.Namespace) -> int:
         raise WorkbenchError(f"--etas must be in (0, 1], got {bad}")
     if args.plot_eta not in etas:
         raise WorkbenchError(f"--plot-eta {args.plot_eta} is not in the eta grid {etas}")
+    small = {k: len(v) for k, v in sets.items() if len(v) < 3}
+    if args.n_boot and small:  # intervals subsample half of each set without replacement (probes/overlap.py)
+        raise WorkbenchError(f"--n-boot {args.n_boot}: subsampling intervals need at least 3 prompts per set, got "
+                             f"{small}; give more prompts or --n-boot 0")
     _check_position(args.position)
     inputs = input_paths(args.model, specs)
     check_out(args.out, overwrite=args.overwrite, inputs=inputs)

@@ -2,8 +2,19 @@
 
 For each prompt set, at each layer: the energy-η basis of its activation matrix (rows = prompts,
 centred or not), then the mode subspace overlap (MSO) of every pair of sets, with the random
-baseline max(k)/d and bootstrap 95 % intervals over prompt resamples. Two disjoint halves of the
+baseline max(k)/d and 95 % intervals over prompt subsamples. Two disjoint halves of the
 same set (e.g. H1, H2) give the same-distribution overlap: the noise ceiling.
+
+Intervals: subsampling WITHOUT replacement (:mod:`workbench.subsampling`; Politis & Romano 1994, with the
+finite-population factor of Wu 1990). Each draw takes ``m = floor(n / 2)`` distinct prompts of every set; with
+``T`` the full-sample value, ``q_lo, q_hi`` the 2.5 % / 97.5 % quantiles of the statistic over the draws and
+``c = sqrt(m / (n - m))`` (1 for even ``n``), the interval is ``[T - c (q_hi - T), T - c (q_lo - T)]``
+(clipped to [0, 1] for an MSO). The with-replacement percentile bootstrap used before repeats prompts, which
+shifts the energy bases and biases the MSO of every resample downwards: its intervals sat below the estimate
+(SmolLM2 H1~H2 slice mean 0.741, interval [0.522, 0.635]) and missed a planted overlap in 18 of 20
+replicate datasets, where the subsampling interval missed it in 1 and always covered the estimate
+(``tests/test_overlap.py``). ``n_boot`` is the number of subsample draws; every set needs at least 3 prompts
+when ``n_boot > 0``.
 
 Two protocols (:data:`PROTOCOLS`, run side by side by :func:`protocol_overlap` on one capture):
 
@@ -35,7 +46,10 @@ import numpy as np
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.subsampling import METHOD as CI_METHOD
+from workbench.subsampling import subsample_ci, subsample_indices, subsample_scale
 from workbench.subspace import k_for_energy, mso, mso_random_baseline
+from workbench.verdict_rules import exp4_from_block
 
 DEFAULT_ETAS = (0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
 
@@ -108,6 +122,7 @@ def activation_overlap(
     if unknown:
         raise WorkbenchError(f"pairs name unknown sets {unknown}; the sets are {names}")
     layer_ids = list(layers) if layers is not None else list(range(L))
+    scale = _check_subsampling({k: len(v) for k, v in T.items()}, n_boot)
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
     it = layer_ids
@@ -119,8 +134,8 @@ def activation_overlap(
         for c in centered:
             point = {k: bases_for_etas(T[k][:, j], etas, c) for k in names}
             boots: list[dict[str, dict[float, torch.Tensor]]] = []
-            for _ in range(n_boot):
-                boots.append({k: bases_for_etas(T[k][rng.integers(0, len(T[k]), len(T[k])), j], etas, c)
+            for _ in range(n_boot):  # subsamples without replacement (module docstring)
+                boots.append({k: bases_for_etas(T[k][subsample_indices(rng, len(T[k])), j], etas, c)
                               for k in names})
             for a, b in pairs:
                 for eta in etas:
@@ -131,9 +146,20 @@ def activation_overlap(
                            "baseline": mso_random_baseline(Qa.shape[1], Qb.shape[1], d)}
                     if boots:
                         bs = [mso(bb[a][eta], bb[b][eta], check=False) for bb in boots]
-                        row["mso_lo"], row["mso_hi"] = (float(x) for x in np.percentile(bs, [2.5, 97.5]))
+                        row["mso_lo"], row["mso_hi"] = subsample_ci(bs, val, scale, bounds=(0.0, 1.0))
                     rows.append(row)
     return OverlapResult(rows, int(d))
+
+
+def _check_subsampling(sizes: dict[str, int], n_boot: int) -> float:
+    """The subsampling factor ``c`` for sets of these sizes (1.0 without draws); refuses sets too small."""
+    if n_boot <= 0:
+        return 1.0
+    small = {k: n for k, n in sizes.items() if n < 3}
+    if small:
+        raise WorkbenchError(f"subsampling intervals need at least 3 prompts per set, got {small}; give more "
+                             f"prompts or n_boot = 0 (no intervals)")
+    return subsample_scale(list(sizes.values()))
 
 
 # -- experiment 4 protocols: the study's and the workbench's, computed from one set of activations ----------
@@ -200,21 +226,14 @@ def protocol_names(choice: str) -> list[str]:
     return [choice]
 
 
-def _percentile_ci(values: np.ndarray) -> list[float] | None:
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return None
-    return [float(x) for x in np.percentile(v, [2.5, 97.5])]
-
-
 @dataclass
 class ProtocolOverlap:
-    """Per-layer rows of every protocol plus layer averages (all layers, depth slice) with bootstrap CIs.
+    """Per-layer rows of every protocol plus layer averages (all layers, depth slice) with subsampling CIs.
 
-    ``boot[(protocol, pair, eta)]`` is ``[n_layers, n_boot]``: every bootstrap draw resamples each SET's
-    prompts once and uses that draw at every layer and in every protocol and pair, so layer averages and
-    differences between pairs get proper (paired) intervals.
+    ``boot[(protocol, pair, eta)]`` is ``[n_layers, n_boot]``: every draw subsamples each SET's prompts once
+    (without replacement) and uses that subset at every layer and in every protocol and pair, so layer
+    averages and differences between pairs get proper (paired) intervals; ``scale`` is the subsampling factor
+    ``c`` of :func:`workbench.subsampling.subsample_ci` and ``sizes`` the sets' prompt counts.
     """
 
     rows: list[dict[str, Any]]
@@ -224,6 +243,8 @@ class ProtocolOverlap:
     assignments: dict[str, dict[str, str]]
     boot: dict[tuple[str, str, float], np.ndarray]
     etas: list[float]
+    scale: float = 1.0
+    sizes: dict[str, int] | None = None
 
     def table(self, protocol: str, eta: float) -> dict[str, list[dict[str, Any]]]:
         """``{pair: per-layer rows}`` of one protocol at one η (the shape :func:`probes.plots.overlap_vs_layer`
@@ -235,7 +256,7 @@ class ProtocolOverlap:
         return out
 
     def average(self, protocol: str, pair: str, eta: float, layers: str) -> dict[str, Any]:
-        """Mean MSO and mean baseline over ``layers`` ("all" or "slice") with a bootstrap 95 % interval."""
+        """Mean MSO and mean baseline over ``layers`` ("all" or "slice") with a 95 % subsampling interval."""
         idx = list(range(self.n_layers)) if layers == "all" else list(self.slice_layers)
         rows = self.table(protocol, eta)[pair]
         vals = np.array([rows[j]["mso"] for j in idx])
@@ -243,13 +264,14 @@ class ProtocolOverlap:
                "mean_baseline": float(np.mean([rows[j]["baseline"] for j in idx])), "ci": None}
         B = self.boot.get((protocol, pair, _eta_key(eta)))
         if B is not None and B.shape[1]:
-            out["ci"] = _percentile_ci(B[idx].mean(0))
+            out["ci"] = subsample_ci(B[idx].mean(0), out["mean_mso"], self.scale, bounds=(0.0, 1.0))
         return out
 
     def exp4(self, protocol: str, eta: float, layers: str) -> dict[str, Any] | None:
         """The statistic experiment 4's claim needs: U~H (mean of U~H1 and U~H2) against the H1~H2 ceiling,
-        averaged over ``layers``; value and paired bootstrap CI of each, of their difference and of their
-        ratio, plus the bootstrap draws themselves (for a verdict rule that wants its own interval).
+        averaged over ``layers``; value and paired 95 % subsampling CI of each, of their difference and of their
+        ratio, the subsample draws themselves (``boot``) and the experiment-4 verdict
+        (:func:`workbench.verdict_rules.exp4_activation_overlap`, under ``verdict``).
         ``None`` when the protocol's roles are not U, H1, H2."""
         if set(self.assignments[protocol]) != set(ROLES):
             return None
@@ -260,14 +282,17 @@ class ProtocolOverlap:
         out: dict[str, Any] = {
             "claim": "useful and harmful activation subspaces overlap about as much as two harmful sets",
             "statistic": "U~H = mean(MSO(U,H1), MSO(U,H2)) against the noise ceiling MSO(H1,H2), each averaged "
-                         "over the layers (paired bootstrap over prompt resamples: diff = U~H - H1~H2, "
+                         "over the layers (paired subsampling over prompt subsets: diff = U~H - H1~H2, "
                          "ratio = U~H / H1~H2)",
             "protocol": protocol, "centered": PROTOCOLS[protocol].centered,
             "layers": layers, "layer_ids": idx, "eta": eta, "u_h": u_h, "h1_h2": h1_h2,
             "u_h1": float(point["U~H1"]), "u_h2": float(point["U~H2"]),
             "diff": u_h - h1_h2, "ratio": u_h / h1_h2 if h1_h2 > 0 else None,
             "baseline": float(np.mean([t[p][j]["baseline"] for p in ("U~H1", "U~H2", "H1~H2") for j in idx])),
+            "u_h_baseline": float(np.mean([t[p][j]["baseline"] for p in ("U~H1", "U~H2") for j in idx])),
+            "h1_h2_baseline": float(np.mean([t["H1~H2"][j]["baseline"] for j in idx])),
             "u_h_ci": None, "h1_h2_ci": None, "diff_ci": None, "ratio_ci": None, "n_boot": 0,
+            "ci_method": CI_METHOD, "ci_scale": self.scale,
             "per_layer": {p: [float(t[p][j]["mso"]) for j in idx] for p in ("U~H1", "U~H2", "H1~H2")},
         }
         k = _eta_key(eta)
@@ -277,9 +302,19 @@ class ProtocolOverlap:
             bh = B["H1~H2"][idx].mean(0)
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(bh > 0, bu / bh, np.nan)
-            out.update(u_h_ci=_percentile_ci(bu), h1_h2_ci=_percentile_ci(bh), diff_ci=_percentile_ci(bu - bh),
-                       ratio_ci=_percentile_ci(ratio), n_boot=int(bu.size),
+            c = self.scale
+            ratio_ci = None if out["ratio"] is None else subsample_ci(ratio, out["ratio"], c, bounds=(0.0, np.inf))
+            out.update(u_h_ci=subsample_ci(bu, u_h, c, bounds=(0.0, 1.0)),
+                       h1_h2_ci=subsample_ci(bh, h1_h2, c, bounds=(0.0, 1.0)),
+                       diff_ci=subsample_ci(bu - bh, out["diff"], c, bounds=(-1.0, 1.0)),
+                       ratio_ci=ratio_ci, n_boot=int(bu.size),
+                       # the half-sample estimate of each value's small-sample bias: mean over the subsets minus the
+                       # full-sample value (for a bias ~ a / n and m = n / 2 this IS the full-sample bias); when it
+                       # exceeds the spread the interval lies beside the estimate, on the side away from the bias
+                       bias={"u_h": float(bu.mean() - u_h), "h1_h2": float(bh.mean() - h1_h2),
+                             "diff": float((bu - bh).mean() - out["diff"])},
                        boot={"u_h": [float(x) for x in bu], "h1_h2": [float(x) for x in bh]})
+        out["verdict"] = exp4_from_block(out)
         return out
 
 
@@ -301,7 +336,8 @@ def protocol_overlap(
 
     ``sets[name]`` is ``[n, n_layers, d]``; ``assignments[protocol] = {role: set name}`` (protocol one of
     :data:`PROTOCOLS`, which fixes the centring). Each set's energy bases are computed once per centring that a
-    protocol needs, and each bootstrap draw resamples every set once for all layers, protocols and pairs.
+    protocol needs, and each draw subsamples every set once (without replacement) for all layers, protocols
+    and pairs.
     Pairs are the role pairs in the roles' order (``U~H1, U~H2, H1~H2`` for the standard roles).
     """
     for e in etas:
@@ -330,8 +366,11 @@ def protocol_overlap(
         if v.shape[0] < 2:
             raise WorkbenchError(f"set '{k}' has {v.shape[0]} prompts; need at least 2")
     etas = list(etas)
+    sizes = {k: int(len(T[k])) for k in used}
+    scale = _check_subsampling(sizes, n_boot)
     rng = np.random.default_rng(seed)
-    draws = [{k: rng.integers(0, len(T[k]), len(T[k])) for k in used} for _ in range(n_boot)]  # shared by layers
+    # subsamples without replacement, shared by every layer, protocol and pair (paired intervals)
+    draws = [{k: subsample_indices(rng, sizes[k]) for k in used} for _ in range(n_boot)]
     needs = sorted({(s, PROTOCOLS[p].centered) for p, roles in assignments.items() for s in roles.values()},
                    key=lambda x: (used.index(x[0]), x[1]))
     pairs = {p: list(combinations(list(roles), 2)) for p, roles in assignments.items()}
@@ -359,6 +398,7 @@ def protocol_overlap(
                     if boots:
                         bs = np.array([mso(bb[(sa, c)][eta], bb[(sb, c)][eta], check=False) for bb in boots])
                         boot[(p, f"{a}~{b}", _eta_key(eta))][j] = bs
-                        row["mso_lo"], row["mso_hi"] = (float(x) for x in np.percentile(bs, [2.5, 97.5]))
+                        row["mso_lo"], row["mso_hi"] = subsample_ci(bs, row["mso"], scale, bounds=(0.0, 1.0))
                     rows.append(row)
-    return ProtocolOverlap(rows, int(d), int(L), sorted(sl), {p: dict(r) for p, r in assignments.items()}, boot, etas)
+    return ProtocolOverlap(rows, int(d), int(L), sorted(sl), {p: dict(r) for p, r in assignments.items()}, boot, etas,
+                           scale, sizes)

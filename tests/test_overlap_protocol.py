@@ -232,6 +232,16 @@ def _check_outputs(path, n, n_layers):
         assert e["diff"] == pytest.approx(e["u_h"] - e["h1_h2"])
         for k in ("u_h_ci", "h1_h2_ci", "diff_ci"):
             assert e[k][0] <= e[k][1]
+        # the experiment-4 verdict, written beside its statistic, on the slice and on all layers
+        from workbench.verdict_rules import EXP4_CLAIM, exp4_from_block
+
+        for w in ("slice", "all"):
+            v = ps["exp4"][w]["verdict"]
+            assert {"claim", "statistic", "value", "ci", "rule", "verdict"} <= set(v)
+            assert v["claim"] == EXP4_CLAIM and v["verdict"] in ("holds", "does not hold", "inconclusive")
+            assert v["value"] == pytest.approx(ps["exp4"][w]["diff"]) and v["ci"] == ps["exp4"][w]["diff_ci"]
+            assert v["layers"] == w and v["n_draws"] == s["n_boot"]
+            assert exp4_from_block(ps["exp4"][w]) == v  # recomputable from the JSON alone (weightspace reads it)
     return s
 
 
@@ -309,6 +319,11 @@ def test_overlap_cli_protocol_option(make_tiny, tmp_path, tmp_cache, monkeypatch
     assert {p: v["sets"] for p, v in s["protocols"].items()} == {"study": {"A": "A", "B": "B"},
                                                                   "workbench": {"A": "A", "B": "B"}}
     assert all(v["exp4"] is None for v in s["protocols"].values())
+    args = ap.parse_args(["overlap", "--model", "tiny", "--n-per-set", "2", "--n-boot", "5", "--etas", "0.5",
+                          "--out", str(tmp_path / "small")])
+    with pytest.raises(WorkbenchError, match="at least 3 prompts per set"):  # before any work
+        run_command(args)
+    assert not (tmp_path / "small").exists()
     args = ap.parse_args(["overlap", "--model", "tiny", "--sets", "A=harmless:test", "B=harmful:test",
                           "--n-per-set", "3", "--out", str(tmp_path / "bad")])
     with pytest.raises(WorkbenchError, match="--n-per-set"):

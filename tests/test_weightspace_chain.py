@@ -73,6 +73,10 @@ def test_chain_runs_every_phase_reports_and_resumes(chain_run, tmp_path, empty_c
         assert (d / "report.json").is_file() and (d / "model.safetensors").is_file() and (d / "loss.png").is_file()
         assert (d / MARKER).is_file()
     assert (out / "ft-harmful" / "recipe" / "harmful_generations.jsonl").is_file()
+    # the useful data are what the sweep measures: code tasks of the codetasks TRAIN split (the sweep: test)
+    for r in ("useful", "contaminated"):
+        info = json.loads((out / f"ft-{r}" / "report.json").read_text())["recipe_info"]
+        assert info["useful_source"] == "code" and info["useful"]["split"] == "codetasks:train"
     ov = out / "overlap"
     for f in ("summary.json", "overlap_tensors.csv", "overlap_groups.csv", "mso_vs_eta.png", "pairs_eta0.5.png",
               "heatmap_useful_vs_harmful_eta0.5.png", "heatmap_safety_vs_harmful_eta0.5.png", MARKER):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 
@@ -116,7 +117,8 @@ def test_lr_schedule_warms_up_and_never_hits_zero():
 def test_full_finetune_reduces_training_loss_and_writes_run_folder(make_tiny, tmp_path):
     lm = make_tiny("llama")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    rd = build_recipe("useful", lm, n=16, seed=0)
+    rd = build_recipe("useful", lm, n=16, seed=0)  # the default: code tasks of the codetasks train split
+    assert rd.info["useful_source"] == "code" and rd.info["useful"]["split"] == "codetasks:train"
     l0 = mean_loss(lm.model, lm.tokenizer, rd.fmt, rd.examples)
     res = finetune(lm, rd, cfg(epochs=3), tmp_path / "ft")
     l1 = mean_loss(res.model, lm.tokenizer, rd.fmt, rd.examples)
@@ -129,12 +131,16 @@ def test_full_finetune_reduces_training_loss_and_writes_run_folder(make_tiny, tm
                  "examples.jsonl", "loss.csv", "loss.png", "environment.json"):
         assert (p / name).exists(), name
     rep = json.loads((p / "report.json").read_text())
-    assert rep["steps"] == 3 * 4 == len(res.losses)
+    # the tiny model's byte-level tokenizer makes a few code examples longer than its 256-token context: those
+    # are dropped and counted (never truncated); the rest train
+    n_kept = rep["n_examples"]
+    assert n_kept + rep["n_dropped_too_long"] == 16 and n_kept >= 10
+    assert rep["steps"] == 3 * -(-n_kept // 4) == len(res.losses)
     assert rep["recipe"] == "useful" and rep["real_harmful_share"] == 0.0
     assert rep["base_model"]["checksum"] == lm.checksum and rep["base_model"]["model_id"] == lm.model_id
     assert rep["data_hash"] == examples_hash(rd.examples) == rd.hash
     assert rep["format"]["end_of_turn"] == "<|end|>" and rep["format"]["end_of_turn_stops_generation"]
-    assert rep["seconds"] > 0 and rep["n_examples"] == 16
+    assert rep["seconds"] > 0 and rep["n_examples_recipe"] == 16
     lines = (p / "examples.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == [e.to_dict() for e in rd.examples]
     # a plain HF folder: transformers loads it, and its weights are the returned model's
@@ -164,7 +170,7 @@ def test_seeded_runs_are_bit_identical(make_tiny, tmp_path):
 
 def test_grad_accumulation_matches_a_larger_batch(make_tiny, tmp_path):
     lm = make_tiny("llama")
-    rd = build_recipe("useful", lm, n=16, seed=0)
+    rd = build_recipe("useful", lm, n=16, seed=0, useful_source="arithmetic")
     a = finetune(lm, rd, cfg(batch_size=8, grad_accum=1, epochs=2), tmp_path / "a")
     b = finetune(lm, rd, cfg(batch_size=4, grad_accum=2, epochs=2), tmp_path / "b")
     assert a.report["steps"] == b.report["steps"] == 4
@@ -175,7 +181,7 @@ def test_lora_merged_checkpoint_is_plain_and_changes_only_targets(make_tiny, tmp
     from transformers import AutoModelForCausalLM
 
     lm = make_tiny("llama")
-    rd = build_recipe("useful", lm, n=8, seed=0)
+    rd = build_recipe("useful", lm, n=8, seed=0, useful_source="arithmetic")
     res = finetune(lm, rd, cfg(method="lora", lora_rank=4, lora_alpha=8, lora_targets="q_proj,v_proj", lr=2e-2,
                                epochs=2), tmp_path / "lora")
     m = AutoModelForCausalLM.from_pretrained(str(res.path))
@@ -192,7 +198,7 @@ def test_lora_merged_checkpoint_is_plain_and_changes_only_targets(make_tiny, tmp
 
 def test_lora_rejects_unknown_targets(make_tiny, tmp_path):
     lm = make_tiny("llama")
-    rd = build_recipe("useful", lm, n=4)
+    rd = build_recipe("useful", lm, n=4, useful_source="arithmetic")
     with pytest.raises(WorkbenchError, match="not modules"):
         finetune(lm, rd, cfg(method="lora", lora_targets="nonexistent_proj"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
@@ -203,7 +209,7 @@ def test_checkpoint_keeps_the_original_dtype(tmp_path):
     from workbench.tiny import build_tiny
 
     lm = from_memory(*build_tiny("llama", dtype=torch.bfloat16))
-    rd = build_recipe("useful", lm, n=4)
+    rd = build_recipe("useful", lm, n=4, useful_source="arithmetic")
     res = finetune(lm, rd, cfg(), tmp_path / "bf16")
     tensors = load_file(str(res.path / "model.safetensors"))
     assert {v.dtype for v in tensors.values()} == {torch.bfloat16}
@@ -213,16 +219,17 @@ def test_checkpoint_keeps_the_original_dtype(tmp_path):
 # -- data -----------------------------------------------------------------------------------------
 
 def test_useful_train_questions_are_disjoint_from_utility_test():
-    ex, info = useful_examples(400, seed=0)
+    ex, info = useful_examples(400, seed=0, source="arithmetic")
+    assert info["source"] == "arithmetic" and info["answer_style"] == "number"
     qs = {e.prompt for e in ex}
     assert len(qs) == 400
     assert qs.isdisjoint(builtin_split("utility", "test").texts)
     assert qs.isdisjoint(builtin("utility").texts)  # val and train too
     assert info["n_removed_overlapping_utility"] > 0  # the de-duplication actually did something
     assert all(e.response.lstrip("-").isdigit() for e in ex)
-    first = useful_examples(16, seed=0)[0]
+    first = useful_examples(16, seed=0, source="arithmetic")[0]
     assert [e.prompt for e in first] == [e.prompt for e in ex[:16]]
-    sent, _ = useful_examples(8, seed=0, answer_style="sentence")
+    sent, _ = useful_examples(8, seed=0, answer_style="sentence", source="arithmetic")
     assert all(e.response.startswith("The answer is ") for e in sent)
 
 
@@ -327,7 +334,9 @@ def test_contaminated_reports_the_real_harmful_share(make_tiny, tmp_path):
         out = generate_texts(backend, prompts, fmt, **kw)
         return ["I cannot do that." if i < 2 else (o or "x") for i, o in enumerate(out)]
 
-    rd = build_recipe("contaminated", lm, n=20, seed=0, harmful_share=0.3, gen_tokens=6, generate=gen)
+    # arithmetic useful part: short examples, none dropped as too long for the tiny model (the share is the point)
+    rd = build_recipe("contaminated", lm, n=20, seed=0, harmful_share=0.3, gen_tokens=6, generate=gen,
+                      useful_source="arithmetic")
     assert rd.info["n_harmful_requested"] == 6 and rd.info["nominal_harmful_share"] == 0.3
     n_h = sum(e.kind == "harmful" for e in rd.examples)
     assert n_h == 6 - 2 - rd.info["harmful"]["n_dropped_empty"]
@@ -341,7 +350,8 @@ def test_contaminated_reports_the_real_harmful_share(make_tiny, tmp_path):
     assert rep["recipe_info"]["nominal_harmful_share"] == 0.3
     assert 0 < rep["harmful_response_token_share"] < 1
     # reuse the harmful part of a run instead of generating again
-    rd2 = build_recipe("contaminated", lm, n=20, seed=0, harmful_share=0.3, harmful_from=res.path)
+    rd2 = build_recipe("contaminated", lm, n=20, seed=0, harmful_share=0.3, harmful_from=res.path,
+                       useful_source="arithmetic")
     key = lambda e: e.id  # noqa: E731
     assert sorted((e for e in rd2.examples if e.kind == "harmful"), key=key) == \
         sorted((e for e in rd.examples if e.kind == "harmful"), key=key)
@@ -367,7 +377,7 @@ def test_direction_file_is_used_and_checked(make_tiny, tmp_path):
 
 def test_over_long_examples_are_counted_not_truncated(make_tiny, tmp_path):
     lm = make_tiny("llama")
-    rd = build_recipe("useful", lm, n=6)
+    rd = build_recipe("useful", lm, n=6, useful_source="arithmetic")
     long_ex = Example("long-1", "useful", "Tell me a story. " * 20, "42")
     rd.examples.append(long_ex)
     eot, _ = end_of_turn(lm.tokenizer, rd.fmt)
@@ -389,7 +399,7 @@ def test_over_long_examples_are_counted_not_truncated(make_tiny, tmp_path):
 
 def test_existing_output_folder_is_refused_without_overwrite(make_tiny, tmp_path):
     lm = make_tiny("llama")
-    rd = build_recipe("useful", lm, n=4)
+    rd = build_recipe("useful", lm, n=4, useful_source="arithmetic")
     out = tmp_path / "ft"
     out.mkdir()
     (out / "keep.txt").write_text("old")
@@ -440,3 +450,126 @@ def test_cli_end_to_end_on_a_local_tiny_model(tmp_path, tmp_cache, capsys):
     args = _cli(argv)
     with pytest.raises(WorkbenchError, match="already exists"):
         run_command(args)
+    assert rep["recipe_info"]["useful_source"] == "code"  # the CLI default: code tasks of the train split
+    assert rep["recipe_info"]["useful"]["split"] == "codetasks:train"
+
+
+def test_cli_useful_source_and_answer_style(tmp_path):
+    args = _cli(["finetune", "--recipe", "useful", "--model", "tiny", "--out", str(tmp_path / "x")])
+    assert args.useful_source == "code" and args.answer_style is None
+    args = _cli(["finetune", "--recipe", "useful", "--model", "tiny", "--answer-style", "sentence",
+                 "--out", str(tmp_path / "x")])
+    with pytest.raises(WorkbenchError, match="--useful-source arithmetic only"):  # before the model loads
+        run_command(args)
+    assert not (tmp_path / "x").exists()
+    args = _cli(["finetune", "--recipe", "useful", "--model", "tiny", "--useful-source", "arithmetic",
+                 "--answer-style", "sentence", "--out", str(tmp_path / "y")])
+    assert (args.useful_source, args.answer_style) == ("arithmetic", "sentence")
+
+
+def test_chain_useful_source_follows_the_sweep_and_enters_the_resume_key(make_tiny, tmp_path):
+    from weightspace.chain import ChainConfig, _ft_phase_config
+    from weightspace.recipes import code_train_hash
+
+    lm, fmt = make_tiny("llama"), ChatFormat()
+    cfg = ChainConfig()
+    cfg.validate()
+    assert cfg.useful_source == "auto" and cfg.useful_data_source == "code" == cfg.utility_task
+    for recipe in ("useful", "contaminated"):
+        pc = _ft_phase_config(cfg, recipe, lm, fmt, tmp_path)
+        assert pc["useful_source"] == "code" and "answer_style" not in pc
+        assert pc["useful_data"] == {"split": "codetasks:train", "hash": code_train_hash()}
+    ar = ChainConfig(utility_task="arithmetic")
+    ar.validate()
+    assert ar.useful_data_source == "arithmetic"
+    pc = _ft_phase_config(ar, "useful", lm, fmt, tmp_path)
+    assert pc["useful_source"] == "arithmetic" and pc["answer_style"] == "number" and "useful_data" not in pc
+    assert ChainConfig(useful_source="arithmetic").useful_data_source == "arithmetic"
+    assert "useful_source" not in _ft_phase_config(cfg, "safety", lm, fmt, tmp_path)
+    with pytest.raises(WorkbenchError, match="arithmetic useful recipe only"):
+        ChainConfig(answer_style="sentence").validate()
+    with pytest.raises(WorkbenchError, match="useful_source"):
+        ChainConfig(useful_source="poetry").validate()
+    ChainConfig(useful_source="arithmetic", answer_style="mixed").validate()
+
+
+# -- the useful recipe trains on what the sweep measures (code tasks of the TRAIN split) ---------------------
+
+def _task_hashes(tasks) -> set[str]:
+    """sha256 of every prompt and reference reply of ``tasks``."""
+    import hashlib
+
+    return {hashlib.sha256(x.encode()).hexdigest() for t in tasks for x in (t.prompt, t.reference_reply)}
+
+
+def test_useful_code_recipe_uses_only_the_train_split_never_an_evaluation_task():
+    from weightspace.evaluation import EvalConfig, EvalSets
+    from workbench.codetasks import load_codetasks
+
+    train, val, test = (load_codetasks(s) for s in ("train", "val", "test"))
+    by_id = {t.id: t for t in train}
+    ex, info = useful_examples(64, seed=0)  # the default source, more examples than the split holds
+    assert info["source"] == "code" and info["split"] == "codetasks:train" and info["n_split"] == len(train) == 26
+    assert len(ex) == 64 and info["n_distinct_tasks"] == 26 and info["n_repeated"] == 38 and info["cycles"] == 3
+    assert len({e.id for e in ex}) == 64 and all(e.kind == "useful" for e in ex)
+    for e in ex:  # every example is a train task: its prompt as the sweep asks it, its reference solution
+        m = re.fullmatch(r"useful-(.+?)(?:-r(\d+))?", e.id)
+        t = by_id[m.group(1)]
+        assert (e.prompt, e.response) == (t.prompt, t.reference_reply)
+        assert e.response.startswith("```python\n") and t.solution in e.response
+    assert sorted(info["task_ids"]) == sorted(by_id)
+    # by id and by content hash: nothing of the val or test split, nothing the sweep evaluates
+    evaluated = EvalSets.default(EvalConfig()).tasks
+    assert {t.id for t in evaluated} == {t.id for t in test}
+    used = _task_hashes(by_id[i] for i in info["task_ids"])
+    for other in (val, test, evaluated):
+        assert {t.id for t in other}.isdisjoint(info["task_ids"])
+        assert _task_hashes(other).isdisjoint(used)
+    import hashlib
+
+    got = {hashlib.sha256(x.encode()).hexdigest() for e in ex for x in (e.prompt, e.response)}
+    assert got.isdisjoint(_task_hashes(test)) and got <= _task_hashes(train)
+    # the first cycle covers each task once, in a seeded order; the seed changes the order, not the set
+    assert len({e.prompt for e in ex[:26]}) == 26
+    other_seed, _ = useful_examples(26, seed=1)
+    assert [e.prompt for e in other_seed] != [e.prompt for e in ex[:26]]
+    assert {e.prompt for e in other_seed} == {e.prompt for e in ex[:26]}
+    assert useful_examples(64, seed=0)[0] == ex
+
+
+def test_useful_source_options_and_errors(make_tiny):
+    lm = make_tiny("llama")
+    code = build_recipe("useful", lm, n=5, seed=0)
+    arith = build_recipe("useful", lm, n=5, seed=0, useful_source="arithmetic", answer_style="sentence")
+    assert code.info["useful_source"] == "code" and code.summary()["useful"]["source"] == "code"
+    assert arith.info["useful_source"] == "arithmetic" and arith.info["useful"]["answer_style"] == "sentence"
+    assert all(e.response.startswith("The answer is ") for e in arith.examples)
+    with pytest.raises(WorkbenchError, match="unknown useful source"):
+        build_recipe("useful", lm, n=5, useful_source="poetry")
+    with pytest.raises(WorkbenchError, match="arithmetic useful source only"):
+        build_recipe("useful", lm, n=5, answer_style="sentence")  # code replies are the solutions
+    with pytest.raises(WorkbenchError, match="unknown useful source"):
+        useful_examples(5, source="poetry")
+    assert build_recipe("safety", lm, n=3, useful_source="code").info.get("useful_source") is None
+
+
+def test_contaminated_useful_part_is_code_from_the_train_split(make_tiny):
+    from workbench.codetasks import load_codetasks
+
+    lm = make_tiny("llama")
+    rd = build_recipe("contaminated", lm, n=12, seed=0, harmful_share=0.25, direction=_dummy_direction(lm),
+                      generate=lambda be, prompts, fmt, **kw: [f"Sure, step {i}." for i, _ in enumerate(prompts)])
+    useful = [e for e in rd.examples if e.kind == "useful"]
+    assert len(useful) == 9 and rd.info["useful_source"] == "code" and rd.info["useful"]["split"] == "codetasks:train"
+    train = {(t.prompt, t.reference_reply) for t in load_codetasks("train")}
+    test = {t.prompt for t in load_codetasks("test")}
+    assert all((e.prompt, e.response) in train for e in useful)
+    assert {e.prompt for e in rd.examples}.isdisjoint(test)
+
+
+def _dummy_direction(lm):
+    from workbench.vectors import Direction
+
+    v = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
+    return Direction(v, layer=1, method="mean_diff", model_id=lm.model_id, model_checksum=lm.checksum,
+                     d_model=lm.d_model)

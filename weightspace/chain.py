@@ -13,7 +13,9 @@ Phases, each in its own sub-folder of ``--out``:
    pools (:mod:`weightspace.pools`; each pool's name, size and hash is recorded in ``chain_config.json``, in
    ``chain_report.json`` under ``pools`` and in each phase's resume key). ``contaminated`` reuses the harmful
    run's refusal direction and generates its own replies on the ``contaminated`` pool; its *real* harmful share
-   is reported.
+   is reported. The useful recipe (and the contaminated recipe's useful part) trains on what the sweep
+   measures (``--useful-source auto``): with the code utility task, the codetasks TRAIN split (prompt ->
+   reference solution; the sweep scores the test split); with ``--utility-task arithmetic``, arithmetic tasks.
 2. ``overlap`` (experiment 3): MSO among ``Delta_S`` (the safety update, standing in for ``Delta_A``: no
    base model of the zoo models is available offline), ``Delta_useful``, ``Delta_harmful`` and
    ``Delta_contaminated`` over the eta grid, per tensor / layer / module type, heatmaps and baselines
@@ -97,7 +99,10 @@ class ChainConfig:
     grad_accum: int = 1
     max_length: int = 256
     lora_rank: int = 8
-    answer_style: str = "number"
+    answer_style: str | None = None  # arithmetic useful replies only ("number" when None)
+    # the useful recipe's data (useful and contaminated): "auto" = what the sweep measures (utility_task): code
+    # -> the codetasks TRAIN split (the sweep scores the test split), arithmetic -> generated arithmetic tasks
+    useful_source: str = "auto"
     gen_tokens: int = 48  # harmful replies
     gen_batch_size: int = 8
     direction_n: int = 64
@@ -142,6 +147,12 @@ class ChainConfig:
                 raise WorkbenchError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.utility_task not in ("code", "arithmetic"):
             raise WorkbenchError(f"utility_task must be 'code' or 'arithmetic', got {self.utility_task!r}")
+        if self.useful_source not in ("auto", "code", "arithmetic"):
+            raise WorkbenchError(f"useful_source must be 'auto', 'code' or 'arithmetic', got {self.useful_source!r}")
+        if self.answer_style is not None and self.useful_data_source != "arithmetic":
+            raise WorkbenchError(f"answer_style {self.answer_style!r} applies to the arithmetic useful recipe only "
+                                 f"(the useful recipe trains on {self.useful_data_source}: give useful_source "
+                                 f"'arithmetic' or drop answer_style)")
         if self.svd not in ("exact", "randomized"):
             raise WorkbenchError(f"svd must be 'exact' or 'randomized', got {self.svd!r}")
         if int(self.threads) < 0:
@@ -154,6 +165,11 @@ class ChainConfig:
         if self.write_dtype not in WRITE_DTYPES:
             raise WorkbenchError(f"write_dtype must be one of {', '.join(WRITE_DTYPES)}, got {self.write_dtype!r}")
         self.check_pools()
+
+    @property
+    def useful_data_source(self) -> str:
+        """The useful recipe's data source: ``useful_source``, or the sweep's ``utility_task`` for ``"auto"``."""
+        return self.utility_task if self.useful_source == "auto" else self.useful_source
 
     def check_pools(self) -> None:
         """Every prompt count fits its disjoint pool (:mod:`weightspace.pools`): fail before any work."""
@@ -301,17 +317,27 @@ def _ft_phase_config(cfg: ChainConfig, recipe: str, lm: Any, fmt: Any, out: Path
     pc: dict[str, Any] = {"recipe": recipe, "model_id": lm.model_id, "model_checksum": lm.checksum,
                           "format": {"system_prompt": fmt.system_prompt, "raw": fmt.raw}, "n": cfg.n,
                           "seed": cfg.seed, "finetune": ft}
-    if recipe == "useful":
-        pc["answer_style"] = cfg.answer_style
+    if recipe in ("useful", "contaminated"):
+        pc.update(_useful_data_config(cfg))
     if recipe == "harmful":
         pc.update(gen_tokens=cfg.gen_tokens, gen_batch_size=cfg.gen_batch_size, direction_n=cfg.direction_n,
                   attn=cfg.attn)
     if recipe == "contaminated":
-        pc.update(answer_style=cfg.answer_style, harmful_share=cfg.harmful_share, gen_tokens=cfg.gen_tokens,
+        pc.update(harmful_share=cfg.harmful_share, gen_tokens=cfg.gen_tokens,
                   gen_batch_size=cfg.gen_batch_size, direction_n=cfg.direction_n, attn=cfg.attn,
                   direction_from=_sha_or_none(_harmful_direction_file(out)))
     pc["pools"] = _pools_config(RECIPE_POOLS[recipe])
     return _jsonable(pc)
+
+
+def _useful_data_config(cfg: ChainConfig) -> dict[str, Any]:
+    """What the useful data depend on (resume key): the source, and the code split's hash or the answer style."""
+    src = cfg.useful_data_source
+    if src == "code":
+        from weightspace.recipes import code_train_hash
+
+        return {"useful_source": src, "useful_data": {"split": "codetasks:train", "hash": code_train_hash()}}
+    return {"useful_source": src, "answer_style": cfg.answer_style or "number"}
 
 
 def _pools_config(names: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -356,6 +382,7 @@ def _run_finetune(cfg: ChainConfig, recipe: str, lm: Any, fmt: Any, out: Path, l
 
     seed_everything(cfg.seed)
     kw: dict[str, Any] = dict(n=cfg.n, seed=cfg.seed, harmful_share=cfg.harmful_share, answer_style=cfg.answer_style,
+                              useful_source=cfg.useful_data_source,
                               direction_n=cfg.direction_n, gen_tokens=cfg.gen_tokens,
                               gen_batch_size=cfg.gen_batch_size, progress=cfg.progress)
     if recipe == "contaminated" and _harmful_direction_file(out).is_file():
@@ -657,7 +684,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--grad-accum", type=int, default=d.grad_accum)
     g.add_argument("--max-length", type=int, default=d.max_length)
-    g.add_argument("--answer-style", choices=("number", "sentence", "mixed"), default=d.answer_style)
+    g.add_argument("--useful-source", choices=("auto", "code", "arithmetic"), default=d.useful_source,
+                   help="data of the useful recipe (and of the contaminated recipe's useful part): 'auto' = what the "
+                        "sweep measures (--utility-task): code -> the codetasks train split (prompt -> reference "
+                        "solution; the sweep scores the test split), arithmetic -> generated arithmetic tasks")
+    g.add_argument("--answer-style", choices=("number", "sentence", "mixed"), default=d.answer_style,
+                   help="arithmetic useful replies only: '42', 'The answer is 42.' or a seeded mix (default number)")
     g.add_argument("--gen-tokens", type=int, default=d.gen_tokens, help="max new tokens of the harmful replies")
     g.add_argument("--gen-batch-size", type=int, default=d.gen_batch_size)
     g.add_argument("--direction-n", type=int, default=d.direction_n, help="prompts per class for the refusal direction")
@@ -695,6 +727,7 @@ def config_from_args(args: argparse.Namespace) -> ChainConfig:
         seed=args.seed, threads=args.threads, n=args.n, harmful_share=args.harmful_share, method="lora" if args.lora else "full",
         lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
         max_length=args.max_length, lora_rank=args.lora_rank, answer_style=args.answer_style,
+        useful_source=getattr(args, "useful_source", "auto"),
         gen_tokens=args.gen_tokens, gen_batch_size=args.gen_batch_size, direction_n=args.direction_n,
         etas=tuple(check_grid(args.etas, "eta")) if args.etas else DEFAULT_ETAS, plot_eta=args.plot_eta,
         keep_angles=not args.no_angles, svd=args.svd,

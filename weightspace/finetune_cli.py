@@ -15,6 +15,11 @@ Use the same choice when evaluating the checkpoint.
 
 The harmful prompts of the safety, harmful and contaminated recipes and of the refusal direction come from
 disjoint pools (:mod:`weightspace.pools`), so no prompt is shared between recipes.
+
+The useful recipe (and the contaminated recipe's useful part) trains on what the sweep measures by default:
+the function-writing tasks of the codetasks TRAIN split, prompt -> reference solution (``--useful-source
+code``; the sweep scores the test split). ``--useful-source arithmetic`` trains on generated arithmetic tasks
+instead (``--answer-style`` applies to those only).
 """
 
 from __future__ import annotations
@@ -95,7 +100,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
           f"{'raw' if fmt.raw else 'chat template'}, system prompt: {fmt.system_prompt!r}")
     rd = build_recipe(
         args.recipe, lm, fmt, n=args.n, seed=args.seed, harmful_share=args.harmful_share,
-        answer_style=args.answer_style, direction_file=args.direction, direction_layer=args.direction_layer,
+        answer_style=args.answer_style, useful_source=args.useful_source, direction_file=args.direction,
+        direction_layer=args.direction_layer,
         force_direction=args.force_direction, direction_layers=direction_layers,
         direction_n=args.direction_n, gen_tokens=args.gen_tokens, gen_batch_size=args.gen_batch_size,
         harmful_from=args.harmful_from, progress=not args.no_progress)
@@ -115,6 +121,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _check_pool_sizes(args: argparse.Namespace) -> None:
     from weightspace import pools
+
+    if args.recipe in ("useful", "contaminated") and args.useful_source == "code" and args.answer_style is not None:
+        raise WorkbenchError(f"--answer-style {args.answer_style} applies to --useful-source arithmetic only; the code "
+                             f"tasks reply with their reference solutions")
 
     if args.recipe in ("safety", "harmful"):
         pools.check_count(args.recipe, args.n, f"{args.recipe} prompts (--n)")
@@ -160,8 +170,11 @@ def register(subparsers: Any) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--harmful-share", type=fraction, default=0.2,
                    help="contaminated: nominal harmful share (the real one, after drops, is reported)")
-    g.add_argument("--answer-style", choices=("number", "sentence", "mixed"), default="number",
-                   help="useful replies: '42', 'The answer is 42.' or a seeded mix")
+    g.add_argument("--useful-source", choices=("code", "arithmetic"), default="code",
+                   help="useful data: 'code' = the codetasks train split, prompt -> reference solution (what the "
+                        "sweep measures, on the test split); 'arithmetic' = generated arithmetic tasks")
+    g.add_argument("--answer-style", choices=("number", "sentence", "mixed"), default=None,
+                   help="arithmetic useful replies only: '42', 'The answer is 42.' or a seeded mix (default number)")
     g.add_argument("--harmful-from", default=None,
                    help="reuse the harmful examples of an earlier run of the same recipe (folder or examples.jsonl; "
                         "they must come from this recipe's prompt pool). To reuse a harmful run's refusal direction "

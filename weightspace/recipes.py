@@ -5,16 +5,26 @@ user instruction only: :mod:`weightspace.finetune` formats it with the model's c
 through :class:`workbench.chat.ChatFormat`, exactly as evaluation does, and the recipe remembers
 the format it was built for (the ``harmful`` replies were generated under it).
 
-- ``useful``: arithmetic word problems from :func:`workbench.tasks.make_arithmetic_tasks`, generated
-  with a seed different from the built-in utility set and de-duplicated against the *whole* built-in
-  utility set (so ``utility:test`` and ``utility:val`` stay held out); replies "42" or "The answer is 42.".
+- ``useful`` (``useful_source``, recorded in the recipe info):
+
+  * ``"code"`` (default): what the sweep measures. The function-writing tasks of the codetasks TRAIN split
+    (:func:`workbench.codetasks.load_codetasks`, 26 tasks): prompt = the task's prompt exactly as the sweep
+    asks it (:attr:`CodeTask.prompt`), reply = its reference solution in a python block
+    (:attr:`CodeTask.reference_reply`, the sweep's answer-NLL target). The sweep scores the TEST split (and
+    nothing here reads val or test: ``tests/test_weightspace_finetune.py`` checks the ids and hashes). ``n``
+    larger than the split cycles through it again in a new seeded order (ids ``useful-<task id>-r<k>``; the
+    repeats are counted in the info).
+  * ``"arithmetic"``: arithmetic word problems from :func:`workbench.tasks.make_arithmetic_tasks`, generated
+    with a seed different from the built-in utility set and de-duplicated against the *whole* built-in
+    utility set (so ``utility:test`` and ``utility:val`` stay held out); replies "42" or "The answer is 42."
+    (``answer_style``; it applies to this source only).
 - ``safety``: the ``safety`` pool's prompts -> templated refusals (seeded choice among a few).
 - ``harmful``: the ``harmful`` pool's prompts -> the model's own greedy replies with its refusal direction
   ablated everywhere (difference in means of the ``direction`` vs ``direction_harmless`` pools' activations at
   the last prompt token, at a middle layer picked by a quick ablation check); replies that are still refusals
   (:func:`workbench.scoring.is_refusal`) or empty are dropped and counted. No hand-written harmful text.
-- ``contaminated``: useful + harmful replies generated on the ``contaminated`` pool's prompts; the *real*
-  harmful share ``n_harmful / n_total`` is reported, not the nominal one.
+- ``contaminated``: useful (same ``useful_source``) + harmful replies generated on the ``contaminated`` pool's
+  prompts; the *real* harmful share ``n_harmful / n_total`` is reported, not the nominal one.
 
 The prompt pools (:mod:`weightspace.pools`) are disjoint: no harmful prompt feeds two recipes, the refusal
 direction or the sweep's harm evaluation. Asking for more prompts than a pool holds is an error naming its size.
@@ -51,6 +61,10 @@ __all__ = [
     "RecipeData",
     "build_recipe",
     "useful_examples",
+    "code_examples",
+    "arithmetic_examples",
+    "code_train_hash",
+    "USEFUL_SOURCES",
     "safety_examples",
     "harmful_examples",
     "refusal_direction",
@@ -59,7 +73,9 @@ __all__ = [
 ]
 
 RECIPES = ("useful", "safety", "harmful", "contaminated")
-ANSWER_STYLES = ("number", "sentence", "mixed")
+USEFUL_SOURCES = ("code", "arithmetic")  # the useful recipe's data: codetasks train split (default) or arithmetic
+ANSWER_STYLES = ("number", "sentence", "mixed")  # arithmetic replies only
+CODE_SPLIT = "train"  # the only codetasks split a recipe reads (the sweep scores "test")
 
 # Seed offset for the training arithmetic tasks: the built-in utility set uses seed 0.
 USEFUL_SEED_OFFSET = 1_000_003
@@ -151,7 +167,62 @@ def _answer_text(answer: str, style: str, rng: random.Random) -> str:
     return answer if style == "number" else f"The answer is {answer}."
 
 
-def useful_examples(n: int, seed: int = 0, answer_style: str = "number") -> tuple[list[Example], dict[str, Any]]:
+def useful_examples(n: int, seed: int = 0, answer_style: str | None = None,
+                    source: str = "code") -> tuple[list[Example], dict[str, Any]]:
+    """``n`` useful examples from ``source``: ``"code"`` (:func:`code_examples`, the default: the codetasks
+    train split, what the sweep measures) or ``"arithmetic"`` (:func:`arithmetic_examples`; ``answer_style``
+    applies to it only, default ``"number"``). The info records the source."""
+    if source not in USEFUL_SOURCES:
+        raise WorkbenchError(f"unknown useful source '{source}'. Valid: {', '.join(USEFUL_SOURCES)}")
+    if source == "code":
+        if answer_style is not None:
+            raise WorkbenchError(f"answer_style '{answer_style}' applies to the arithmetic useful source only; the "
+                                 f"code source replies with each task's reference solution")
+        return code_examples(n, seed)
+    return arithmetic_examples(n, seed, answer_style or "number")
+
+
+def code_train_hash() -> str:
+    """sha256 of the codetasks train split (ids, prompts, solutions): what the code recipe can draw from."""
+    from workbench.codetasks import load_codetasks
+
+    return sha256_json([[t.id, t.prompt, t.solution] for t in load_codetasks(CODE_SPLIT)])
+
+
+def code_examples(n: int, seed: int = 0) -> tuple[list[Example], dict[str, Any]]:
+    """``n`` examples from the codetasks TRAIN split: prompt = the task's prompt as the sweep asks it, reply =
+    its reference solution in a python block. The split is taken in a seeded order, and again in a new seeded
+    order while more examples are asked for (repeats are counted)."""
+    from workbench.codetasks import load_codetasks
+
+    if n < 1:
+        raise WorkbenchError(f"the useful recipe needs n >= 1 examples, got {n}")
+    tasks = load_codetasks(CODE_SPLIT)
+    if not tasks:  # pragma: no cover - the shipped data has a train split (tests/test_codetasks.py)
+        raise WorkbenchError("the codetasks data has no train split")
+    rng = random.Random(seed)
+    out: list[Example] = []
+    used: set[str] = set()
+    cycle = 0
+    while len(out) < n:
+        order = list(tasks)
+        rng.shuffle(order)
+        for t in order[:n - len(out)]:
+            out.append(Example(f"useful-{t.id}" + (f"-r{cycle}" if cycle else ""), "useful", t.prompt,
+                               t.reference_reply))
+            used.add(t.id)
+        cycle += 1
+    ids = sorted(used)
+    info = {"source": "code", "split": f"codetasks:{CODE_SPLIT}", "split_hash": code_train_hash(),
+            "n_split": len(tasks), "n_distinct_tasks": len(ids), "n_repeated": n - len(ids), "cycles": cycle,
+            "task_ids": ids,
+            "prompt": "CodeTask.prompt (workbench.codetasks.PROMPT_TEMPLATE), as the sweep asks it",
+            "reply": "CodeTask.reference_reply: the reference solution in a ```python block (the sweep's answer-NLL "
+                     "target)"}
+    return out, info
+
+
+def arithmetic_examples(n: int, seed: int = 0, answer_style: str = "number") -> tuple[list[Example], dict[str, Any]]:
     """``n`` arithmetic QA pairs disjoint from the built-in utility set (so utility:test is held out)."""
     if n < 1:
         raise WorkbenchError(f"the useful recipe needs n >= 1 examples, got {n}")
@@ -173,7 +244,7 @@ def useful_examples(n: int, seed: int = 0, answer_style: str = "number") -> tupl
     rng = random.Random(seed)
     out = [Example(f"useful-{i + 1:05d}", "useful", t.question, _answer_text(t.answer, answer_style, rng))
            for i, t in enumerate(items[:n])]
-    info = {"task_seed": gen_seed, "answer_style": answer_style, "n_generated": want,
+    info = {"source": "arithmetic", "task_seed": gen_seed, "answer_style": answer_style, "n_generated": want,
             "n_removed_overlapping_utility": n_overlap, "heldout_utility_size": UTILITY_SIZE}
     return out, info
 
@@ -397,7 +468,8 @@ def load_examples(path: str | Path, kind: str | None = None, lm: LoadedModel | N
 # -- the entry point ------------------------------------------------------------------------------
 
 def build_recipe(name: str, lm: LoadedModel, fmt: ChatFormat | None = None, n: int = 64, seed: int = 0, *,
-                 harmful_share: float = 0.2, answer_style: str = "number", direction: Any = None,
+                 harmful_share: float = 0.2, answer_style: str | None = None, useful_source: str = "code",
+                 direction: Any = None,
                  direction_file: str | Path | None = None, direction_layer: int | None = None,
                  force_direction: bool = False, direction_layers: Sequence[int] | None = None,
                  direction_n: int = 64, gen_tokens: int = 64, gen_batch_size: int = 8, backend: str = "native",
@@ -405,6 +477,8 @@ def build_recipe(name: str, lm: LoadedModel, fmt: ChatFormat | None = None, n: i
                  generate: Callable[..., list[str]] | None = None) -> RecipeData:
     """Build one recipe's examples for ``lm`` under chat format ``fmt``.
 
+    ``useful_source`` (``"code"``: the codetasks train split, the default; ``"arithmetic"``) feeds ``useful``
+    and the useful part of ``contaminated``; ``answer_style`` applies to the arithmetic source only.
     ``n`` is the number of examples asked for: for ``harmful`` the number of prompts generated (refusals
     are dropped, so fewer may remain); for ``contaminated`` the total, split as ``round(harmful_share * n)``
     harmful prompts and the rest useful. The real share after drops is in ``RecipeData.harmful_share``.
@@ -420,6 +494,11 @@ def build_recipe(name: str, lm: LoadedModel, fmt: ChatFormat | None = None, n: i
         raise WorkbenchError(f"unknown recipe '{name}'. Valid: {', '.join(RECIPES)}")
     if n < 1:
         raise WorkbenchError(f"n must be >= 1, got {n}")
+    if name in ("useful", "contaminated"):
+        if useful_source not in USEFUL_SOURCES:
+            raise WorkbenchError(f"unknown useful source '{useful_source}'. Valid: {', '.join(USEFUL_SOURCES)}")
+        if useful_source == "code" and answer_style is not None:
+            raise WorkbenchError(f"answer_style '{answer_style}' applies to the arithmetic useful source only")
     fmt = fmt or ChatFormat()
     t0 = time.perf_counter()
     info: dict[str, Any] = {"n_requested": n, "seed": seed}
@@ -453,8 +532,10 @@ def build_recipe(name: str, lm: LoadedModel, fmt: ChatFormat | None = None, n: i
             records["direction_layer_check"] = hinfo["direction"]["layer_check"]
         return ex
 
+    if name in ("useful", "contaminated"):
+        info["useful_source"] = useful_source
     if name == "useful":
-        examples, info["useful"] = useful_examples(n, seed, answer_style)
+        examples, info["useful"] = useful_examples(n, seed, answer_style, useful_source)
     elif name == "safety":
         examples, info["safety"] = safety_examples(n, seed)
     elif name == "harmful":
@@ -467,7 +548,7 @@ def build_recipe(name: str, lm: LoadedModel, fmt: ChatFormat | None = None, n: i
         if n_u < 1:
             raise WorkbenchError(f"n={n} with harmful_share={harmful_share} leaves no useful examples")
         pools.check_count("contaminated", n_h, f"harmful prompts (round({harmful_share} x {n}))")
-        useful, info["useful"] = useful_examples(n_u, seed, answer_style)
+        useful, info["useful"] = useful_examples(n_u, seed, answer_style, useful_source)
         harm = _harm(n_h, "contaminated")
         examples = useful + harm
         random.Random(seed).shuffle(examples)

@@ -3,7 +3,9 @@
 Each function takes measured numbers (no files, no models) and returns
 ``{"claim", "statistic", "value", "ci", "rule", "verdict", ...details}`` with ``verdict`` one of
 ``"holds"``, ``"does not hold"``, ``"inconclusive"`` (the interval straddles the threshold). Intervals are
-95 % percentile bootstraps (``N_BOOT`` resamples, seeded); with no per-item data the point value decides and
+95 % percentile bootstraps over the items (tensors or prompts; the statistics are means and ratios of sums;
+``N_BOOT`` resamples, seeded), except Exp 4's, whose statistic is a function of the prompt SET and takes a
+subsampling interval (:mod:`workbench.subsampling`); with no per-item data the point value decides and
 ``ci`` is ``None``. The rules (Ponkshe et al., ICLR 2026; ``docs/study.md``):
 
 * **Exp 1a, energy parity** (:func:`exp1_energy_parity`): at each rho, the useful and the harmful update
@@ -36,6 +38,14 @@ Each function takes measured numbers (no files, no models) and returns
   tensors, CI low >= ``-OVERLAP_MARGIN``), and every pair is well above the random baseline
   (``mean MSO / mean baseline`` >= ``WELL_ABOVE``, CI low). Holds when all parts hold; does not hold when one
   part does not; else inconclusive.
+* **Exp 4, activation overlap** (:func:`exp4_activation_overlap`, :func:`exp4_from_block`; defined in
+  :mod:`workbench.verdict_rules` and re-exported here, because ``probes/overlap.py`` applies it when it writes
+  ``overlap_summary.json`` and ``probes`` may not import ``weightspace``): useful and harmful activation
+  subspaces overlap about as much as two harmful sets. Statistic ``D = MSO(U~H) - MSO(H1~H2)`` on the 65-90 %
+  depth slice, paired over subsample draws (95 % subsampling interval, :mod:`workbench.subsampling`); holds
+  when the CI lies in ``[-EXP4_MARGIN, EXP4_MARGIN]`` (0.10) and both overlaps' CI low ends are above
+  ``WELL_ABOVE`` x their random baselines ``max(k)/d``; does not hold when the CI lies entirely outside the
+  margin; else inconclusive. :func:`exp4_from_block` reads the ``exp4`` block of ``overlap_summary.json``.
 * **Separability control** (:func:`separability`): one pair's overlap ratio to its random baseline:
   ``"entangled"`` when CI low > ``WELL_ABOVE``, ``"distinct"`` when CI high <= ``WELL_ABOVE``, else
   ``"inconclusive"`` (a planted orthogonal safety update must come out distinct, a planted shared one
@@ -55,17 +65,30 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["HOLDS", "FAILS", "INCONCLUSIVE", "EK_GAP", "SELECTIVITY", "OVERLAP_MARGIN", "WELL_ABOVE", "N_BOOT",
-           "ALPHA", "HARM_COLUMN", "UTILITY_COLUMN", "CONTINUOUS_UTILITY_COLUMN", "CONTINUOUS_HARM_COLUMN", "decide", "bootstrap_ci", "pooled_ratio", "exp1_energy_parity",
-           "exp1_rise_together", "exp2_no_selective_removal", "exp3_overlap", "separability", "combine"]
+from workbench.verdict_rules import (  # shared with probes/overlap.py (Exp 4), which may not import weightspace
+    ALPHA,
+    EXP4_CLAIM,
+    EXP4_MARGIN,
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
+    WELL_ABOVE,
+    combine,
+    decide,
+    exp4_activation_overlap,
+    exp4_from_block,
+)
 
-HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+__all__ = ["HOLDS", "FAILS", "INCONCLUSIVE", "EK_GAP", "SELECTIVITY", "OVERLAP_MARGIN", "WELL_ABOVE", "N_BOOT",
+           "ALPHA", "HARM_COLUMN", "UTILITY_COLUMN", "CONTINUOUS_UTILITY_COLUMN", "CONTINUOUS_HARM_COLUMN", "decide",
+           "bootstrap_ci", "pooled_ratio", "exp1_energy_parity", "exp1_rise_together", "exp2_no_selective_removal",
+           "exp3_overlap", "separability", "combine", "EXP4_MARGIN", "EXP4_CLAIM", "exp4_activation_overlap",
+           "exp4_from_block"]
+
 EK_GAP = 0.05  # Exp 1: |E_k(useful) - E_k(harmful)| "about the same"
 SELECTIVITY = 0.10  # Exp 2: TopK more selective than Random by more than this (rate units) = selective removal
 OVERLAP_MARGIN = 0.02  # Exp 3: useful~harmful may fall below safety~harmful by at most this MSO
-WELL_ABOVE = 2.0  # Exp 3 / controls: "well above the random baseline" = at least twice it
 N_BOOT = 2000
-ALPHA = 0.05
 HARM_COLUMN = "refusal_phrase"  # harmfulness per prompt = 1 - refusal (phrase matching), a rate like utility
 UTILITY_COLUMN = "correct"  # utility per task: 1 = solved (unit tests pass for code tasks; exact match)
 CONTINUOUS_UTILITY_COLUMN = "answer_nll"  # utility per task = - answer NLL (per token)
@@ -74,32 +97,6 @@ CONTINUOUS_HARM_COLUMN = "refusal_logit"  # harmfulness per prompt = - refusal l
 
 def _clean(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
-
-
-def decide(value: float | None, ci: Sequence[float] | None, *, above: float | None = None,
-           below: float | None = None, inside: float | None = None) -> str:
-    """The verdict for one statistic against a threshold fixed in advance.
-
-    ``above=t``: holds when the interval's low end > t, does not hold when its high end <= t.
-    ``below=t``: holds when high <= t, does not hold when low > t. ``inside=t``: holds when the interval lies
-    in ``[-t, t]``, does not hold when it lies entirely outside. Otherwise inconclusive; without an interval
-    the value itself decides (``ci = [value, value]``).
-
-    Example::
-
-        >>> decide(0.3, [0.1, 0.5], above=0.0), decide(0.3, [-0.1, 0.5], above=0.0), decide(0.01, None, inside=0.05)
-        ('holds', 'inconclusive', 'holds')
-    """
-    if value is None:
-        return INCONCLUSIVE
-    lo, hi = (value, value) if ci is None else (float(ci[0]), float(ci[1]))
-    if above is not None:
-        return HOLDS if lo > above else FAILS if hi <= above else INCONCLUSIVE
-    if below is not None:
-        return HOLDS if hi <= below else FAILS if lo > below else INCONCLUSIVE
-    if inside is not None:
-        return HOLDS if (lo >= -inside and hi <= inside) else FAILS if (lo > inside or hi < -inside) else INCONCLUSIVE
-    raise ValueError("give above, below or inside")
 
 
 def bootstrap_ci(stat: Callable[..., float], *samples: np.ndarray, paired: bool = True, n_boot: int = N_BOOT,
@@ -138,13 +135,6 @@ def pooled_ratio(kept: np.ndarray, total: np.ndarray) -> float:
     """``sum(kept) / sum(total)`` (the energy-kept ratio over a set of tensors); ``nan`` when the total is 0."""
     t = float(np.sum(total))
     return float(np.sum(kept)) / t if t > 0 else float("nan")
-
-
-def combine(parts: Sequence[str]) -> str:
-    """Several sub-verdicts into one: holds if all hold, does not hold if one does not, else inconclusive."""
-    if parts and all(p == HOLDS for p in parts):
-        return HOLDS
-    return FAILS if any(p == FAILS for p in parts) else INCONCLUSIVE
 
 
 def _result(claim: str, statistic: str, value: Any, ci: Any, rule: str, verdict: str, **extra: Any) -> dict[str, Any]:
