@@ -29,6 +29,7 @@ import argparse
 import ast
 import json
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -147,6 +148,7 @@ SYMBOL = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.GtE: ">=", ast.Gt: ">"
           ast.Div: "/", ast.FloorDiv: "//", ast.Pow: "**"}
 COSMETIC_KEYWORDS = {"desc", "unit", "total", "leave", "stacklevel", "help", "flush"}
 PLOT_OBJECTS = {"plt", "ax", "axes", "fig"}  # matplotlib styling calls: ``ax.scatter(..., marker="x", s=20)`` etc.
+# (also ``ax1``, ``ax2``, ...)
 
 
 @dataclass
@@ -194,7 +196,8 @@ def _skipped_subtrees(tree: ast.AST, functions: list[str] | None) -> tuple[set[i
             mark(node, skip)
         elif isinstance(node, ast.Call):
             f = node.func
-            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in PLOT_OBJECTS:
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and (
+                    f.value.id in PLOT_OBJECTS or re.fullmatch(r"ax\d+", f.value.id)):
                 mark(node, skip)
             for kw in node.keywords:
                 if kw.arg in COSMETIC_KEYWORDS:

@@ -19,7 +19,7 @@ from workbench.backends.base import Backend
 from workbench.chat import ChatFormat
 from workbench.generation import generate_with_first_logprobs
 from workbench.interventions import Intervention
-from workbench.scoring import (completion_nll, is_refusal, kl_from_logprobs, next_token_logprobs, perplexity,
+from workbench.scoring import (completion_nll, is_refusal, kl_from_logprobs, perplexity,
                                refusal_scores_from_logprobs, task_accuracy)
 from workbench.stats import bootstrap_mean_ci
 
@@ -85,8 +85,8 @@ def evaluate_conditions(
         if ppl_texts is None:  # the unmodified model's own completions are the perplexity reference text
             ppl_texts = gb
         nll = completion_nll(backend, harmless, ppl_texts, fmt, interventions=c.interventions)
-        if ref_logp is None:
-            ref_logp = logp_b if not c.interventions else next_token_logprobs(backend, harmless, fmt)
+        if ref_logp is None:  # conds[0] is the unmodified model (inserted above when missing)
+            ref_logp = logp_b
         sh = refusal_scores_from_logprobs(backend.lm.tokenizer, logp_h)
         sb = refusal_scores_from_logprobs(backend.lm.tokenizer, logp_b)
         kl = kl_from_logprobs(ref_logp, logp_b)

@@ -176,7 +176,7 @@ class AblationProfile:
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> "AblationProfile":
         try:
-            return cls(attn=Kernel(**rec["attn"]), mlp=Kernel(**rec["mlp"]), embed=rec.get("embed", 0.0))
+            return cls(attn=Kernel(**rec["attn"]), mlp=Kernel(**rec["mlp"]), embed=rec["embed"])
         except (KeyError, TypeError) as e:
             raise WorkbenchError(f"not an ablation profile record ({type(e).__name__}: {e}); expected "
                                  f"{{'attn': {{peak, position, floor, width}}, 'mlp': {{...}}, 'embed': w}}") from e

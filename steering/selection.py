@@ -59,7 +59,7 @@ def exact_ablation_score(backend: Backend, fmt: ChatFormat | None, direction: Di
 
 
 def exact_filter_scores(backend: Backend, fmt: ChatFormat | None, direction: Direction, harmless_val: Sequence[str],
-                        *, reference: torch.Tensor, alpha: float = 1.0, batch_size: int = 16,
+                        *, reference: torch.Tensor, alpha: float, batch_size: int = 16,
                         kl_max: float | None = None) -> tuple[float, float]:
     """``(kl, steering_score)`` on the harmless prompts: mean KL under ablation (against ``reference``
     log-probabilities) and mean refusal score with ``alpha * vector`` added at the direction's layer.
