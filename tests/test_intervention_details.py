@@ -47,3 +47,23 @@ def test_clamp_defaults_to_zero_like_ablation():
 def test_cached_unit_direction_is_not_in_the_repr():
     for iv in (Ablation(Site(0), torch.ones(4)), Clamp(Site(0), torch.ones(4), value=1.0)):
         assert "_unit_dir" not in repr(iv) and "direction=" in repr(iv)
+
+
+def test_weighted_ablation_by_hand_and_weight_one_bit_identical_to_earlier_runs():
+    """``act - w (act . r) r`` written out here; ``w = 1`` gives exactly (bit for bit) what full ablation gave
+    before weights existed (``act + (0 - act . r) r``), so earlier runs reproduce; bfloat16 activations stay
+    bfloat16."""
+    g = torch.Generator().manual_seed(0)
+    act = torch.randn(2, 3, 8, generator=g)
+    v = torch.randn(8, generator=g)
+    r = v / v.norm()
+    for w in (0.0, 0.25, 0.7):
+        got = Ablation(Site(0, "resid_pre"), v, weight=w).edit(act)
+        want = act - w * (act @ r).unsqueeze(-1) * r
+        assert torch.allclose(got, want, atol=1e-6)
+        assert torch.allclose(got @ r, (1 - w) * (act @ r), atol=1e-5)  # the fraction w of the projection removed
+    one = Ablation(Site(0, "resid_pre"), v).edit(act)
+    assert torch.equal(one, act + (0.0 - act @ r).unsqueeze(-1) * r)
+    half = Ablation(Site(0, "resid_pre"), v, weight=0.5).edit(act.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.float(), act - 0.5 * (act @ r).unsqueeze(-1) * r, atol=0.1)

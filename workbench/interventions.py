@@ -151,8 +151,7 @@ class Ablation(Intervention):
         self.weight = w
 
     def edit(self, act: torch.Tensor) -> torch.Tensor:
-        if self.weight == 1.0:
-            return _set_projection(act, self._unit_dir, 0.0)
+        # at weight 1 this is bit for bit the earlier ``act + (0 - act . r) r`` (1 * x = x, a - y = a + (-y))
         _check_width(self._unit_dir, act, "the direction")
         r = self._unit_dir.to(device=act.device, dtype=act.dtype)
         return act - (self.weight * (act @ r)).unsqueeze(-1) * r
