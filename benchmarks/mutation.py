@@ -125,6 +125,10 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "drop keyword dtype=", "mu / ms are read only through mu - ms (the other one stays float64: promoted exactly as the "
      "cast would), .size and .shape (dtype-free); separability and bootstrap_ci cast their own inputs (numbers only, "
      "as typed: None or numeric strings are outside Sequence[float])"),
+    ("workbench/verdict_rules.py", "bu, bh = np.asarray(u_h_draws, dtype=np.float64), np.asarray(h1_h2_draws, dtype=np.float64)",
+     "drop keyword dtype=", "bu / bh are read only through bu - bh (the other one stays float64: promoted exactly as the "
+     "cast would), .shape / .size (dtype-free) and subsample_ci, which casts its draws to float64 itself (numbers "
+     "only, as typed: None or numeric strings are outside Sequence[float])"),
 ]
 
 
