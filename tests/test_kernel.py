@@ -21,6 +21,7 @@ from workbench.interventions import Ablation, HookContext, ablation_everywhere
 from workbench.loading import from_memory
 from workbench.sites import Site
 from workbench.vectors import Direction
+from tiny_tied import lm_for, tied_llama  # noqa: E402
 
 PROMPTS = ["Hi!", "Explain how a transformer language model works, in simple words.", "List the planets."]
 
@@ -35,23 +36,7 @@ def _direction(lm, seed: int = 0, layer: int = 1) -> Direction:
                      d_model=lm.d_model, component="resid_pre")
 
 
-def _tied_llama():
-    import transformers
-
-    from workbench.tiny import tiny_config, tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    cfg = tiny_config("llama", tok)
-    cfg.tie_word_embeddings = True
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(cfg)
-    model.config._attn_implementation = "eager"
-    return from_memory(model.eval(), tok, model_id="tiny-llama-tied")
-
-
-def _lm(arch, make_tiny):
-    return _tied_llama() if arch == "llama-tied" else make_tiny(arch)
+_tied_llama, _lm = tied_llama, lm_for
 
 
 def _logits(lm, interventions=(), model=None):

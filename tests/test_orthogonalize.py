@@ -16,27 +16,12 @@ from workbench.chat import ChatFormat, encode
 from workbench.errors import WorkbenchError
 from workbench.interventions import ablation_everywhere
 from workbench.loading import from_memory
+from tiny_tied import lm_for, tied_llama  # noqa: E402
 
 PROMPTS = ["Hi!", "Explain how a transformer language model works, in simple words.", "List the planets."]
 
 
-def _tied_llama():
-    import transformers
-
-    from workbench.tiny import tiny_config, tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    cfg = tiny_config("llama", tok)
-    cfg.tie_word_embeddings = True  # like SmolLM2: one matrix for embedding and unembedding
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(cfg)
-    model.config._attn_implementation = "eager"
-    return from_memory(model.eval(), tok, model_id="tiny-llama-tied")
-
-
-def _lm(arch, make_tiny):
-    return _tied_llama() if arch == "llama-tied" else make_tiny(arch)
+_tied_llama, _lm = tied_llama, lm_for
 
 
 def _direction(d: int, seed: int = 0) -> torch.Tensor:
