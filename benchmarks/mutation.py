@@ -97,6 +97,8 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "centres in float64 before basis_by_energy casts to dtype: the same basis, computed more precisely"),
     ("steering/evaluate.py", "np.asarray(flags, dtype=float)", "drop keyword dtype=",
      "the mean and bootstrap of a bool array equal those of its 0/1 float array"),
+    ("steering/evaluate.py", "seed + 2", "2 -> 3",
+     "the KL interval's bootstrap seed offset: another seed gives another, equally valid interval"),
     ("steering/evaluate.py", "seed + 3", "3 -> 4",
      "the task-accuracy bootstrap's seed offset: another seed gives another, equally valid interval"),
     ("steering/selection.py", 'int(p[3:]) if p.startswith("pos") else 0', "0 -> 1",

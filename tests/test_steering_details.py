@@ -513,3 +513,27 @@ def test_mean_diff_directions_of_another_component(selection_setup):
     assert a.sites == [Site(0, "resid_post")]
     want = a.data["last"][:, 0].mean(0) - b.data["last"][:, 0].mean(0)
     assert torch.allclose(dirs[0].vector.float(), want.float(), atol=1e-5)
+
+
+def test_evaluation_generations_respect_batch_size(selection_setup):
+    """``batch_size`` bounds every generation of the evaluation (harmful, harmless and task prompts)."""
+    from steering.evaluate import evaluate_conditions
+
+    lm, cands, val_h, val_b = selection_setup
+    be = get_backend("native", lm)
+    sizes: list[int] = []
+    real = be.generate
+
+    def gen(batch, **kw):
+        sizes.append(batch.size)
+        return real(batch, **kw)
+
+    be.generate = gen
+    d = max(cands, key=lambda c: c.norm)
+    from steering.evaluate import Condition
+
+    evaluate_conditions(be, None, [Condition("ablation", ablation(d, lm.n_layers))], harmful=val_h, harmless=val_b,
+                        tasks=(["What is 2 + 3?", "What is 4 + 4?", "What is 1 + 6?"], ["5", "8", "7"]),
+                        max_new_tokens=2, batch_size=2, n_boot=10, progress=False)
+    # 2 conditions x 3 prompt sets of 3 prompts, in batches of 2 + 1
+    assert sizes == [2, 1] * 6
