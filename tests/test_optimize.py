@@ -300,3 +300,12 @@ def test_module_doctests():
 
     res = doctest.testmod(steering.optimize, optionflags=doctest.ELLIPSIS)
     assert res.attempted >= 4 and res.failed == 0
+
+
+@pytest.mark.parametrize("field,bad", [("peak", (0.2, 1.01)), ("floor_frac", (0.0, 1.5)), ("embed", (-0.1, 0.5)),
+                                       ("floor_frac", (0.6, 0.4)), ("width", (0.0, 3.0))])
+def test_search_space_ranges_outside_their_bounds_are_refused(field, bad):
+    """peak, floor fraction and embedding weight are fractions in [0, 1] (low <= high); width starts above 0."""
+    with pytest.raises(WorkbenchError, match=field):
+        SearchSpace(**{field: bad})
+    SearchSpace(**{field: (0.5, 1.0)})  # inside the bounds: accepted
