@@ -309,3 +309,10 @@ def test_search_space_ranges_outside_their_bounds_are_refused(field, bad):
     with pytest.raises(WorkbenchError, match=field):
         SearchSpace(**{field: bad})
     SearchSpace(**{field: (0.5, 1.0)})  # inside the bounds: accepted
+
+
+def test_pareto_front_drops_trials_beaten_in_one_objective_and_tied_in_the_other():
+    rows = [{"number": 0, "refusal_score": 1.0, "kl": 0.2}, {"number": 1, "refusal_score": 1.0, "kl": 0.3},
+            {"number": 2, "refusal_score": 0.5, "kl": 0.3}, {"number": 3, "refusal_score": 2.0, "kl": 0.1}]
+    # 1 ties 0 on refusal and has more KL; 2 ties 1 on KL with a lower refusal score: 1 is dominated twice
+    assert pareto_front(rows) == {0, 2, 3}

@@ -208,15 +208,16 @@ def selection_setup():
     return lm, cands, val_h, val_b
 
 
-def test_selection_estimates_are_baseline_plus_first_order_delta(selection_setup):
+@pytest.mark.parametrize("alpha", [1.0, 2.5])
+def test_selection_estimates_are_baseline_plus_first_order_delta(selection_setup, alpha):
     from steering.screening import screen_candidates
     from steering.selection import select_direction
 
     lm, cands, val_h, val_b = selection_setup
     be = get_backend("native", lm)
     res = select_direction(be, None, cands, harmful_val=val_h, harmless_val=val_b, kl_max=10.0, progress=False,
-                           estimate=True)
-    est = screen_candidates(be, None, cands, harmful=val_h, harmless=val_b, alpha=1.0)
+                           estimate=True, alpha=alpha)
+    est = screen_candidates(be, None, cands, harmful=val_h, harmless=val_b, alpha=alpha)
     for i, r in enumerate(res.rows):
         assert r["ablation_score_est"] == pytest.approx(float(est.harmful_scores.mean() + est.ablation_delta[i]),
                                                         abs=1e-5)
