@@ -117,11 +117,12 @@ def generate_with_first_logprobs(backend: Backend, prompts: Sequence[str], fmt: 
                           batch_size=batch_size, do_sample=False, seed=0, progress=progress,
                           first=backend.records_first_step)
     if lp is None:
-        lp = map_last_logits(backend, prompts, fmt, _logprobs, interventions=interventions)
+        lp = map_last_logits(backend, prompts, fmt, next_token_logprobs_of, interventions=interventions)
     return texts, lp
 
 
-def _logprobs(logits: torch.Tensor) -> torch.Tensor:
+def next_token_logprobs_of(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of next-token logits ``[B, V]`` (softmax in float64, returned float32 on the CPU)."""
     return torch.log_softmax(logits.double(), -1).float().cpu()
 
 
@@ -145,7 +146,7 @@ def _generate(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | None, 
         for i, text in zip(idx, backend.decode(toks)):
             out[i] = text
         if first:
-            lp = _logprobs(rec[0])
+            lp = next_token_logprobs_of(rec[0])
             for j, i in enumerate(idx):
                 lps[i] = lp[j]
     return out, (torch.stack(lps) if first else None)

@@ -21,7 +21,7 @@ import torch
 from workbench.backends.base import Backend
 from workbench.chat import ChatFormat
 from workbench.errors import WorkbenchError
-from workbench.generation import batches, generate_texts, map_last_logits
+from workbench.generation import batches, generate_texts, map_last_logits, next_token_logprobs_of
 from workbench.interventions import Intervention
 
 REFUSAL_PHRASES = (
@@ -90,7 +90,7 @@ def refusal_scores(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | N
 def next_token_logprobs(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | None = None, *,
                         interventions: Sequence[Intervention] = (), batch_size: int = 16) -> torch.Tensor:
     """Log-probabilities ``[N, V]`` of the next token at the last prompt position."""
-    return map_last_logits(backend, prompts, fmt, lambda lg: torch.log_softmax(lg.double(), -1).float().cpu(),
+    return map_last_logits(backend, prompts, fmt, next_token_logprobs_of,
                            interventions=interventions, batch_size=batch_size)
 
 
@@ -106,48 +106,11 @@ def kl_divergence(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | No
 def completion_nll(backend: Backend, prompts: Sequence[str], completions: Sequence[str], fmt: ChatFormat | None = None,
                    *, interventions: Sequence[Intervention] = (), batch_size: int = 8) -> list[tuple[float, int]]:
     """Summed negative log-likelihood and token count of each completion given its prompt."""
-    return completion_pass(backend, prompts, completions, fmt, interventions=interventions, batch_size=batch_size)[0]
-
-
-LAST_POSITION_SAFE = ("all", "prompt", "generated")
-
-
-def last_position_safe(interventions: Sequence[Intervention]) -> bool:
-    """True when a teacher-forced pass over prompt + completion gives the same next-token logits at the last
-    prompt position as a forward over the prompt alone: every intervention touches all, prompt or generated
-    positions (position sets counted from the end of the prompt, such as ``last``, would move to the end of
-    the completion in the teacher-forced pass)."""
-    return all(isinstance(iv.apply_to, str) and iv.apply_to in LAST_POSITION_SAFE for iv in interventions)
-
-
-def completion_pass(backend: Backend, prompts: Sequence[str], completions: Sequence[str],
-                    fmt: ChatFormat | None = None, *, interventions: Sequence[Intervention] = (), batch_size: int = 8,
-                    last_logprobs: bool = False) -> tuple[list[tuple[float, int]], torch.Tensor | None]:
-    """One teacher-forced pass over each prompt + completion: the summed negative log-likelihood and token
-    count of each completion and, with ``last_logprobs``, the next-token log-probabilities ``[N, V]`` at the
-    last prompt position (what :func:`next_token_logprobs` computes from the prompt alone, by causality; only
-    for interventions where :func:`last_position_safe` holds, else a :class:`WorkbenchError`).
-
-    Example::
-
-        >>> from workbench.loading import from_memory
-        >>> from workbench.tiny import build_tiny
-        >>> from workbench.backends import get_backend
-        >>> be = get_backend("native", from_memory(*build_tiny("llama")))
-        >>> nll, lp = completion_pass(be, ["Hi"], ["Hello there"], last_logprobs=True)
-        >>> torch.allclose(lp, next_token_logprobs(be, ["Hi"]), atol=1e-5)
-        True
-    """
     if len(prompts) != len(completions):
         raise WorkbenchError(f"{len(prompts)} prompts but {len(completions)} completions")
-    if last_logprobs and not last_position_safe(interventions):
-        raise WorkbenchError("last-prompt-position log-probabilities from a teacher-forced pass need interventions "
-                             f"applied to {', '.join(LAST_POSITION_SAFE)} positions; got "
-                             f"{sorted({str(iv.apply_to) for iv in interventions})}")
     tok = backend.lm.tokenizer
     fmt = fmt or ChatFormat()
     out: list[tuple[float, int]] = [(0.0, 0)] * len(prompts)
-    lasts: list[Any] = [None] * len(prompts)
     for idx, b in batches(backend, prompts, fmt, batch_size):
         comp_ids = [tok(completions[i], add_special_tokens=False)["input_ids"] for i in idx]
         rows, targets = [], []
@@ -170,16 +133,14 @@ def completion_pass(backend: Backend, prompts: Sequence[str], completions: Seque
         logits = backend.run(full, interventions=interventions).logits.float()
         logp = torch.log_softmax(logits, -1)
         for r, (plen, clen) in enumerate(targets):
-            start = w - len(rows[r]) + plen  # absolute index of first completion token
-            if last_logprobs:  # as next_token_logprobs: log-softmax in float64 of the last prompt position
-                lasts[idx[r]] = torch.log_softmax(logits[r, start - 1].double(), -1).float().cpu()
             if clen == 0:
                 out[idx[r]] = (0.0, 0)
                 continue
+            start = w - len(rows[r]) + plen  # absolute index of first completion token
             pos = torch.arange(start - 1, start - 1 + clen)
             tgt = ids[r, start:start + clen]
             out[idx[r]] = (float(-logp[r, pos, tgt].sum()), clen)
-    return out, (torch.stack(lasts) if last_logprobs else None)
+    return out
 
 
 def refusal_scores_from_logprobs(tokenizer: Any, logprobs: torch.Tensor) -> torch.Tensor:
