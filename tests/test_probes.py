@@ -263,3 +263,35 @@ def test_run_probe_sweep_writes_a_complete_run_folder(make_tiny, tmp_path, monke
         if d.method == "mean_diff":
             torch.testing.assert_close(d.vector, md[d.layer], atol=1e-5, rtol=1e-5)
     assert len(out["directions"]) == 4 and out["rows"] == rows
+
+
+def test_vectorised_bootstrap_metrics_equal_sklearn_per_resample():
+    """Every resample's accuracy, AUROC and F1 equal sklearn's, with ties, constant scores and an all-negative
+    prediction (F1 = 0); and the interval equals a loop over the same draws scored by sklearn."""
+    from probes.metrics import _metrics, batch_metrics
+
+    rng = np.random.default_rng(5)
+    for case in range(12):
+        n = int(rng.integers(5, 60))
+        y = np.r_[0, 1, rng.integers(0, 2, n - 2)]
+        s = rng.normal(size=n) + y
+        if case % 3 == 0:
+            s = np.round(s, 0)  # many ties
+        if case % 4 == 1:
+            s = np.zeros(n)  # constant scores: AUROC 0.5, nothing predicted positive
+        thr = 10.0 if case == 5 else 0.3
+        got = batch_metrics(y[None], s[None], thr)[0]
+        np.testing.assert_allclose(got, _metrics(y, s, thr), atol=1e-12)
+    y = rng.integers(0, 2, 40)
+    s = np.round(rng.normal(size=40) + y, 1)
+    m = scored_metrics(y, s, threshold=0.2, n_boot=200, seed=3)
+    r = np.random.default_rng(3)
+    boots = []
+    for _ in range(200):
+        idx = r.integers(0, 40, 40)
+        if len(np.unique(y[idx])) == 2:
+            boots.append(_metrics(y[idx], s[idx], 0.2))
+    b = np.array(boots)
+    for j, name in enumerate(("accuracy", "auroc", "f1")):
+        lo, hi = np.percentile(b[:, j], [2.5, 97.5])
+        assert m[f"{name}_lo"] == pytest.approx(lo, abs=1e-12) and m[f"{name}_hi"] == pytest.approx(hi, abs=1e-12)
