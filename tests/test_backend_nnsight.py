@@ -202,10 +202,19 @@ def test_real_resid_post_parity(real):
     lm, batch, nat, nns = real
     assert nat.n_layers == 30
     sites = [Site(i, "resid_post") for i in range(nat.n_layers)]
-    a = nat.run(batch, capture=sites, logits=False)
     b = nns.run(batch, capture=sites, logits=False)
+    full = NativeBackend(lm)
+    full.share_prefix = False  # one full forward: every column, pads included, agrees
+    a = full.run(batch, capture=sites, logits=False)
     for s in sites:
         assert _maxdiff(a.acts[s], b.acts[s]) <= TOL, s
+    # the default native path computes the rows' shared template start once: real positions agree to rounding
+    assert nat.shared_prefix(batch, []) > 0
+    a = nat.run(batch, capture=sites, logits=False)
+    for s in sites:
+        for i, p in enumerate(batch.pads.tolist()):
+            ref = b.acts[s][i, p:]
+            assert _maxdiff(a.acts[s][i, p:], ref) <= max(TOL, 1e-5 * float(ref.abs().max())), s
 
 
 @pytest.mark.real_model

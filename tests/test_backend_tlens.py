@@ -307,10 +307,19 @@ def test_smollm2_resid_post_parity(smol_pair):
     assert int(batch.pads.max()) > 0
     sites = [Site(i, "resid_post") for i in range(lm.n_layers)]
     assert len(sites) == 30
-    a, b = nb.run(batch, capture=sites), tb.run(batch, capture=sites)
+    full = NativeBackend(lm)
+    full.share_prefix = False  # one full forward: every column, pads included, agrees
+    a, b = full.run(batch, capture=sites), tb.run(batch, capture=sites)
     for s in sites:
         assert _maxdiff(a.acts[s], b.acts[s]) <= TOL, s
     assert _maxdiff(a.logits, b.logits) <= TOL
+    # the default native path computes the rows' shared template start once: real positions agree to rounding
+    assert nb.shared_prefix(batch, []) > 0
+    a = nb.run(batch, capture=sites)
+    for s in sites + ["logits"]:
+        x, y = (a.logits, b.logits) if s == "logits" else (a.acts[s], b.acts[s])
+        for i, p in enumerate(batch.pads.tolist()):
+            assert _maxdiff(x[i, p:], y[i, p:]) <= max(TOL, 1e-5 * float(y[i, p:].abs().max())), s
 
 
 @pytest.mark.real_model

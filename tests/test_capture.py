@@ -59,7 +59,7 @@ def test_batched_capture_equals_one_by_one(arch, make_tiny):
                 start += n
                 assert float((got - one.get("all")).abs().max()) <= TOL
             else:
-                assert float((acts.get(k)[i] - one.get(k)[0]).abs().max()) <= TOL, (p, k)
+                assert float((acts.get(k)[i] - one.get(k)[0]).abs().max()) <= _tol(one.get(k)[0]), (p, k)
     assert start == acts.get("all").shape[0]
 
 
@@ -96,6 +96,13 @@ def test_positions_gather_the_right_tokens(make_tiny):
 
 
 @pytest.mark.real_model
+def _tol(ref: torch.Tensor) -> float:
+    """``TOL``, or 1e-5 of the reference's largest magnitude where that is larger: batched rows share their
+    template's system prompt, which the native backend computes once in a separate pass (rounding scales with
+    |h|, ~100 in the last layer)."""
+    return max(TOL, 1e-5 * float(ref.abs().max()))
+
+
 def test_smollm2_capture_batched_equals_one_by_one(smollm2):
     prompts = ["Hi", "How do I bake bread?", "Write a haiku about autumn leaves."]
     kw = dict(layers="0,-1", positions=["last", "mean", "post_instruction", -2, 0, "all"], cache=False,
@@ -109,11 +116,11 @@ def test_smollm2_capture_batched_equals_one_by_one(smollm2):
         for k in acts.positions:
             if k == "all":
                 n = one.get("all").shape[0]
-                assert float((acts.get("all")[start:start + n] - one.get("all")).abs().max()) <= TOL
+                assert float((acts.get("all")[start:start + n] - one.get("all")).abs().max()) <= _tol(one.get("all"))
                 assert acts.token_index[start:start + n].tolist() == [[i, j] for j in range(n)]
                 start += n
             else:
-                assert float((acts.get(k)[i] - one.get(k)[0]).abs().max()) <= TOL, (p, k)
+                assert float((acts.get(k)[i] - one.get(k)[0]).abs().max()) <= _tol(one.get(k)[0]), (p, k)
     assert torch.equal(acts.get("pos-1"), acts.get("last"))
 
 

@@ -31,9 +31,9 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> No
     p.add_argument("--model", default=default or DEFAULT_MODEL,
                    help="zoo key, local HF folder, .gguf file, or hub id (online only)")
     p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="float32 (default), auto (bfloat16 on a CPU with AVX512-BF16/AMX or a bf16 GPU, else "
-                        "float32), bfloat16, float16. auto becomes the default once benchmarks/dtype_compare.py "
-                        "shows the main job's conclusions unchanged")
+                   help="float32 (default), auto (bfloat16 on a CPU with AMX-BF16 or a bf16 GPU, else float32; "
+                        "AVX512-BF16 alone measured slower than float32), bfloat16, float16. auto becomes the "
+                        "default once benchmarks/dtype_compare.py shows the main job's conclusions unchanged")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps")
     p.add_argument("--device-map", default=None, help="passed to transformers (e.g. 'auto')")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")

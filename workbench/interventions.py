@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, Union
+from typing import Callable, ClassVar, Sequence, Union
 
 import torch
 
@@ -35,19 +35,24 @@ class HookContext:
 
     ``offset`` is the absolute (padded) index of the chunk's first token: 0 for a full forward or a
     generation prefill, then prompt_width, prompt_width+1, ... for cached decoding steps.
+    ``shared``: the number of leading prompt tokens every row shares that were computed in a separate pass
+    (the native backend's shared-prefix cache). A chunk then starts at ``offset = shared`` and row ``i``'s
+    column ``c`` is real when ``c >= pads[i]`` (absolute index ``>= pads[i] + shared``); every other rule
+    (``last``, ``post_instruction``, indices from either end) keeps its meaning in the full padded layout.
     """
 
     pads: torch.Tensor  # [B] left pads per row
     prompt_width: int  # padded prompt length T0
     n_post: int
     offset: int = 0
+    shared: int = 0
 
     def mask(self, apply_to: ApplyTo, chunk_len: int, device: torch.device) -> torch.Tensor:
         """Boolean [B, chunk_len] of the positions to touch."""
         b = self.pads.shape[0]
         idx = torch.arange(self.offset, self.offset + chunk_len, device=device).unsqueeze(0).expand(b, -1)
         pads = self.pads.to(device).unsqueeze(1)
-        real = idx >= pads
+        real = idx >= pads + self.shared
         t0 = self.prompt_width
         if isinstance(apply_to, str):
             if apply_to == "all":
@@ -74,6 +79,9 @@ class Intervention:
 
     site: Site
     apply_to: ApplyTo = "all"
+    #: the edit of one position depends on that position's activation only (so a forward may be split into
+    #: chunks, e.g. a shared prompt prefix computed once); subclasses that look across positions say False
+    position_wise: ClassVar[bool] = False
 
     def edit(self, act: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -112,6 +120,8 @@ def _set_projection(act: torch.Tensor, unit: torch.Tensor, value: float) -> torc
 class Addition(Intervention):
     """Activation addition: ``act + alpha * vector`` (the vector is used as given, not normalised)."""
 
+    position_wise: ClassVar[bool] = True
+
     site: Site
     vector: torch.Tensor
     alpha: float = 1.0
@@ -133,6 +143,8 @@ class Ablation(Intervention):
     ``weight`` 1 (the default) removes the direction; a weight in [0, 1] removes that fraction of the
     projection (the per-layer weights of :mod:`steering.kernel`); 0 leaves the activation unchanged.
     """
+
+    position_wise: ClassVar[bool] = True
 
     site: Site
     direction: torch.Tensor
@@ -160,6 +172,8 @@ class Ablation(Intervention):
 @dataclass
 class Clamp(Intervention):
     """Set the projection on a unit direction to ``value``: ``act + (value - act . r) r``."""
+
+    position_wise: ClassVar[bool] = True
 
     site: Site
     direction: torch.Tensor

@@ -119,31 +119,40 @@ def from_memory(model: Any, tokenizer: Any, model_id: str = "in-memory") -> Load
     return LoadedModel(model, tokenizer, model_id, h.hexdigest(), "memory")
 
 
-def cpu_has_bf16() -> bool:
-    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16), read from /proc/cpuinfo."""
+def cpu_bf16_flags() -> set[str]:
+    """The CPU's native bfloat16 features (``avx512_bf16``, ``amx_bf16``), read from /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"}
     except OSError:
         pass
-    return False
+    return set()
 
 
-def auto_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """``--dtype auto``: bfloat16 on a GPU that supports it or a CPU with native bf16 (AVX512-BF16 / AMX),
-    float32 elsewhere. Only for forward passes and generation; weight deltas, SVDs and projections stay fp32.
+def cpu_has_bf16() -> bool:
+    """True when this CPU has any native bfloat16 instructions (AVX512-BF16 or AMX-BF16)."""
+    return bool(cpu_bf16_flags())
 
-    >>> auto_dtype("cpu") in (torch.bfloat16, torch.float32)
-    True
+
+def auto_dtype(device: str | torch.device = "cpu", flags: set[str] | None = None) -> torch.dtype:
+    """``--dtype auto``: bfloat16 on a GPU that supports it or on a CPU with AMX-BF16 tiles, float32 elsewhere.
+    Only for forward passes and generation; weight deltas, SVDs and projections stay fp32.
+
+    AVX512-BF16 alone is not enough: measured on such a CPU (2 cores, no AMX; ``benchmarks/decode_dtype.py``,
+    default model, batch 68) bfloat16 was 2.8x slower for the prefill and 1.3x slower per decode step than
+    float32, because PyTorch's CPU matmuls reach native bf16 speed through AMX. ``flags`` overrides what
+    /proc/cpuinfo says (tests).
+
+    >>> auto_dtype("cpu", flags={"avx512_bf16"}), auto_dtype("cpu", flags={"avx512_bf16", "amx_bf16"})
+    (torch.float32, torch.bfloat16)
     """
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     if dev.type == "cpu":
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+        return torch.bfloat16 if "amx_bf16" in (cpu_bf16_flags() if flags is None else flags) else torch.float32
     return torch.float32
 
 

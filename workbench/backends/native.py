@@ -2,6 +2,17 @@
 
 Hooks are registered for the duration of one call and removed in a ``finally`` block, so the
 model never keeps them, even when the call raises.
+
+**Shared prompt prefix.** Chat-formatted prompts all start with the same tokens (the system prompt and the
+user-turn header: 25 of the ~44 tokens of a built-in prompt on the default model). When every row of a batch
+starts with the same ``P >= MIN_SHARED`` tokens, :meth:`NativeBackend.run` and :meth:`NativeBackend.generate`
+compute those tokens once (batch 1, interventions active), repeat their KV cache over the batch and run only
+the rest; captures and full logits are put back into the batch's usual left-padded layout, so callers see
+the same tensors as from one full forward (to float rounding; pad columns hold no defined values either way).
+It is used only when it cannot change a result: every intervention is position-wise
+(:attr:`~workbench.interventions.Intervention.position_wise`), no ``last``/``post_instruction``/negative-index
+position falls inside the prefix of any row, and the model's cache is a plain (non-sliding) one. Set
+``backend.share_prefix = False`` to turn it off.
 """
 
 from __future__ import annotations
@@ -15,6 +26,9 @@ from workbench.backends.base import Backend, RunOutput, SiteFn
 from workbench.chat import Batch
 from workbench.interventions import HookContext, Intervention
 from workbench.sites import Site
+
+#: the fewest shared leading tokens worth a separate prefix pass
+MIN_SHARED = 8
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -33,12 +47,87 @@ class NativeBackend(Backend):
     records_first_step = True
 
     name = "native"
+    #: compute a prompt prefix that every row shares once per batch (see the module docstring)
+    share_prefix: bool = True
+
+    # -- the shared-prefix path -------------------------------------------------------------------
+
+    def shared_prefix(self, batch: Batch, interventions: Sequence[Intervention]) -> int:
+        """How many leading tokens every row of ``batch`` shares and may be computed once (0: do not split)."""
+        if not self.share_prefix or batch.size < 2 or not all(iv.position_wise for iv in interventions):
+            return 0
+        kinds = getattr(self.lm.model.config, "layer_types", None) or []
+        if any(k != "full_attention" for k in kinds) or getattr(self.lm.model.config, "use_sliding_window", False):
+            return 0  # sliding-window / hybrid caches: not split
+        m = int(batch.lengths.min())
+        reach = batch.n_post  # positions counted from the end must stay out of the prefix
+        for iv in interventions:
+            if not isinstance(iv.apply_to, str):
+                reach = max([reach] + [-int(p) for p in iv.apply_to if int(p) < 0])
+        limit = m - reach - 1
+        if limit < MIN_SHARED:
+            return 0
+        pads = batch.pads.to(batch.input_ids.device)
+        cols = pads.unsqueeze(1) + torch.arange(limit, device=pads.device).unsqueeze(0)
+        real = batch.input_ids.gather(1, cols)
+        diff = (real != real[:1]).any(0).nonzero()
+        n = int(diff[0]) if len(diff) else limit
+        return n if n >= MIN_SHARED else 0
+
+    def _prefix_pass(self, batch: Batch, n: int, interventions: Sequence[Intervention], capture: Sequence[Site],
+                     logits: bool) -> tuple[Any, dict[Site, torch.Tensor], torch.Tensor | None]:
+        """Run the shared prefix (batch 1) with the interventions: its KV cache repeated over the batch, its
+        captures ``[1, n, d]`` and (``logits``) its logits ``[1, n, V]``."""
+        ids = batch.input_ids[:1, int(batch.pads[0]):int(batch.pads[0]) + n]
+        ctx = HookContext(pads=torch.zeros(1, dtype=torch.long), prompt_width=int(batch.lengths.min()),
+                          n_post=batch.n_post, offset=0)
+        store: dict[Site, torch.Tensor] = {}
+        fns = self.site_functions(capture, interventions, ctx, store)
+        with torch.no_grad(), self.hooked(ctx, fns):
+            target = self.lm.model if logits else self.lm.model.base_model
+            out = target(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         position_ids=torch.arange(n, device=ids.device).unsqueeze(0), use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.batch_repeat_interleave(batch.size)
+        return cache, store, (out.logits if logits else None)
+
+    def _cache_kw(self) -> str:
+        """The forward / generate keyword of a KV cache (``cache`` from transformers 5.x, else the old name)."""
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(type(self.lm.model).forward).parameters else "past_key_values"
+
+    @staticmethod
+    def _suffix(batch: Batch, n: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ids, attention mask over prefix + suffix, and position ids of the rows without their first ``n``
+        tokens, left-padded as before (row ``i`` keeps its ``pads[i]``)."""
+        width = batch.width - n
+        col = torch.arange(width, device=batch.input_ids.device).unsqueeze(0)
+        real = col >= batch.pads.to(col.device).unsqueeze(1)
+        ids = torch.where(real, batch.input_ids[:, n:], torch.full_like(batch.input_ids[:, n:], pad_id))
+        mask = torch.cat([torch.ones(batch.size, n, dtype=batch.attention_mask.dtype, device=col.device),
+                          real.to(batch.attention_mask.dtype)], dim=1)
+        pos = torch.where(real, batch.position_ids[:, n:], torch.ones_like(batch.position_ids[:, n:]))
+        return ids, mask, pos
+
+    @staticmethod
+    def _reassemble(prefix: torch.Tensor, rest: torch.Tensor, pads: torch.Tensor) -> torch.Tensor:
+        """``[B, T, ...]`` in the batch's left-padded layout from the prefix ``[1, n, ...]`` and the rest
+        ``[B, T - n, ...]`` (row ``i``: pads, prefix, its own tokens)."""
+        n = prefix.shape[1]
+        b = rest.shape[0]
+        out = torch.cat([rest.new_zeros((b, n) + tuple(rest.shape[2:])), rest], dim=1)
+        cols = pads.to(rest.device).unsqueeze(1) + torch.arange(n, device=rest.device).unsqueeze(0)
+        idx = cols.view(b, n, *([1] * (rest.dim() - 2))).expand(b, n, *rest.shape[2:])
+        out.scatter_(1, idx, prefix.to(rest.dtype).expand(b, *prefix.shape[1:]))
+        # columns left of a row's prefix are pads; the rest's pad columns that landed there are not values
+        return out
 
     @contextmanager
     def hooked(self, ctx: HookContext, fns: dict[Site, SiteFn]) -> Iterator[None]:
         """Register the site functions (and the position tracker) for the duration of the block."""
         handles = []
-        seen = {"n": 0}
+        seen = {"n": ctx.offset}  # a chunk after a separately computed shared prefix starts at its length
 
         def track(module: Any, args: tuple, kwargs: dict) -> None:
             h = args[0] if args else kwargs["hidden_states"]
@@ -85,6 +174,9 @@ class NativeBackend(Backend):
     ) -> RunOutput:
         model = self.lm.model
         batch = batch.to(self.lm.device)
+        n = self.shared_prefix(batch, interventions)
+        if n:
+            return self._run_shared(batch, n, capture, interventions, logits)
         ctx = self.context(batch)
         store: dict[Site, torch.Tensor] = {}
         fns = self.site_functions(capture, interventions, ctx, store)
@@ -99,6 +191,28 @@ class NativeBackend(Backend):
                 **extra,
             )
         return RunOutput(out.logits if logits else None, self._remap(store, capture, self.n_layers))
+
+    def _run_shared(self, batch: Batch, n: int, capture: Sequence[Site], interventions: Sequence[Intervention],
+                    logits: bool | str) -> RunOutput:
+        """:meth:`run` with the first ``n`` tokens (shared by every row) computed once."""
+        full = logits is True
+        cache, pstore, plogits = self._prefix_pass(batch, n, interventions, capture, full)
+        ids, mask, pos = self._suffix(batch, n, self.pad_id())
+        ctx = HookContext(pads=batch.pads.clone(), prompt_width=batch.width, n_post=batch.n_post, offset=n, shared=n)
+        store: dict[Site, torch.Tensor] = {}
+        fns = self.site_functions(capture, interventions, ctx, store)
+        with torch.no_grad(), self.hooked(ctx, fns):
+            target = self.lm.model if logits else self.lm.model.base_model
+            extra = {"logits_to_keep": 1} if logits == "last" else {}
+            out = target(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **{self._cache_kw(): cache}, **extra)
+        acts = {s: self._reassemble(pstore[s], a, batch.pads) for s, a in store.items()}
+        out_logits = None
+        if logits == "last":
+            out_logits = out.logits
+        elif full:
+            out_logits = self._reassemble(plogits, out.logits, batch.pads)
+        return RunOutput(out_logits, self._remap(acts, capture, self.n_layers))
 
     def generate(
         self,
@@ -117,7 +231,17 @@ class NativeBackend(Backend):
         repetition penalty) are appended to it: what a forward over the prompts alone gives."""
         model = self.lm.model
         batch = batch.to(self.lm.device)
-        ctx = self.context(batch)
+        n = self.shared_prefix(batch, interventions)
+        gen_in: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if n:  # the shared prefix once; generate continues from its repeated cache
+            cache, _, _ = self._prefix_pass(batch, n, interventions, (), False)
+            ids, mask, _ = self._suffix(batch, n, self.pad_id())
+            prefix = batch.input_ids[:1, int(batch.pads[0]):int(batch.pads[0]) + n].expand(batch.size, n)
+            gen_in = {"input_ids": torch.cat([prefix, ids], dim=1), "attention_mask": mask, self._cache_kw(): cache}
+            ctx = HookContext(pads=batch.pads.clone(), prompt_width=batch.width, n_post=batch.n_post, offset=n,
+                              shared=n)
+        else:
+            ctx = self.context(batch)
         fns = self.site_functions((), interventions, ctx, None)
         kw = self.hf_generate_kwargs(max_new_tokens, do_sample, temperature, top_p)
         if do_sample:
@@ -134,8 +258,7 @@ class NativeBackend(Backend):
             handle = head.register_forward_hook(record)
         try:
             with torch.no_grad(), self.hooked(ctx, fns):
-                out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True,
-                                     **kw)
+                out = model.generate(**gen_in, use_cache=True, **kw)
         finally:
             if handle is not None:
                 handle.remove()
