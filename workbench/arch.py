@@ -138,3 +138,25 @@ def count_hooks(model: nn.Module) -> int:
     n += len(getattr(torch.nn.modules.module, "_global_forward_hooks", {}))
     n += len(getattr(torch.nn.modules.module, "_global_forward_pre_hooks", {}))
     return n
+
+
+def cache_kwarg(model: Any) -> str:
+    """transformers 5 calls the KV-cache argument ``cache``; older releases ``past_key_values``."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def new_cache(model: Any) -> Any:
+    """An empty KV cache for ``model``."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # pragma: no cover - older transformers
+        return DynamicCache()
+

@@ -46,6 +46,15 @@ class HookContext:
     n_post: int
     offset: int = 0
     shared: int = 0
+    #: the caller's row ids of the current batch rows (``None``: 0..B-1); rows dropped mid-generation keep
+    #: the others' ids stable, so a row-restricted intervention (:class:`OnRows`) still finds its rows
+    rows: torch.Tensor | None = None
+
+    def row_ids(self, device: torch.device) -> torch.Tensor:
+        """The caller's id of every current row ``[B]``."""
+        if self.rows is None:
+            return torch.arange(self.pads.shape[0], device=device)
+        return self.rows.to(device)
 
     def mask(self, apply_to: ApplyTo, chunk_len: int, device: torch.device) -> torch.Tensor:
         """Boolean [B, chunk_len] of the positions to touch."""
@@ -201,6 +210,43 @@ class FunctionIntervention(Intervention):
         if not isinstance(out, torch.Tensor) or out.shape != act.shape:
             raise WorkbenchError(f"an intervention function must return a tensor of shape {tuple(act.shape)}")
         return out
+
+
+class OnRows(Intervention):
+    """``inner`` applied to some rows of the batch only, so several settings share one batched pass
+    (each prompt repeated once per setting; the caller's row ids, :attr:`HookContext.rows`).
+
+    >>> import torch
+    >>> from workbench.sites import Site
+    >>> iv = OnRows(Addition(Site(0, "resid_pre"), torch.ones(2)), rows=[1])
+    >>> ctx = HookContext(pads=torch.zeros(2, dtype=torch.long), prompt_width=1, n_post=0)
+    >>> iv(torch.zeros(2, 1, 2), ctx)[:, 0].tolist()
+    [[0.0, 0.0], [1.0, 1.0]]
+    """
+
+    # not split into a shared-prefix pass: the prefix pass runs one row for every setting
+    position_wise: ClassVar[bool] = False
+
+    def __init__(self, inner: Intervention, rows: Sequence[int] | torch.Tensor) -> None:
+        self.inner = inner
+        self.site = inner.site
+        self.apply_to = inner.apply_to
+        self.rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+
+    def edit(self, act: torch.Tensor) -> torch.Tensor:
+        return self.inner.edit(act)
+
+    def __call__(self, act: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+        on = torch.isin(ctx.row_ids(act.device), self.rows.to(act.device))
+        if not bool(on.any()):
+            return act
+        m = ctx.mask(self.apply_to, act.shape[1], act.device) & on.unsqueeze(1)
+        if not bool(m.any()):
+            return act
+        return torch.where(m.unsqueeze(-1), self.inner.edit(act), act)
+
+    def __repr__(self) -> str:
+        return f"OnRows({self.inner!r}, rows={self.rows.tolist()})"
 
 
 def ablation_everywhere(direction: torch.Tensor, n_layers: int) -> list[Intervention]:

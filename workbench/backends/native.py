@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from workbench.arch import cache_kwarg
 from workbench.backends.base import Backend, RunOutput, SiteFn
 from workbench.chat import Batch
 from workbench.interventions import HookContext, Intervention
@@ -90,12 +91,6 @@ class NativeBackend(Backend):
         cache = getattr(out, "cache", None) or out.past_key_values
         cache.batch_repeat_interleave(batch.size)
         return cache, store, (out.logits if logits else None)
-
-    def _cache_kw(self) -> str:
-        """The forward / generate keyword of a KV cache (``cache`` from transformers 5.x, else the old name)."""
-        import inspect
-
-        return "cache" if "cache" in inspect.signature(type(self.lm.model).forward).parameters else "past_key_values"
 
     @staticmethod
     def _suffix(batch: Batch, n: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -205,7 +200,7 @@ class NativeBackend(Backend):
             target = self.lm.model if logits else self.lm.model.base_model
             extra = {"logits_to_keep": 1} if logits == "last" else {}
             out = target(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                         **{self._cache_kw(): cache}, **extra)
+                         **{cache_kwarg(self.lm.model): cache}, **extra)
         acts = {s: self._reassemble(pstore[s], a, batch.pads) for s, a in store.items()}
         out_logits = None
         if logits == "last":
@@ -237,7 +232,7 @@ class NativeBackend(Backend):
             cache, _, _ = self._prefix_pass(batch, n, interventions, (), False)
             ids, mask, _ = self._suffix(batch, n, self.pad_id())
             prefix = batch.input_ids[:1, int(batch.pads[0]):int(batch.pads[0]) + n].expand(batch.size, n)
-            gen_in = {"input_ids": torch.cat([prefix, ids], dim=1), "attention_mask": mask, self._cache_kw(): cache}
+            gen_in = {"input_ids": torch.cat([prefix, ids], dim=1), "attention_mask": mask, cache_kwarg(self.lm.model): cache}
             ctx = HookContext(pads=batch.pads.clone(), prompt_width=batch.width, n_post=batch.n_post, offset=n,
                               shared=n)
         else:

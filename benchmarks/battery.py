@@ -1,0 +1,106 @@
+"""Time of the app's default "score this setting" (harm + utility batteries for the unmodified model, an
+ablation column, an addition column and the random control of the ablation) on the default model, with the
+settings decoded in one batch (the default) vs one after another, in one process (interleaved repeats).
+
+    .venv/bin/python benchmarks/battery.py [--model qwen2.5-coder-0.5b-instruct] [--direction FILE] [--repeats 1]
+
+The direction is the main job's selected direction when ``--direction`` names its file
+(``runs/main/steering/selected_direction.safetensors``), else a difference in means at ``--layer`` (default
+16, the main job's choice on the default model) from 32 + 32 training prompts, as the app does without a run.
+Prints the seconds of each path, their ratio, and checks that both paths give the same numbers (every rate
+and mean of the summary; replies may differ only where float rounding flips a greedy choice, counted).
+Writes ``benchmarks/results/battery.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from steering.battery import BatteryConfig, make_setting, run_battery  # noqa: E402
+from steering.directions import random_like  # noqa: E402
+from workbench.backends import get_backend  # noqa: E402
+from workbench.loading import load_model  # noqa: E402
+
+KEYS = ("refusal_rate", "harm_rate", "refusal_logit", "pass_rate", "answer_nll", "kl")
+
+
+def _direction(args: argparse.Namespace, lm: object):
+    if args.direction:
+        from workbench.vectors import load_directions
+
+        return load_directions(args.direction)[0]
+    from steering.directions import mean_diff_directions
+    from workbench.prompts import builtin_split
+
+    h = builtin_split("harmful", "train").texts[:32]
+    b = builtin_split("harmless", "train").texts[:32]
+    dirs = mean_diff_directions(lm, h, b, layers=[args.layer])
+    return [d for d in dirs if d.position == "pos-1"][0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--direction", default=None)
+    ap.add_argument("--layer", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=3.0, help="strength of the addition column")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "battery.json"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t = time.perf_counter()
+    lm = load_model(args.model)
+    load_s = time.perf_counter() - t
+    be = get_backend("native", lm)
+    d = _direction(args, lm)
+    n = be.n_layers
+    settings = [make_setting("unmodified", "none", None, be.n_layers),
+                make_setting("A: ablation", "ablation", d, be.n_layers),
+                make_setting("B: addition", "addition", d, be.n_layers, strength=args.alpha),
+                make_setting("random control of A", "ablation", random_like(d, seed=1), be.n_layers,
+                             info={"control": True})]
+    cfg = BatteryConfig()
+    times: dict[str, list[float]] = {"joint": [], "one_by_one": []}
+    results = {}
+    for _ in range(args.repeats):
+        for mode in ("joint", "one_by_one"):
+            t = time.perf_counter()
+            results[mode] = run_battery(be, None, settings, cfg, joint=(mode == "joint"))
+            times[mode].append(time.perf_counter() - t)
+            print(f"{mode}: {times[mode][-1]:.1f} s", flush=True)
+    diffs = {}
+    for a, b in zip(results["joint"].summary, results["one_by_one"].summary):
+        diffs[a["setting"]] = {k: abs(a[k] - b[k]) for k in KEYS}
+    ja, ob = results["joint"].items, results["one_by_one"].items
+    n_reply_diff = sum(1 for x, y in zip(ja, ob) if x.get("reply") != y.get("reply"))
+    res = {
+        "model": args.model, "threads": torch.get_num_threads(), "n_layers": n, "load_seconds": round(load_s, 1),
+        "config": asdict(cfg),
+        "settings": [s.name for s in settings], "direction": {"layer": d.layer, "position": d.position},
+        "seconds_joint": [round(x, 1) for x in times["joint"]],
+        "seconds_one_by_one": [round(x, 1) for x in times["one_by_one"]],
+        "ratio_one_by_one_over_joint": round(min(times["one_by_one"]) / min(times["joint"]), 2),
+        "max_abs_summary_difference": max(max(v.values()) for v in diffs.values()),
+        "replies_that_differ": n_reply_diff, "replies": len(ja),
+        "summary_joint": [{k: r[k] for k in ("setting",) + KEYS + ("seconds",)} for r in results["joint"].summary],
+    }
+    print(json.dumps({k: v for k, v in res.items() if k != "summary_joint"}, indent=1))
+    for r in res["summary_joint"]:
+        print(r)
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
