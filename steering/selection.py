@@ -21,6 +21,10 @@ Two paths choose the same way among the candidates they score exactly:
   the next ``top_k`` by estimate follow; if no candidate passes at all, every candidate is scored and the
   fallback is today's (lowest ablation score, flagged). Rows record the estimates (``ablation_score_est``, ``steering_score_est``, ``est_rank``), the exact
   scores where computed (NaN elsewhere) and ``exact`` (``full`` / ``ablation`` / ``none``).
+
+The exact scores of a candidate are one :class:`ExactTask` of an executor (:mod:`workbench.executors`): in this
+process (default) or on Ray workers that each load the model once; the baselines and the gradient screen always
+run in this process, and the rows are the same either way.
 """
 
 from __future__ import annotations
@@ -73,17 +77,87 @@ def exact_filter_scores(backend: Backend, fmt: ChatFormat | None, direction: Dir
     return kl, steer
 
 
+@dataclass(frozen=True)
+class ExactTask:
+    """Exact scores of one candidate (an executor task): its ablation score and / or its filter scores (KL and
+    steering score; with ``kl_max``, a KL above it skips the steering pass)."""
+
+    candidate: int
+    ablation: bool
+    filters: bool
+    kl_max: float | None = None
+
+
+@dataclass
+class _Scorer:
+    """A worker's state for exact scoring: the model's backend and everything every candidate is scored on."""
+
+    backend: Backend
+    fmt: ChatFormat | None
+    candidates: Sequence[Direction]
+    harmful_val: Sequence[str]
+    harmless_val: Sequence[str]
+    reference: torch.Tensor  # next-token log-probabilities of the unmodified model on harmless_val (KL reference)
+    alpha: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """What a worker in another process needs to build a :class:`_Scorer`: how to load the model
+    (:class:`workbench.executors.ModelSpec`), the backend's name, and the (small) candidates, prompts and KL
+    reference."""
+
+    model: Any
+    backend: str
+    fmt: ChatFormat | None
+    candidates: tuple[Direction, ...]
+    harmful_val: tuple[str, ...]
+    harmless_val: tuple[str, ...]
+    reference: torch.Tensor
+    alpha: float
+    batch_size: int
+
+    def build(self) -> _Scorer:
+        from workbench.backends import get_backend
+
+        be = get_backend(self.backend, self.model.load())
+        return _Scorer(be, self.fmt, self.candidates, self.harmful_val, self.harmless_val, self.reference,
+                       self.alpha, self.batch_size)
+
+
+def exact_scores(state: _Scorer, task: ExactTask) -> dict[str, float]:
+    """The executor's task function: ``ablation_score`` and / or ``kl`` and ``steering_score`` of one candidate."""
+    d = state.candidates[task.candidate]
+    out: dict[str, float] = {}
+    if task.ablation:
+        out["ablation_score"] = exact_ablation_score(state.backend, state.fmt, d, state.harmful_val,
+                                                     batch_size=state.batch_size)
+    if task.filters:
+        out["kl"], out["steering_score"] = exact_filter_scores(state.backend, state.fmt, d, state.harmless_val,
+                                                               reference=state.reference, alpha=state.alpha,
+                                                               batch_size=state.batch_size, kl_max=task.kl_max)
+    return out
+
+
 def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Sequence[Direction], *,
                      harmful_val: Sequence[str], harmless_val: Sequence[str], kl_max: float = 0.1,
                      max_layer_frac: float = 0.8, alpha: float = 1.0, batch_size: int = 16,
                      progress: bool = True, screen: bool = False, top_k: int = 5, estimate: bool = True,
-                     screen_batch_size: int = 8) -> SelectionResult:
+                     screen_batch_size: int = 8, executor: Any = None, model: Any = None) -> SelectionResult:
     """Select one candidate (see the module docstring for the two paths).
 
     ``screen``: gradient-screened selection (exact scores for the ``top_k`` best estimates, more groups only
     when none of them passes the filters); otherwise every candidate is scored exactly and, with ``estimate``,
     the first-order estimates and their rank correlation with the exact scores are recorded as well.
-    ``screen_batch_size``: prompts per forward and backward pass of the screening (memory)."""
+    ``screen_batch_size``: prompts per forward and backward pass of the screening (memory).
+
+    ``executor`` (:mod:`workbench.executors`; default local): where the exact scores are computed, one task
+    per candidate (:class:`ExactTask`). The baselines and the gradient screen always run here, on ``backend``.
+    Locally everything runs on ``backend`` in today's order. On Ray each worker loads the model once from
+    ``model`` (a :class:`workbench.executors.ModelSpec`) with the backend of the same name; the filters of a
+    group are then checked ``workers`` candidates at a time in the same order, and only the results up to the
+    first candidate that passes are kept, so the rows are those of a local run."""
     if not candidates:
         raise WorkbenchError("no candidate directions to select from")
     if top_k < 1:
@@ -132,18 +206,28 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
         bar = tqdm(total=len(nonzero) if not screen else min(top_k, len(nonzero)), desc="select", unit="candidate")
     counts = {"ablation": 0, "filters": 0}
     t_exact = time.perf_counter()
+    from workbench.executors import LocalExecutor
 
-    def score_ablation(i: int) -> None:
-        rows[i]["ablation_score"] = exact_ablation_score(backend, fmt, candidates[i], harmful_val,
-                                                         batch_size=batch_size)
+    executor = executor or LocalExecutor()
+    if executor.in_process:
+        def init() -> _Scorer:
+            return _Scorer(backend, fmt, candidates, harmful_val, harmless_val, ref, alpha, batch_size)
+    else:
+        if model is None:
+            raise WorkbenchError("select_direction on a Ray executor needs model= (a workbench.executors.ModelSpec: "
+                                 "how each worker loads the model)")
+        init = ScorerSpec(model, getattr(backend, "name", "native"), fmt, tuple(candidates), tuple(harmful_val),
+                          tuple(harmless_val), ref.detach().cpu(), alpha, batch_size).build
+
+    def commit_ablation(i: int, res: dict[str, float]) -> None:
+        rows[i]["ablation_score"] = res["ablation_score"]
         rows[i]["exact"] = "ablation"
         counts["ablation"] += 1
 
-    def check_filters(i: int) -> bool:
+    def commit_filters(i: int, res: dict[str, float]) -> bool:
         """Today's filters on candidate i (exact KL and steering score); True when it passes them all."""
         r, d = rows[i], candidates[i]
-        r["kl"], r["steering_score"] = exact_filter_scores(backend, fmt, d, harmless_val, reference=ref, alpha=alpha,
-                                                           batch_size=batch_size, kl_max=kl_max if screen else None)
+        r["kl"], r["steering_score"] = res["kl"], res["steering_score"]
         counts["filters"] += 1
         reasons = [x for x in [layer_reason(d)] if x]
         if r["kl"] > kl_max:
@@ -156,41 +240,57 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
             bar.update(1)
         return not reasons
 
+    def first_passing(order: list[int]) -> int | None:
+        """The first candidate of ``order`` that passes the filters, checked ``pool.size`` at a time; results
+        after it are dropped (a local pool checks one at a time, exactly as before)."""
+        for start in range(0, len(order), pool.size):
+            wave = order[start:start + pool.size]
+            res = pool.map(exact_scores, [ExactTask(i, False, True, kl_max) for i in wave])
+            for i, r in zip(wave, res):
+                if commit_filters(i, r):
+                    return i
+        return None
+
     chosen: int | None = None
     groups = 0
-    if not screen:
-        for i in nonzero:  # today's path: every candidate, three batched passes each
-            score_ablation(i)
-            check_filters(i)
-        passing = [i for i in nonzero if not rows[i]["filtered"]]
-        chosen = min(passing, key=lambda i: rows[i]["ablation_score"]) if passing else None
-    else:
-        eligible = [i for i in order if not layer_reason(candidates[i])]
-        for start in range(0, len(eligible), top_k):
-            group = eligible[start:start + top_k]
-            groups += 1
-            if bar is not None and start:
-                bar.total = bar.n + len(group)
-                bar.refresh()
-            for i in group:
-                score_ablation(i)
-            for i in sorted(group, key=lambda i: rows[i]["ablation_score"]):
-                if check_filters(i):
-                    chosen = i
+    with executor.pool(init) as pool:
+        if not screen:
+            # today's path: every candidate, three batched passes each (committed as each one arrives)
+            def both(k: int, r: dict[str, float]) -> None:
+                commit_ablation(nonzero[k], r)
+                commit_filters(nonzero[k], r)
+
+            pool.map(exact_scores, [ExactTask(i, True, True, None) for i in nonzero], on_result=both)
+            passing = [i for i in nonzero if not rows[i]["filtered"]]
+            chosen = min(passing, key=lambda i: rows[i]["ablation_score"]) if passing else None
+        else:
+            eligible = [i for i in order if not layer_reason(candidates[i])]
+            for start in range(0, len(eligible), top_k):
+                group = eligible[start:start + top_k]
+                groups += 1
+                if bar is not None and start:
+                    bar.total = bar.n + len(group)
+                    bar.refresh()
+                for i, r in zip(group, pool.map(exact_scores, [ExactTask(i, True, False) for i in group])):
+                    commit_ablation(i, r)
+                chosen = first_passing(sorted(group, key=lambda i: rows[i]["ablation_score"]))
+                if chosen is not None:
                     break
-            else:
-                continue
-            break
+        if chosen is None:  # as today: every non-zero candidate scored, the lowest ablation score taken anyway
+            rest = [i for i in nonzero if rows[i]["exact"] != "full"]
+            if bar is not None and rest:
+                bar.total = bar.n + len(rest)
+                bar.refresh()
+            def rest_done(k: int, r: dict[str, float]) -> None:
+                if "ablation_score" in r:
+                    commit_ablation(rest[k], r)
+                commit_filters(rest[k], r)
+
+            pool.map(exact_scores, [ExactTask(i, rows[i]["exact"] == "none", True, kl_max if screen else None)
+                                    for i in rest], on_result=rest_done)
+        worker_stats = pool.stats()
     fallback = chosen is None
-    if fallback:  # as today: every non-zero candidate scored, the lowest ablation score taken anyway
-        rest = [i for i in nonzero if rows[i]["exact"] != "full"]
-        if bar is not None and rest:
-            bar.total = bar.n + len(rest)
-            bar.refresh()
-        for i in rest:
-            if rows[i]["exact"] == "none":
-                score_ablation(i)
-            check_filters(i)
+    if fallback:
         chosen = min(nonzero, key=lambda i: rows[i]["ablation_score"])
         warnings.warn(f"every one of the {len(rows)} candidates failed a filter; selecting the lowest ablation score "
                       f"anyway (marked 'selected_despite_filters' in the table)", stacklevel=2)
@@ -216,6 +316,7 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
         "n_exact_filters": counts["filters"], "groups": groups if screen else None,
         "estimate_seconds": est.seconds if est is not None else None, "exact_seconds": t_exact,
         "screen_batch_size": screen_batch_size if est is not None else None,
+        "executor": {**executor.describe(), "worker_stats": worker_stats},
     }
     if est is not None:
         screening["selected_est_rank"] = best_row["est_rank"]

@@ -123,6 +123,11 @@ class ChainConfig:
     embedding_orientation: str = "stored"  # overlap and sweep: the embedding's left space as stored (the study's)
     write_dtype: str = "stored"  # sweep: projected tensors rounded to their stored dtype, or kept in float32
     progress: bool = True
+    # where the sweep's models are scored (workbench.executors); not part of any phase's resume key: a chain
+    # started locally resumes on Ray and the other way round
+    executor: str = "local"
+    ray_address: str | None = None
+    workers: int | None = None
 
     def validate(self) -> None:
         from weightspace.spectral import KINDS, check_fraction, check_grid
@@ -164,7 +169,14 @@ class ChainConfig:
                                  f"got {self.embedding_orientation!r}")
         if self.write_dtype not in WRITE_DTYPES:
             raise WorkbenchError(f"write_dtype must be one of {', '.join(WRITE_DTYPES)}, got {self.write_dtype!r}")
+        self.executor_()  # an unknown executor, a malformed or silent --ray-address: refused before any work
         self.check_pools()
+
+    def executor_(self) -> Any:
+        """The sweep phase's executor (:func:`workbench.executors.get_executor`)."""
+        from workbench.executors import get_executor
+
+        return get_executor(self.executor, self.ray_address, self.workers)
 
     @property
     def useful_data_source(self) -> str:
@@ -475,10 +487,14 @@ def _run_sweep(cfg: ChainConfig, out: Path, aligned_spec: str, lm: Any, fmt: Any
     scfg = SweepConfig(rhos=tuple(cfg.rhos), kinds=tuple(cfg.kinds), eval=ev, seed=cfg.seed,
                        write_dtype=cfg.write_dtype)
     run_sweep(aligned, ref, models, scfg, None, check_only=True)  # type: ignore[arg-type]
+    from workbench.executors import ModelSpec
+
+    model = ModelSpec(aligned_spec, dtype=cfg.dtype, attn_implementation=cfg.attn, checksum=lm.checksum)
     with RunFolder(out / "sweep", config={"command": "weightspace chain (sweep)", **pc,
                                           "system_prompt_used": fmt.system_prompt}, overwrite=True) as run:
         run.record_model(lm)
-        return run_sweep(aligned, ref, models, scfg, run, lm=lm, fmt=fmt, progress=cfg.progress)
+        return run_sweep(aligned, ref, models, scfg, run, lm=lm, fmt=fmt, progress=cfg.progress,
+                         executor=cfg.executor_(), model=model)
 
 
 # -- the driver -------------------------------------------------------------------------------------
@@ -717,6 +733,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                                    "code-task test split)")
     g.add_argument("--task-tokens", type=int, default=d.task_tokens, help="generation length, utility tasks")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    from workbench.executors import add_executor_args
+
+    add_executor_args(p)
 
 
 def config_from_args(args: argparse.Namespace) -> ChainConfig:
@@ -737,7 +756,8 @@ def config_from_args(args: argparse.Namespace) -> ChainConfig:
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), n_harmful=args.n_harmful,
         max_new_tokens=args.max_new_tokens, n_tasks=args.n_tasks, task_tokens=args.task_tokens,
         utility_task=getattr(args, "utility_task", "code"), eval_batch_size=args.eval_batch_size,
-        progress=not args.no_progress)
+        progress=not args.no_progress, executor=getattr(args, "executor", "local") or "local",
+        ray_address=getattr(args, "ray_address", None), workers=getattr(args, "workers", None))
 
 
 def cmd_chain(args: argparse.Namespace) -> int:

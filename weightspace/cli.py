@@ -25,6 +25,7 @@ from typing import Any
 from workbench.argtypes import (finite_float, finite_float_list, input_paths, one_line_errors, positive_int,
                                 seed_int)
 from workbench.errors import WorkbenchError
+from workbench.executors import add_executor_args
 
 __all__ = ["register", "register_finetune_hook", "FINETUNE_CLI_MODULE"]
 
@@ -331,6 +332,7 @@ def cmd_project(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from workbench.chat import ChatFormat
     from workbench.argtypes import check_context
+    from workbench.executors import ModelSpec, executor_from_args
     from workbench.loading import load_model
     from workbench.runs import RunFolder, seed_everything
 
@@ -361,6 +363,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.directions:
         _check_directions(args, aligned, plan, reference, plan.select(cfg.selection))
     _check_finite(plan)
+    executor = executor_from_args(args)  # validated (a HOST:PORT must answer) before the model loads
     lm = load_model(args.aligned, dtype=args.dtype, device=args.device)
     sp = args.system_prompt
     if sp is None or sp == "default":
@@ -374,7 +377,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     run = RunFolder(args.out, config=vars(args) | {"command": "weightspace sweep", "system_prompt_used": sp},
                     overwrite=args.overwrite, inputs=inputs)
     run.record_model(lm)
-    res = run_sweep(aligned, reference, models, cfg, run, lm=lm, fmt=fmt, progress=not args.no_progress)
+    res = run_sweep(aligned, reference, models, cfg, run, lm=lm, fmt=fmt, progress=not args.no_progress,
+                    executor=executor, model=ModelSpec(args.aligned, dtype=args.dtype, device=args.device,
+                                                       checksum=lm.checksum))
     _print_sweep(res)
     print(f"results in {run.final}")
     return 0
@@ -483,6 +488,7 @@ def register(subparsers: Any) -> None:
     _add_svd(sw)
     _add_selection(sw)
     _add_out(sw)
+    add_executor_args(sw)
     sw.set_defaults(func=cmd_sweep)
 
     from weightspace.chain import __doc__ as chain_doc, add_arguments as add_chain_arguments

@@ -18,6 +18,11 @@ TopK - control, verdict higher / lower / no difference). ``E_k`` is the energy o
 1 % is a warning in ``results.json`` and on stderr); per-tensor energies go to ``energy_tensors.csv`` (for
 the bootstrap intervals of :mod:`weightspace.verdicts`).
 
+Each model scored is one :class:`SweepTask` of an executor (:mod:`workbench.executors`): ``local`` runs them
+in this process in order, on the model the caller loaded, exactly as before; ``ray`` hands them to workers
+that each load the aligned model and compute the reference SVDs once (:class:`SweepWorker`). Either way only
+this process writes the run folder, and the rows are the same.
+
 Example::
 
     >>> SweepConfig(rhos=(0.25, 0.5), kinds=("topk", "random")).experiments({"useful"})
@@ -29,6 +34,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from workbench.errors import WorkbenchError
@@ -45,7 +51,8 @@ from weightspace.projection import (WRITE_DTYPES, ProjectionConfig, projected_te
 from weightspace.reference import Reference
 from weightspace.spectral import KINDS, check_grid
 
-__all__ = ["DEFAULT_RHOS", "ROLES", "SweepConfig", "SweepResult", "run_sweep", "paired_topk_vs_controls"]
+__all__ = ["DEFAULT_RHOS", "ROLES", "SweepConfig", "SweepResult", "SweepTask", "SweepTaskResult", "SweepWorker",
+           "SweepWorkerSpec", "sweep_tasks", "run_sweep", "paired_topk_vs_controls"]
 
 DEFAULT_RHOS = (0.01, 0.25, 0.5, 0.75, 0.99)
 ROLES = ("useful", "harmful", "contaminated")
@@ -145,14 +152,150 @@ def paired_topk_vs_controls(points: list[dict[str, Any]], items: dict[str, dict[
     return out
 
 
+@dataclass(frozen=True)
+class SweepTask:
+    """One model to score: a baseline (``experiment`` None: a checkpoint as it is) or a grid point (the
+    ``role``'s update projected with ``mode`` / ``rho`` / ``kind``). Small and picklable: an executor task."""
+
+    config: str  # the config id: results.csv's ``config`` and the folder under evals/
+    role: str  # "aligned" or a model role (useful, harmful, contaminated)
+    scores: tuple[str, ...]  # "utility" and / or "harm"
+    name: str | None = None  # baselines: the name in baselines.csv / results.json
+    experiment: str | None = None
+    mode: str | None = None
+    rho: float | None = None
+    kind: str | None = None
+
+
+@dataclass
+class SweepTaskResult:
+    """What one scored model sends back to the driver: metrics, per-item rows and (grid points) energies."""
+
+    metrics: dict[str, float]
+    items: dict[str, list[dict[str, Any]]]
+    energy: dict[str, Any] = field(default_factory=dict)  # EnergyTable.summary() of the written update
+    energy_kept_unrounded: float | None = None
+    energy_rows: list[dict[str, Any]] = field(default_factory=list)  # layer / module / model levels
+    tensor_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SweepWorkerSpec:
+    """What a worker on another process or machine needs to rebuild the sweep's state: checkpoint paths (the
+    :class:`Checkpoint` objects hold paths and headers only), the reference, the configs, the evaluation items
+    and how to load the aligned model."""
+
+    aligned: Checkpoint
+    reference: Reference
+    models: dict[str, Checkpoint]
+    cfg: "SweepConfig"
+    sets: EvalSets
+    fmt: Any
+    model: Any  # workbench.executors.ModelSpec
+
+
+class SweepWorker:
+    """The aligned model loaded once, its tensors swapped in place for every model scored, and the reference
+    SVD of every tensor a projection touches (computed once per worker)."""
+
+    def __init__(self, aligned: Checkpoint, reference: Reference, models: dict[str, Checkpoint], cfg: "SweepConfig",
+                 sets: EvalSets, fmt: Any, lm: Any, *, progress: bool = False) -> None:
+        from workbench.backends import get_backend
+
+        self.aligned, self.reference, self.models, self.cfg, self.sets, self.fmt = \
+            aligned, reference, models, cfg, sets, fmt
+        cks = unique_checkpoints(("aligned", aligned), *models.items(), *reference.checkpoints().items())
+        self.plan = match_checkpoints(cks)
+        self.tensors = self.plan.tensors
+        self.backend = get_backend("native", lm)
+        self.state = InMemoryModel(lm, self.tensors)
+        todo = [t for t in self.plan.select(cfg.selection) if reference.covers(t)]
+        self.prepared = {t.name: reference.prepare(t, kinds=cfg.kinds, max_rho=max(cfg.rhos))
+                         for t in _progress(todo, progress, "reference SVDs", "tensor")}
+
+    @classmethod
+    def from_spec(cls, spec: SweepWorkerSpec) -> "SweepWorker":
+        """Load the model from ``spec.model`` (on a worker) and build the state."""
+        return cls(spec.aligned, spec.reference, spec.models, spec.cfg, spec.sets, spec.fmt, spec.model.load())
+
+    def load_state(self, ck: Checkpoint) -> None:
+        for info in self.tensors:
+            self.state.set(info.name, to_stored(load_f32(ck, info), info, self.aligned.dtype(info.name)))
+
+    def run(self, task: SweepTask) -> SweepTaskResult:
+        """Write the task's model into the loaded one (every tensor of the plan) and score it."""
+        cfg = self.cfg
+        out = SweepTaskResult({}, {})
+        if task.experiment is None:
+            self.load_state(self.aligned if task.role == "aligned" else self.models[task.role])
+        else:
+            pcfg = ProjectionConfig(mode=task.mode, rho=task.rho, kind=task.kind, selection=cfg.selection,
+                                    unselected=cfg.unselected, seed=cfg.seed, write_dtype=cfg.write_dtype)
+            energy, energy_u = EnergyTable(), EnergyTable()
+            for info, w, rec in projected_tensors(self.plan, self.tensors, self.aligned, self.models[task.role],
+                                                  self.reference, pcfg, prepared=self.prepared):
+                self.state.set(info.name, to_stored(w, info, self.aligned.dtype(info.name)
+                                                    if cfg.write_dtype == "stored" else w.dtype))  # w: float32
+                if rec.selected:
+                    energy.add(info.role, kept=rec.kept, total=rec.total, expected=rec.energy_random)
+                    energy_u.add(info.role, kept=rec.kept_unrounded, total=rec.total, expected=rec.energy_random)
+                    out.tensor_rows.append({"config": task.config, "experiment": task.experiment, "model": task.role,
+                                            "mode": task.mode, "rho": task.rho, "kind": task.kind, "tensor": info.name,
+                                            "layer": info.role.layer_key, "module": info.module, "kept": rec.kept,
+                                            "kept_unrounded": rec.kept_unrounded, "total": rec.total, "k": rec.k,
+                                            "d": rec.d})
+            out.energy = energy.summary()
+            out.energy_kept_unrounded = energy_u.summary().get("energy_kept")
+            out.energy_rows = [{"config": task.config, **r} for r in energy.all_rows() if r["level"] != "tensor"]
+        out.metrics, out.items = score_model(self.backend, self.sets, self.fmt, cfg.eval,
+                                             utility="utility" in task.scores, harm="harm" in task.scores)
+        return out
+
+
+def _run_task(worker: SweepWorker, task: SweepTask) -> SweepTaskResult:
+    """The executor's task function (module level, so a Ray worker finds it by name)."""
+    return worker.run(task)
+
+
+def sweep_tasks(cfg: SweepConfig, roles: set[str], uses_rho: bool = True) -> list[SweepTask]:
+    """Every model a sweep scores, in the order of the files: the baselines (aligned, then each fine-tune with
+    its full update), then the grid (experiment x rho x kind).
+
+    Example::
+
+        >>> [t.config for t in sweep_tasks(SweepConfig(rhos=(0.5,), kinds=("topk",)), {"useful"})]
+        ['baseline-aligned', 'baseline-useful', 'exp1-useful-topk-rho0.5']
+    """
+    exps = cfg.experiments(roles)
+    out = [SweepTask("baseline-aligned", "aligned", ("utility", "harm"), name="aligned")]
+    for _, role, _, scores in exps:
+        name = f"{role} (full update)"
+        out.append(SweepTask("baseline-" + name.split(" ")[0], role, scores, name=name))
+    for e, role, mode, scores in exps:
+        for rho in (cfg.rhos if uses_rho else (None,)):
+            for kind in cfg.kinds:
+                cid = f"{e}-{role}-{kind}" + (f"-rho{rho:g}" if rho is not None else "")
+                out.append(SweepTask(cid, role, scores, experiment=e, mode=mode, rho=rho, kind=kind))
+    return out
+
+
 def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Checkpoint], cfg: SweepConfig,
               run: RunFolder, *, lm: Any = None, fmt: Any = None, sets: EvalSets | None = None,
-              progress: bool = True, check_only: bool = False) -> SweepResult:
+              progress: bool = True, check_only: bool = False, executor: Any = None,
+              model: Any = None) -> SweepResult:
     """Run experiments 1/2 for the models given (roles ``useful``, ``harmful``, ``contaminated``).
 
     ``lm`` is the aligned model loaded once (loaded from ``aligned.folder`` when omitted). With
     ``check_only`` the function returns after validating everything (no model is loaded).
+
+    ``executor`` (:mod:`workbench.executors`; default local): where the models are scored, one task per
+    model (:func:`sweep_tasks`). Locally the task runs on ``lm`` in this process, exactly as before; on Ray each
+    worker loads the aligned model once from ``model`` (a :class:`workbench.executors.ModelSpec`; default:
+    ``aligned``'s folder, checked against ``lm``'s checksum when given) and computes its own reference SVDs.
+    Either way this process alone writes ``run``, and the rows are the same.
     """
+    from workbench.executors import LocalExecutor, ModelSpec
+
     t0 = time.perf_counter()
     unknown = [r for r in models if r not in ROLES]
     if unknown or not models:
@@ -163,78 +306,64 @@ def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Check
     validate_reference(reference, plan, plan.select(cfg.selection))
     for kind in cfg.kinds:
         reference.check_kind(kind)
-    exps = cfg.experiments(set(models))
     sets = sets or EvalSets.default(cfg.eval)
     if check_only:
         return SweepResult([], {}, 0.0)
-    if lm is None:
-        from workbench.loading import load_model
+    executor = executor or LocalExecutor()
+    built: list[SweepWorker] = []
+    if executor.in_process:
+        if lm is None:
+            from workbench.loading import load_model
 
-        lm = load_model(str(aligned.folder))
-    from workbench.backends import get_backend
+            lm = load_model(str(aligned.folder))
 
-    backend = get_backend("native", lm)
-    state = InMemoryModel(lm, tensors)
+        def init() -> SweepWorker:
+            built.append(SweepWorker(aligned, reference, models, cfg, sets, fmt, lm, progress=progress))
+            return built[-1]
+    else:
+        if model is None:
+            model = ModelSpec(str(aligned.folder), checksum=getattr(lm, "checksum", None))
+        init = partial(SweepWorker.from_spec, SweepWorkerSpec(aligned, reference, models, cfg, sets, fmt, model))
 
-    def load_state(ck: Checkpoint) -> None:
-        for info in tensors:
-            state.set(info.name, to_stored(load_f32(ck, info), info, aligned.dtype(info.name)))
+    tasks = sweep_tasks(cfg, set(models), reference.uses_rho)
 
-    # Reference state (one SVD per tensor) for every tensor a projection will touch.
-    todo = [t for t in plan.select(cfg.selection) if reference.covers(t)]
-    prepared = {t.name: reference.prepare(t, kinds=cfg.kinds, max_rho=max(cfg.rhos))
-                for t in _progress(todo, progress, "reference SVDs", "tensor")}
+    def save(i: int, res: SweepTaskResult) -> None:  # each model's items as soon as it is scored
+        _save_eval(run, tasks[i].config, res.items)
+
+    try:
+        with executor.pool(init) as pool:
+            results = pool.map(_run_task, tasks, progress=progress, desc="sweep", on_result=save)
+            worker_stats = pool.stats()
+    finally:
+        for w in built:
+            w.load_state(aligned)  # leave the caller's model as it came
+
     baselines: dict[str, dict[str, float]] = {}
     base_rows = []
-    todo_base = [("aligned", aligned, ("utility", "harm"))]
-    todo_base += [(f"{role} (full update)", models[role], scores) for _, role, _, scores in exps]
     items: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for name, ck, scores in todo_base:
-        load_state(ck)
-        metrics, prompt_rows = score_model(backend, sets, fmt, cfg.eval, utility="utility" in scores,
-                                           harm="harm" in scores)
-        cid = "baseline-" + name.split(" ")[0]
-        items[cid] = prompt_rows
-        _save_eval(run, cid, prompt_rows)
-        baselines[name] = metrics
-        base_rows.append({"config": cid, "model": name, **metrics})
-    run.write_csv("baselines.csv", base_rows)
-
-    grid = [(e, role, mode, scores, rho, kind) for e, role, mode, scores in exps
-            for rho in (cfg.rhos if reference.uses_rho else (None,)) for kind in cfg.kinds]
     rows: list[dict[str, Any]] = []
     energy_rows: list[dict[str, Any]] = []
     tensor_rows: list[dict[str, Any]] = []
     warnings: list[str] = []
-    for exp, role, mode, scores, rho, kind in _progress(grid, progress, "sweep", "model"):
-        pcfg = ProjectionConfig(mode=mode, rho=rho, kind=kind, selection=cfg.selection, unselected=cfg.unselected,
-                                seed=cfg.seed, write_dtype=cfg.write_dtype)
-        energy, energy_u = EnergyTable(), EnergyTable()
-        cid = f"{exp}-{role}-{kind}" + (f"-rho{rho:g}" if rho is not None else "")
-        for info, w, rec in projected_tensors(plan, tensors, aligned, models[role], reference, pcfg, prepared=prepared):
-            state.set(info.name, to_stored(w, info, aligned.dtype(info.name) if cfg.write_dtype == "stored"
-                                           else w.dtype))  # w: float32
-            if rec.selected:
-                energy.add(info.role, kept=rec.kept, total=rec.total, expected=rec.energy_random)
-                energy_u.add(info.role, kept=rec.kept_unrounded, total=rec.total, expected=rec.energy_random)
-                tensor_rows.append({"config": cid, "experiment": exp, "model": role, "mode": mode, "rho": rho,
-                                    "kind": kind, "tensor": info.name, "layer": info.role.layer_key,
-                                    "module": info.module, "kept": rec.kept, "kept_unrounded": rec.kept_unrounded,
-                                    "total": rec.total, "k": rec.k, "d": rec.d})
-        metrics, prompt_rows = score_model(backend, sets, fmt, cfg.eval, utility="utility" in scores,
-                                           harm="harm" in scores)
-        _save_eval(run, cid, prompt_rows)
-        items[cid] = prompt_rows
-        summ = energy.summary()
-        ek_u = energy_u.summary().get("energy_kept")
+    for task, res in zip(tasks, results):
+        cid, metrics = task.config, res.metrics
+        items[cid] = res.items
+        if task.experiment is None:
+            baselines[task.name] = metrics
+            base_rows.append({"config": cid, "model": task.name, **metrics})
+            continue
+        summ, ek_u = res.energy, res.energy_kept_unrounded
         warn = rounding_check(summ.get("energy_kept"), ek_u, where=f"{cid}: ")
         if warn:
             warnings.append(warn)
             print(f"[weightspace sweep] warning: {warn}", file=sys.stderr)
-        rows.append({"config": cid, "experiment": exp, "model": role, "mode": mode, "rho": rho, "kind": kind,
-                     "energy_kept": summ.get("energy_kept"), "energy_random": summ.get("energy_random"),
-                     "energy_over_random": summ.get("over_random"), "energy_kept_unrounded": ek_u, **metrics})
-        energy_rows += [{"config": cid, **r} for r in energy.all_rows() if r["level"] != "tensor"]
+        rows.append({"config": cid, "experiment": task.experiment, "model": task.role, "mode": task.mode,
+                     "rho": task.rho, "kind": task.kind, "energy_kept": summ.get("energy_kept"),
+                     "energy_random": summ.get("energy_random"), "energy_over_random": summ.get("over_random"),
+                     "energy_kept_unrounded": ek_u, **metrics})
+        energy_rows += res.energy_rows
+        tensor_rows += res.tensor_rows
+    run.write_csv("baselines.csv", base_rows)
     paired = paired_topk_vs_controls(rows, items, n_boot=cfg.eval.n_boot, seed=cfg.eval.seed)
     run.write_csv("results.csv", rows)
     run.write_csv("paired.csv", paired)
@@ -250,9 +379,9 @@ def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Check
                                     "config": cfg.describe(), "reference": reference.describe(),
                                     "eval_sets": sets.describe(),
                                     "plan": {"n_tensors": len(tensors), "skipped": plan.skipped, "notes": plan.notes},
+                                    "executor": {**executor.describe(), "worker_stats": worker_stats},
                                     "seconds": round(time.perf_counter() - t0, 2)})
     _plots(run, rows, baselines, reference.uses_rho, sets.utility_task)
-    load_state(aligned)  # leave the caller's model as it came
     return SweepResult(rows, baselines, time.perf_counter() - t0, paired)
 
 

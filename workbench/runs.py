@@ -36,7 +36,7 @@ from workbench.errors import WorkbenchError
 from workbench.io import save_figure, write_csv, write_json, write_text
 
 _PACKAGES = ("torch", "transformers", "safetensors", "numpy", "scipy", "scikit-learn", "transformer-lens",
-             "nnsight", "gradio", "peft", "safety-subspace-workbench")
+             "nnsight", "gradio", "peft", "ray", "safety-subspace-workbench")
 
 RUN_MARKER = "workbench_run.json"
 TOOL = "safety-subspace-workbench"
