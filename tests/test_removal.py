@@ -79,23 +79,16 @@ def test_verdict_rule_both_sides(harm, kl, alarming, met):
 
 
 @pytest.mark.slow
-def test_removal_cli_writes_every_condition(tmp_path):
+def test_removal_cli_writes_every_condition(tmp_path, monkeypatch):
+    from workbench.loading import load_model
+
     model, tok = build_tiny("llama", n_layers=3)
     folder = tmp_path / "tiny"
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", WORKBENCH_CACHE=str(tmp_path / "cache"))
-    old = os.environ.get("WORKBENCH_CACHE")
-    os.environ["WORKBENCH_CACHE"] = str(tmp_path / "cache")
-    try:
-        from workbench.loading import load_model
-
-        lm = load_model(str(folder))
-    finally:
-        if old is None:
-            os.environ.pop("WORKBENCH_CACHE", None)
-        else:
-            os.environ["WORKBENCH_CACHE"] = old
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))  # the checksum the CLI will see
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    lm = load_model(str(folder))
     d = _direction(lm)
     dfile = save_directions(tmp_path / "d.safetensors", [d])
     prof = AblationProfile(attn=Kernel(peak=0.9, position=1.0, floor=0.1, width=1.5),

@@ -25,7 +25,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.io import read_json, sha256_file, write_json
 from workbench.paths import cache_root, models_cache
-from workbench.zoo import DEFAULT_MODEL, ZOO, ZooEntry, get_entry, part_paths
+from workbench.zoo import DEFAULT_MODEL, ZOO, ZooEntry, get_entry, part_chunks, part_paths
 
 DTYPES = {
     "float32": torch.float32,
@@ -325,15 +325,10 @@ def _assemble_gguf(entry: ZooEntry, dest: Path) -> None:
     h = hashlib.sha256()
     n = 0
     with open(dest, "wb") as out:
-        for p in part_paths(entry):
-            with open(p, "rb") as f:
-                while True:
-                    b = f.read(1 << 22)
-                    if not b:
-                        break
-                    h.update(b)
-                    out.write(b)
-                    n += len(b)
+        for b in part_chunks(entry):
+            h.update(b)
+            out.write(b)
+            n += len(b)
     digest = h.hexdigest()
     if digest != entry.sha256:
         dest.unlink(missing_ok=True)

@@ -25,6 +25,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from workbench.errors import WorkbenchError
 
@@ -164,18 +165,24 @@ def is_installed(entry: ZooEntry) -> bool:
     return True
 
 
+def part_chunks(entry: ZooEntry, size: int = 1 << 22) -> Iterator[bytes]:
+    """The bytes of the entry's parts concatenated in order, in chunks of at most ``size`` (streamed)."""
+    for p in part_paths(entry):
+        with open(p, "rb") as f:
+            while True:
+                b = f.read(size)
+                if not b:
+                    break
+                yield b
+
+
 def parts_digest(entry: ZooEntry) -> tuple[str, int]:
     """``(sha256, bytes)`` of the entry's parts concatenated in order, streamed (nothing is written)."""
     h = hashlib.sha256()
     n = 0
-    for p in part_paths(entry):
-        with open(p, "rb") as f:
-            while True:
-                b = f.read(1 << 22)
-                if not b:
-                    break
-                h.update(b)
-                n += len(b)
+    for b in part_chunks(entry):
+        h.update(b)
+        n += len(b)
     return h.hexdigest(), n
 
 
