@@ -205,7 +205,8 @@ def greedy_decode(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | No
             if len(ended) == len(live):
                 break
             if ended:  # drop the ended rows from the batch and the cache
-                keep = [j for j in range(len(live)) if j not in set(ended)]
+                gone = set(ended)
+                keep = [j for j in range(len(live)) if j not in gone]
                 sel = torch.tensor(keep, dtype=torch.long, device=mask.device)
                 cache.batch_select_indices(sel)
                 mask, pos = mask[sel], pos[sel]
