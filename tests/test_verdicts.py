@@ -10,6 +10,8 @@ random baseline max(k)/d = 4/64.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -167,3 +169,45 @@ def test_planted_controls_distinct_and_entangled(controls):
                            {"safety~useful": strip(per["safety~useful"])})
         assert r["verdict"] == want, case
         assert r["pairs"]["safety~harmful"]["verdict"] == ("distinct" if case == "distinct" else "entangled")
+
+
+# -- the same controls through the chain's own overlap phase and Exp 3 verdict (weightspace.controls) -----------
+
+def test_controls_module_and_cli_come_out_distinct_and_entangled(tmp_path, capsys):
+    from workbench import cli as core
+
+    from weightspace.controls import planted_controls
+
+    # noise-free: exact MSO 0 / 1, so the verdicts cannot be luck
+    c = planted_controls(tmp_path / "exact", noise=0.0)
+    assert (c["planted_distinct"], c["planted_entangled"], c["passed"]) == ("distinct", "entangled", True)
+    d, e = c["details"]["planted_distinct"], c["details"]["planted_entangled"]
+    assert d["mso_mean"]["safety~harmful"] == pytest.approx(0.0, abs=1e-9)
+    assert e["mso_mean"]["safety~harmful"] == pytest.approx(1.0, abs=1e-9)
+    assert e["separability_safety_harmful"]["value"] == pytest.approx(64.0)  # 1 / (1/64): k = 1 at eta 0.5
+    assert (d["exp3"]["verdict"], e["exp3"]["verdict"]) == (V.FAILS, V.HOLDS)
+    # the chain's layout was used: each case is a chain folder with the overlap phase's outputs
+    assert (tmp_path / "exact" / "planted_distinct" / "overlap" / "overlap_tensors.csv").is_file()
+    # with dense noise on every update (the default) the verdicts still come out, from values near 0 and 1
+    rc = core.main(["weightspace", "controls", "--out", str(tmp_path / "cli")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "controls passed" in out
+    j = json.loads((tmp_path / "cli" / "controls.json").read_text())
+    assert (j["planted_distinct"], j["planted_entangled"], j["noise"]) == ("distinct", "entangled", 0.03)
+    assert 0 < j["details"]["planted_distinct"]["mso_mean"]["safety~harmful"] < 0.01
+    assert 0.95 < j["details"]["planted_entangled"]["mso_mean"]["safety~harmful"] < 1.0
+    # bad input: a clear refusal before any work, nothing written
+    assert core.main(["weightspace", "controls", "--out", str(tmp_path / "bad"), "--noise", "1.5"]) != 0
+    assert "--noise must be in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_controls_can_fail_when_noise_swamps_the_planted_structure(tmp_path):
+    """The controls' pass flag is not a constant: at noise 0.1 per entry (noise energy ~2-4x the planted
+    rank-4 energy) the entangled case no longer passes Exp 3 cleanly."""
+    from weightspace.controls import planted_controls
+
+    c = planted_controls(tmp_path, noise=0.1)
+    assert c["passed"] is False
+    e = c["details"]["planted_entangled"]["mso_mean"]["safety~harmful"]
+    assert 0.3 < e < 0.9  # far from the noise-free 1

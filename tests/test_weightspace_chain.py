@@ -259,3 +259,48 @@ def _paired_by_hand(path_a, path_b, column, negate):
 
 def _mtimes_existing(out):
     return {str(f): f.stat().st_mtime_ns for f in out.rglob(MARKER)}
+
+
+def test_study_report_from_the_chain_exp4_and_controls(chain_run, tmp_path, capsys):
+    """``weightspace study-report``: the chain's verdicts, Exp 4 on the aligned model and the planted controls in one
+    markdown + JSON pair with the keys a reviewer (and docs/study_default_model.json) needs."""
+    argv, out, _ = chain_run
+    model_dir = argv[argv.index("--model") + 1]
+    assert core.main(["overlap", "--model", model_dir, "--n-per-set", "5", "--n-boot", "2", "--etas", "0.5",
+                      "--out", str(tmp_path / "exp4")]) == 0
+    reading = tmp_path / "reading.md"
+    reading.write_text("Hand-written reading: nothing holds on a tiny random model.\n")
+    prefix = tmp_path / "docs" / "study_tiny"
+    rc = core.main(["weightspace", "study-report", "--chain", str(out), "--exp4", f"aligned={tmp_path / 'exp4'}",
+                    "--reading", str(reading), "--command", "workbench weightspace chain ...",
+                    "--images", str(tmp_path / "docs" / "img"), "--out", str(prefix)])
+    assert rc == 0, capsys.readouterr().err
+    j = json.loads(prefix.with_suffix(".json").read_text())
+    rep = json.loads((out / "chain_report.json").read_text())
+    assert j["aligned_utility"] == rep["sweep"]["baselines"]["aligned"]["utility_accuracy"]
+    assert j["n_harm_prompts"] == 2 and j["n_utility_tasks"] == 2  # SMALL: --n-harmful 2, --n-tasks 2
+    assert (j["controls"]["planted_distinct"], j["controls"]["planted_entangled"]) == ("distinct", "entangled")
+    for key in ("exp1_energy_parity", "exp1_rise_together", "exp2_no_selective_removal", "exp3_overlap",
+                "exp4_activation_overlap[aligned]"):
+        v = j["verdicts"][key]
+        assert set(v) == {"claim", "statistic", "value", "ci", "rule", "verdict"}, key
+        assert v["verdict"] in ("holds", "does not hold", "inconclusive"), key
+    for key, v in rep["verdicts"].items():  # every chain verdict is carried unchanged
+        assert j["verdicts"][key]["verdict"] == v["verdict"] and j["verdicts"][key]["value"] == v["value"]
+    s = json.loads((tmp_path / "exp4" / "overlap_summary.json").read_text())
+    assert j["verdicts"]["exp4_activation_overlap[aligned]"]["value"] == \
+        s["protocols"]["study"]["exp4"]["slice"]["verdict"]["value"]
+    assert sum(len(v) for v in j["verdict_counts"].values()) == len(j["verdicts"])
+    md = prefix.with_suffix(".md").read_text()
+    for text in ("## Verdicts", "Hand-written reading", "planted_distinct", "## Experiment 4",
+                 "workbench weightspace chain ...", "exp4_activation_overlap[aligned]"):
+        assert text in md, text
+    assert (tmp_path / "docs" / "img" / "exp4_overlap_protocols.png").is_file()
+    assert "](img/exp4_overlap_protocols.png)" in md
+    # bad input: a chain folder without its report, a malformed --exp4
+    assert core.main(["weightspace", "study-report", "--chain", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "no chain_report.json" in capsys.readouterr().err
+    assert core.main(["weightspace", "study-report", "--chain", str(out), "--exp4", "nolabel",
+                      "--out", str(tmp_path / "x")]) == 2
+    assert "LABEL=FOLDER" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()

@@ -498,6 +498,22 @@ def register(subparsers: Any) -> None:
     add_chain_arguments(ch)
     ch.set_defaults(func=cmd_chain)
 
+    from weightspace.controls import __doc__ as controls_doc, add_arguments as add_controls_arguments, cmd_controls
+
+    co = ws.add_parser("controls", help="positive/negative controls: planted distinct and entangled updates "
+                                        "through the chain's overlap phase and verdicts",
+                       description=controls_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_controls_arguments(co)
+    co.set_defaults(func=cmd_controls)
+
+    from weightspace.study_report import __doc__ as report_doc, add_arguments as add_report_arguments, cmd_report
+
+    rp = ws.add_parser("study-report", help="the study report (markdown + JSON) from a chain, Exp 4 runs and the "
+                                            "controls",
+                       description=report_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_report_arguments(rp)
+    rp.set_defaults(func=cmd_report)
+
     register_finetune_hook(subparsers)
     one_line_errors(p)
 

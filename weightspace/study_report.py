@@ -1,0 +1,279 @@
+"""``workbench weightspace study-report``: the study's verdicts on one model, as a reviewer reads them.
+
+Collects, into one markdown report and one JSON file:
+
+* the chain (``workbench weightspace chain``: experiments 1-3) — its verdicts (rules of
+  :mod:`weightspace.verdicts`, fixed before the run), timings, fine-tunes, tables and plots;
+* experiment 4 (``workbench overlap``: activation-subspace overlap, both protocols) on any number of models
+  (``--exp4 LABEL=RUN_FOLDER``, e.g. the aligned model and the useful and contaminated fine-tunes);
+* the positive and negative controls (:mod:`weightspace.controls`: planted distinct / entangled updates through
+  the chain's own overlap phase and Exp 3 verdict), read from ``--controls`` or run fresh into the report's
+  scratch folder.
+
+    workbench weightspace study-report --chain runs/study-default \\
+        --exp4 aligned=runs/exp4-aligned --exp4 useful=runs/exp4-useful \\
+        --controls runs/controls --out docs/study_default_model
+
+writes ``docs/study_default_model.md`` and ``docs/study_default_model.json``. The JSON holds at least
+``aligned_utility`` (the aligned model's utility-task score), ``n_harm_prompts``, ``controls``
+(``{"planted_distinct": verdict, "planted_entangled": verdict}``) and ``verdicts`` (claim key ->
+``{claim, statistic, value, ci, rule, verdict}``). ``--reading FILE`` adds a hand-written reading of the
+results (markdown) under its own heading; everything else is generated from the run folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import WorkbenchError
+
+__all__ = ["collect", "render", "add_arguments", "cmd_report"]
+
+VERDICT_KEYS = ("claim", "statistic", "value", "ci", "rule", "verdict")
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise WorkbenchError(f"cannot read {path}: {e}") from e
+
+
+def _slim(v: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.get(k) for k in VERDICT_KEYS}
+
+
+def _exp4(label: str, folder: Path) -> dict[str, Any]:
+    p = folder / "overlap_summary.json"
+    if not p.is_file():
+        raise WorkbenchError(f"--exp4 {label}={folder}: no overlap_summary.json there (run `workbench overlap "
+                             f"--out {folder}` first)")
+    s = _read(p)
+    out: dict[str, Any] = {"folder": str(folder), "eta": s.get("eta"), "slice_layers": (s.get("slice") or {}).get("layers"),
+                           "n_layers": s.get("n_layers"), "protocols": {}}
+    cfg_p = folder / "config.json"
+    if cfg_p.is_file():
+        c = _read(cfg_p)
+        out["model"] = c.get("model") or (c.get("args") or {}).get("model")
+    for proto, block in (s.get("protocols") or {}).items():
+        ex = block.get("exp4") or {}
+        row: dict[str, Any] = {"centered": block.get("centered"), "sets": block.get("sets"),
+                               "n_prompts": block.get("n_prompts")}
+        for which in ("slice", "all"):
+            e = ex.get(which)
+            if e:
+                row[which] = {k: e.get(k) for k in ("u_h", "u_h_ci", "h1_h2", "h1_h2_ci", "diff", "diff_ci", "ratio",
+                                                     "ratio_ci", "u_h_baseline", "h1_h2_baseline", "layer_ids")}
+                row[which]["verdict"] = _slim(e["verdict"]) if isinstance(e.get("verdict"), dict) else e.get("verdict")
+        out["protocols"][proto] = row
+    return out
+
+
+def collect(chain: str | Path, exp4: dict[str, str | Path] | None = None, controls: dict[str, Any] | None = None,
+            *, exp4_protocol: str = "study") -> dict[str, Any]:
+    """Everything the report shows, as one JSON-able dict (see the module docstring for the required keys)."""
+    chain = Path(chain)
+    rp = chain / "chain_report.json"
+    if not rp.is_file():
+        raise WorkbenchError(f"--chain {chain}: no chain_report.json there (the chain has not finished; resume it "
+                             f"with `workbench weightspace chain --out {chain} --resume`)")
+    rep = _read(rp)
+    base = (rep.get("sweep") or {}).get("baselines") or {}
+    aligned = base.get("aligned") or {}
+    es = (rep.get("sweep") or {}).get("eval_sets") or {}
+    t = rep.get("timings") or {}
+    verdicts = {k: _slim(v) for k, v in (rep.get("verdicts") or {}).items()}
+    e4 = {lab: _exp4(lab, Path(f)) for lab, f in (exp4 or {}).items()}
+    for lab, x in e4.items():
+        for proto, row in x["protocols"].items():
+            v = (row.get("slice") or {}).get("verdict")
+            if isinstance(v, dict) and proto == exp4_protocol:
+                verdicts[f"exp4_activation_overlap[{lab}]"] = v
+    out: dict[str, Any] = {
+        "model": rep.get("model"), "chain_folder": str(chain), "format": rep.get("format"),
+        "aligned_utility": aligned.get("utility_accuracy"),
+        "aligned_utility_ci": [aligned.get("utility_accuracy_lo"), aligned.get("utility_accuracy_hi")],
+        "utility_scorer": es.get("utility_scorer"), "n_utility_tasks": es.get("n_tasks"),
+        "n_harm_prompts": es.get("n_harmful"), "harm_pool": es.get("harmful"),
+        "baselines": base, "real_harmful_share": rep.get("real_harmful_share"),
+        "controls": None, "verdicts": verdicts,
+        "verdict_counts": {}, "exp4": e4, "exp4_protocol_in_verdicts": exp4_protocol,
+        "timings": {"chain_minutes": round(t["phase_seconds_sum_all_invocations"] / 60, 1)
+                    if t.get("phase_seconds_sum_all_invocations") is not None else None,
+                    "phases": {k: v.get("seconds_when_run", v.get("seconds")) for k, v in (t.get("phases") or {}).items()},
+                    "cpu_count": t.get("cpu_count"), "torch_threads": t.get("torch_threads")},
+        "config": rep.get("config"), "pools": rep.get("pools") or (rep.get("config") or {}).get("pools"),
+        "notes": rep.get("notes"), "plots": rep.get("plots"),
+    }
+    if controls is not None:
+        out["controls"] = {"planted_distinct": controls.get("planted_distinct"),
+                           "planted_entangled": controls.get("planted_entangled"),
+                           "passed": controls.get("passed"), "expected": controls.get("expected"),
+                           "details": controls.get("details")}
+    counts: dict[str, list[str]] = {}
+    for k, v in verdicts.items():
+        counts.setdefault(str(v.get("verdict")), []).append(k)
+    out["verdict_counts"] = counts
+    return out
+
+
+def _f(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, (int, float)):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _ci(ci: Any, nd: int = 3) -> str:
+    if not ci or ci[0] is None:
+        return "-"
+    return f"[{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]"
+
+
+def render(data: dict[str, Any], *, chain_summary: str = "", reading: str = "", commands: list[str] | None = None,
+           image_map: dict[str, str] | None = None) -> str:
+    """The markdown report."""
+    L: list[str] = [f"# The study on {data['model']}: verdicts with intervals, controls and timings\n"]
+    if commands:
+        L.append("Made with (from the repository root, on the machine named below):\n")
+        L.append("```\n" + "\n".join(commands) + "\n```\n")
+    tm = data.get("timings") or {}
+    L.append(f"- chain time: **{_f(tm.get('chain_minutes'), 1)} min** (sum of the phases, "
+             f"{tm.get('cpu_count')} CPU cores, {tm.get('torch_threads')} torch threads); per phase (s): "
+             + ", ".join(f"{k} {_f(v, 0)}" for k, v in (tm.get("phases") or {}).items()))
+    L.append(f"- aligned model's utility ({data.get('utility_scorer')}, {data.get('n_utility_tasks')} tasks): "
+             f"**{_f(data.get('aligned_utility'))}** {_ci(data.get('aligned_utility_ci'))}")
+    L.append(f"- harm evaluation: **{data.get('n_harm_prompts')} prompts** ({data.get('harm_pool')}), phrase rate "
+             f"and the continuous refusal-logit score, every sweep point with a 95 % bootstrap interval")
+    c = data.get("controls")
+    if c:
+        L.append(f"- controls (planted updates through the chain's overlap phase and verdicts): distinct -> "
+                 f"**{c['planted_distinct']}**, entangled -> **{c['planted_entangled']}** "
+                 f"({'as expected' if c.get('passed') else 'NOT as expected: the verdicts below cannot be trusted'})")
+    L.append("\n## Verdicts (rules fixed before the run: `weightspace/verdicts.py`, `workbench/verdict_rules.py`)\n")
+    L.append("| claim | statistic | value | 95 % CI | verdict |")
+    L.append("|---|---|---|---|---|")
+    for k, v in data["verdicts"].items():
+        L.append(f"| `{k}`: {v.get('claim')} | {v.get('statistic')} | {_f(v.get('value'), 4)} | "
+                 f"{_ci(v.get('ci'), 4)} | **{v.get('verdict')}** |")
+    L.append("\nRules:\n")
+    for k, v in data["verdicts"].items():
+        L.append(f"- `{k}`: {v.get('rule')}")
+    L.append("\nIn short: " + "; ".join(f"**{verdict}**: {', '.join(f'`{k}`' for k in keys)}"
+                                        for verdict, keys in data.get("verdict_counts", {}).items()) + ".")
+    if reading.strip():
+        L.append("\n## Reading\n")
+        L.append(reading.strip())
+    if c:
+        L.append("\n## Positive and negative controls\n")
+        L.append("| control | expected | safety~harmful (MSO / baseline [95 % CI]) | verdict | Exp 3 verdict | "
+                 "mean MSO useful~harmful / safety~harmful / safety~useful |")
+        L.append("|---|---|---|---|---|---|")
+        for case in ("planted_distinct", "planted_entangled"):
+            d = (c.get("details") or {}).get(case) or {}
+            s = d.get("separability_safety_harmful") or {}
+            m = d.get("mso_mean") or {}
+            L.append(f"| {case} | {(c.get('expected') or {}).get(case)} | {_f(s.get('value'), 2)} "
+                     f"{_ci(s.get('ci'), 2)} | **{c.get(case)}** | {(d.get('exp3') or {}).get('verdict')} | "
+                     f"{_f(m.get('useful~harmful'))} / {_f(m.get('safety~harmful'))} / {_f(m.get('safety~useful'))} |")
+        L.append("\nConstruction: `weightspace/controls.py` (`workbench weightspace controls --out DIR`).")
+    e4 = data.get("exp4") or {}
+    if e4:
+        L.append("\n## Experiment 4: activation-subspace overlap (both protocols)\n")
+        L.append("U~H = mean of MSO(U,H1) and MSO(U,H2); the noise ceiling is MSO(H1,H2); D = U~H − H1~H2; "
+                 "95 % subsampling intervals (prompt subsets without replacement).\n")
+        L.append("| model | protocol | layers | U~H [CI] | H1~H2 [CI] | D [CI] | baseline U~H / H1~H2 | verdict |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for lab, x in e4.items():
+            for proto, row in x["protocols"].items():
+                for which in ("slice", "all"):
+                    r = row.get(which)
+                    if not r:
+                        continue
+                    v = r.get("verdict")
+                    vv = v.get("verdict") if isinstance(v, dict) else v
+                    L.append(f"| {lab} | {proto} ({'centred' if row.get('centered') else 'uncentred'}) | "
+                             f"{which} | {_f(r.get('u_h'))} {_ci(r.get('u_h_ci'))} | {_f(r.get('h1_h2'))} "
+                             f"{_ci(r.get('h1_h2_ci'))} | {_f(r.get('diff'))} {_ci(r.get('diff_ci'))} | "
+                             f"{_f(r.get('u_h_baseline'))} / {_f(r.get('h1_h2_baseline'))} | "
+                             f"{vv if which == 'slice' else '(rule on the slice)'} |")
+        L.append("\nSets per protocol: " + "; ".join(
+            f"{proto}: {row.get('sets')}" for proto, row in next(iter(e4.values()))["protocols"].items()))
+    if image_map:
+        L.append("\n## Plots\n")
+        for src, dst in image_map.items():
+            L.append(f"![{Path(src).stem}]({dst})")
+    if chain_summary.strip():
+        L.append("\n## The chain's own summary (`chain_summary.md`)\n")
+        body = chain_summary.split("\n", 1)[1] if chain_summary.startswith("# ") else chain_summary
+        L.append(body.replace("\n## ", "\n### ").strip())
+    return "\n".join(L) + "\n"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chain", required=True, help="a finished chain folder (chain_report.json)")
+    p.add_argument("--exp4", action="append", default=[], metavar="LABEL=FOLDER",
+                   help="an experiment-4 run folder (`workbench overlap`), repeat for several models")
+    p.add_argument("--exp4-protocol", default="study", help="protocol whose slice verdict enters the verdict table")
+    p.add_argument("--controls", default=None,
+                   help="a `workbench weightspace controls` folder (controls.json); default: run them fresh")
+    p.add_argument("--reading", default=None, help="markdown file with a hand-written reading of the results")
+    p.add_argument("--command", action="append", default=[], help="a command line to print in the report (repeat)")
+    p.add_argument("--images", default=None,
+                   help="folder to copy the chain's and Exp 4's plots into (linked from the report)")
+    p.add_argument("--out", required=True, help="output prefix: writes PREFIX.md and PREFIX.json")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from workbench.io import write_json, write_text
+
+    exp4: dict[str, str] = {}
+    for item in args.exp4:
+        if "=" not in item:
+            raise WorkbenchError(f"--exp4 {item!r}: expected LABEL=FOLDER")
+        lab, folder = item.split("=", 1)
+        exp4[lab.strip()] = folder.strip()
+    if args.controls:
+        cp = Path(args.controls) / "controls.json"
+        if not cp.is_file():
+            raise WorkbenchError(f"--controls {args.controls}: no controls.json there (run `workbench weightspace "
+                                 f"controls --out {args.controls}`)")
+        controls = _read(cp)
+    else:
+        from weightspace.controls import planted_controls
+
+        with tempfile.TemporaryDirectory(prefix="wb-controls-") as tmp:
+            controls = planted_controls(tmp)
+    data = collect(args.chain, exp4, controls, exp4_protocol=args.exp4_protocol)
+    out = Path(args.out)
+    image_map: dict[str, str] = {}
+    if args.images:
+        img = Path(args.images)
+        img.mkdir(parents=True, exist_ok=True)
+        wanted = [Path(p) for p in data.get("plots") or []
+                  if any(s in Path(p).name for s in ("tradeoff", "overlap_heatmap_pooled", "mso_vs_eta", "energy"))]
+        for lab, f in exp4.items():
+            wanted += [Path(f) / "overlap_protocols.png"]
+        for src in wanted:
+            if src.is_file():
+                name = (src.parent.name + "_" + src.name) if src.parent.name not in ("", ".") else src.name
+                dst = img / name
+                shutil.copyfile(src, dst)
+                image_map[str(src)] = str(dst.relative_to(out.parent)) if dst.is_relative_to(out.parent) else str(dst)
+    summary_p = Path(args.chain) / "chain_summary.md"
+    reading = Path(args.reading).read_text(encoding="utf-8") if args.reading else ""
+    md = render(data, chain_summary=summary_p.read_text(encoding="utf-8") if summary_p.is_file() else "",
+                reading=reading, commands=args.command, image_map=image_map)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out.with_suffix(".json"), data)
+    write_text(out.with_suffix(".md"), md)
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}; verdicts: "
+          + ", ".join(f"{k}={v.get('verdict')}" for k, v in data["verdicts"].items()))
+    return 0
