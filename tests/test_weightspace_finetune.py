@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 
 import pytest
@@ -151,6 +152,55 @@ def test_full_finetune_reduces_training_loss_and_writes_run_folder(make_tiny, tm
     sd = res.model.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
     assert not list(p.parent.glob(".ft.tmp-*"))  # the temporary folder was renamed away
+
+
+def test_loss_sum_feeds_the_model_on_its_input_device(make_tiny):
+    """The batches are built on the CPU and moved to the device of the model's input embeddings at the point of
+    use (a GPU model trains on the GPU: tests/test_cuda.py); the targets follow the logits, the token count stays
+    on the host. A stand-in whose embeddings live on the 'meta' device records where its inputs arrive."""
+    from types import SimpleNamespace
+
+    from weightspace.finetune import input_device
+
+    lm = make_tiny("llama")
+    tok = lm.tokenizer
+    fmt = ChatFormat()
+    eot, _ = end_of_turn(tok, fmt)
+    rows = [tokenize_example(tok, fmt, Example(str(i), "useful", q, a), eot)
+            for i, (q, a) in enumerate([("What is 2 plus 2?", "4"), ("Name a colour.", "Blue, for example.")])]
+    batch = collate(rows, tok.pad_token_id)
+    vocab = lm.model.config.vocab_size
+
+    class Stand(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(vocab, 4, device="meta")
+            self.seen: dict = {}
+
+        def get_input_embeddings(self):
+            return self.emb
+
+        def forward(self, **kw):
+            self.seen = {k: v.device.type for k, v in kw.items() if isinstance(v, torch.Tensor)}
+            ids = kw["input_ids"]
+            return SimpleNamespace(logits=torch.zeros(ids.shape[0], kw["logits_to_keep"], vocab))  # on the CPU
+
+    m = Stand()
+    assert input_device(m).type == "meta" and input_device(lm.model).type == "cpu"
+    loss, n = _loss_sum(m, batch)
+    assert m.seen == {"input_ids": "meta", "attention_mask": "meta", "position_ids": "meta"}
+    assert batch["input_ids"].device.type == "cpu"  # the batch itself is not moved
+    want = sum(r.n_response for r in rows)
+    assert n == want and loss.device.type == "cpu"
+    assert float(loss) == pytest.approx(want * math.log(vocab), rel=1e-6)  # uniform logits: log V per token
+    # on the CPU nothing changes: the real model's loss is the full-logits cross-entropy
+    ls, k = _loss_sum(lm.model, batch)
+    with torch.no_grad():
+        full = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"]).logits.float()
+    ref = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, vocab), batch["labels"][:, 1:].reshape(-1),
+                                            ignore_index=-100, reduction="sum")
+    assert k == want and float(ls.detach()) == pytest.approx(float(ref), rel=1e-5)
 
 
 def test_seeded_runs_are_bit_identical(make_tiny, tmp_path):

@@ -1,5 +1,6 @@
-"""``--embedding-orientation`` and ``--write-dtype`` of ``workbench weightspace project|overlap|chain``:
-refused values are one-line errors before any work, given values reach the configs and are recorded.
+"""``--embedding-orientation`` and ``--write-dtype`` of ``workbench weightspace project|overlap|chain``, and
+``--device`` of ``workbench weightspace chain``: refused values are one-line errors before any work, given values
+reach the configs and are recorded (the device in no resume key; the GPU runs themselves: tests/test_cuda.py).
 
 Tiny Llama checkpoints (d_model 64, vocabulary 384, untied head) saved as Hugging Face folders in bfloat16, so
 ``--write-dtype float32`` is visible in the written file and the embedding's left space is 384-dimensional
@@ -139,3 +140,79 @@ def test_chain_flags_reach_the_config_the_sweep_and_the_resume_key(tmp_path):
     assert SweepConfig(write_dtype="float32").describe()["write_dtype"] == "float32"
     with pytest.raises(WorkbenchError, match="write_dtype must be one of stored, float32"):
         SweepConfig(write_dtype="half")
+
+
+# -- --device of the chain ------------------------------------------------------------------------------------
+
+def test_chain_help_lists_device(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        _main(monkeypatch, ["weightspace", "chain", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--device DEVICE" in out and "cuda:N" in out and "resume key" in out
+
+
+_BAD_DEVICES = [("tpu", "unknown device 'tpu'. Valid: cpu, cuda, cuda:N, mps"),
+                ("cuda:x", "unknown device 'cuda:x'. Valid: cpu, cuda, cuda:N, mps"),
+                ("meta", "unsupported device 'meta'. Valid: cpu, cuda, cuda:N, mps")]
+if not torch.cuda.is_available():
+    _BAD_DEVICES += [("cuda", "device 'cuda' requested but CUDA is not available here; use 'cpu'"),
+                     ("cuda:1", "device 'cuda:1' requested but CUDA is not available here; use 'cpu'")]
+
+
+@pytest.mark.parametrize("device, message", _BAD_DEVICES)
+def test_chain_refuses_an_unusable_device_before_any_work(ckpts, tmp_path, monkeypatch, capsys, device, message):
+    import workbench.loading as loading
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the device was checked")
+
+    monkeypatch.setattr(loading, "load_model", no_load)
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    rc = _main(monkeypatch, ["weightspace", "chain", "--model", str(ckpts["aligned"]), "--device", device,
+                             "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and "Traceback" not in err
+    assert lines == [f"error: {message}"], err
+    assert not out.exists() and list(work.iterdir()) == []  # nothing written
+
+
+def test_chain_refuses_cuda_with_the_ray_executor(monkeypatch):
+    """Ray workers request CPUs only and Ray hides the GPUs from them: refused in the config check (a GPU is
+    pretended here, so the device itself passes)."""
+    from weightspace.chain import ChainConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(WorkbenchError, match="--device cuda with --executor ray: the Ray workers request CPUs only"):
+        ChainConfig(device="cuda", executor="ray", workers=1).validate()
+    ChainConfig(device="cuda").validate()  # locally it is fine
+    ChainConfig(device="cpu", executor="ray", workers=1).validate()
+
+
+def test_chain_device_reaches_the_config_but_no_resume_key(tmp_path):
+    """A chain started on the CPU resumes on a GPU: the device is recorded (chain_config.json is the config's
+    to_dict) but every phase's resume key is the same for every device."""
+    from types import SimpleNamespace
+
+    from weightspace.chain import (FT_RECIPES, ChainConfig, _ft_phase_config, _overlap_phase_config,
+                                   _sweep_phase_config, config_from_args)
+    from workbench.chat import ChatFormat
+
+    ap = _parser()
+    base = ["weightspace", "chain", "--out", str(tmp_path / "c")]
+    d = config_from_args(ap.parse_args(base))
+    assert d.device == "cpu" == ChainConfig().device
+    d.validate()
+    fmt = ChatFormat()
+    lm = SimpleNamespace(model_id="tiny", checksum="0" * 64)
+    keys = {}
+    for dev in ("cpu", "cuda", "cuda:1", "mps"):
+        cfg = config_from_args(ap.parse_args([*base, "--device", dev]))
+        assert cfg.device == dev and cfg.to_dict()["device"] == dev  # recorded in chain_config.json
+        keys[dev] = ({r: _ft_phase_config(cfg, r, lm, fmt, tmp_path) for r in FT_RECIPES},
+                     _overlap_phase_config(cfg, tmp_path), _sweep_phase_config(cfg, tmp_path, fmt))
+        assert dev == "cpu" or keys[dev] == keys["cpu"], dev
+        assert "device" not in json.dumps(keys[dev])

@@ -1,7 +1,8 @@
-"""``workbench weightspace chain``: the whole study chain (experiments 1-3) from one command, on a CPU.
+"""``workbench weightspace chain``: the whole study chain (experiments 1-3) from one command, on a CPU or a GPU.
 
     workbench weightspace chain --model smollm2-135m-instruct --out runs/ws-chain-smollm2
     workbench weightspace chain --model smollm2-135m-instruct --out runs/ws-chain-smollm2 --resume
+    workbench weightspace chain --model smollm2-135m-instruct --out runs/ws-chain-smollm2 --device cuda
 
 Phases, each in its own sub-folder of ``--out``:
 
@@ -26,6 +27,14 @@ Phases, each in its own sub-folder of ``--out``:
 4. ``chain_report.json`` and ``chain_summary.md``: timings of every phase, the real harmful share, the key
    tables, the paths of all plots, and the findings as measured against the study's claims
    (:mod:`weightspace.chain_report`; the verdict rules: :mod:`weightspace.verdicts`).
+
+``--device`` (default ``cpu``; ``cuda``, ``cuda:N``, ``mps``; refused before any work where it is missing) is
+where the aligned model is loaded once, the recipes are built (refusal direction, ablated generations), the
+fine-tunes train and the sweep scores its models. The overlap phase and the sweep's projections are SVDs of
+checkpoint files on the CPU whatever the device. The device is recorded (``chain_config.json``,
+``chain_report.json``, each invocation in ``chain_invocations.jsonl``) but is in no phase's resume key: a chain
+started on the CPU may resume on a GPU and the other way round. ``--executor ray`` with a CUDA device is
+refused up front: the Ray workers request CPUs only, and Ray hides the GPUs from such workers.
 
 A phase is finished when its folder holds its result (a fine-tune's ``report.json``; the overlap and sweep
 ``chain_phase.json`` marker, written last). Without ``--resume`` an existing non-empty ``--out`` is refused
@@ -128,10 +137,15 @@ class ChainConfig:
     executor: str = "local"
     ray_address: str | None = None
     workers: int | None = None
+    # where the model is loaded, the recipes are built, the fine-tunes train and the sweep scores (cpu, cuda,
+    # cuda:N, mps); not part of any phase's resume key either: a chain started on the CPU resumes on a GPU
+    device: str = "cpu"
 
     def validate(self) -> None:
         from weightspace.spectral import KINDS, check_fraction, check_grid
+        from workbench.loading import parse_device
 
+        parse_device(self.device)  # an unknown device, or CUDA / MPS where there is none: refused before any work
         self.etas = tuple(check_grid(list(self.etas), "eta"))
         self.rhos = tuple(check_grid(list(self.rhos), "rho"))
         if self.plot_eta not in self.etas:
@@ -170,6 +184,9 @@ class ChainConfig:
         if self.write_dtype not in WRITE_DTYPES:
             raise WorkbenchError(f"write_dtype must be one of {', '.join(WRITE_DTYPES)}, got {self.write_dtype!r}")
         self.executor_()  # an unknown executor, a malformed or silent --ray-address: refused before any work
+        if self.executor != "local" and parse_device(self.device).type == "cuda":
+            raise WorkbenchError(f"--device {self.device} with --executor {self.executor}: the Ray workers request CPUs "
+                                 f"only and Ray hides the GPUs from them; use --executor local on a GPU")
         self.check_pools()
 
     def executor_(self) -> Any:
@@ -489,8 +506,9 @@ def _run_sweep(cfg: ChainConfig, out: Path, aligned_spec: str, lm: Any, fmt: Any
     run_sweep(aligned, ref, models, scfg, None, check_only=True)  # type: ignore[arg-type]
     from workbench.executors import ModelSpec
 
-    model = ModelSpec(aligned_spec, dtype=cfg.dtype, attn_implementation=cfg.attn, checksum=lm.checksum)
-    with RunFolder(out / "sweep", config={"command": "weightspace chain (sweep)", **pc,
+    model = ModelSpec(aligned_spec, dtype=cfg.dtype, device=cfg.device, attn_implementation=cfg.attn,
+                      checksum=lm.checksum)
+    with RunFolder(out / "sweep", config={"command": "weightspace chain (sweep)", **pc, "device": cfg.device,
                                           "system_prompt_used": fmt.system_prompt}, overwrite=True) as run:
         run.record_model(lm)
         return run_sweep(aligned, ref, models, scfg, run, lm=lm, fmt=fmt, progress=cfg.progress,
@@ -558,12 +576,14 @@ def _chain_body(cfg: ChainConfig, out: Path, *, resume: bool, overwrite: bool, s
 
     model = cfg.model or DEFAULT_MODEL
     say(f"loading {model} ...")
-    lm = load_model(model, dtype=cfg.dtype, attn_implementation=cfg.attn)
+    lm = load_model(model, dtype=cfg.dtype, device=cfg.device, attn_implementation=cfg.attn)
     fmt = _format(cfg, lm)
     aligned_spec = model
-    say(f"loaded {lm.model_id} ({lm.n_layers} layers, d_model {lm.d_model}) in {time.perf_counter() - t0:.1f} s; "
-        f"chat format: {'raw' if fmt.raw else 'chat template'}, system prompt: {fmt.system_prompt!r}")
-    phases["load_model"] = {"status": "ran", "seconds": round(time.perf_counter() - t0, 2), "load_1min": _load()}
+    say(f"loaded {lm.model_id} ({lm.n_layers} layers, d_model {lm.d_model}) on {lm.device} in "
+        f"{time.perf_counter() - t0:.1f} s; chat format: {'raw' if fmt.raw else 'chat template'}, system prompt: "
+        f"{fmt.system_prompt!r}")
+    phases["load_model"] = {"status": "ran", "seconds": round(time.perf_counter() - t0, 2), "load_1min": _load(),
+                            "device": str(lm.device)}
     total_phases = len(PHASES)
 
     for i, phase in enumerate(PHASES, start=1):
@@ -622,6 +642,7 @@ def _chain_body(cfg: ChainConfig, out: Path, *, resume: bool, overwrite: bool, s
     report = build_report(out, cfg, phases, fmt_info={"system_prompt": fmt.system_prompt, "raw": fmt.raw},
                           model=model)
     report["pools"] = describe_pools()  # name, source, size and hash of every disjoint prompt pool
+    report["device"] = cfg.device  # this invocation's (also in report["config"]); in no phase's resume key
     phases["summary"] = {"status": "ran", "seconds": round(time.perf_counter() - t0, 2)}
     wall = time.perf_counter() - t_all
     report["timings"] = {
@@ -637,6 +658,7 @@ def _chain_body(cfg: ChainConfig, out: Path, *, resume: bool, overwrite: bool, s
     with open(hist_path, "a", encoding="utf-8") as f:
         f.write(json.dumps({"started_utc": started, "finished_utc": report["timings"]["finished_utc"],
                             "wall_seconds": round(wall, 2), "resume": resume, "overwrite": overwrite,
+                            "device": cfg.device,
                             "torch_threads": _torch_threads(), "torch_threads_reason": why,
                             "phases_ran": [k for k, v in phases.items() if v.get("status") == "ran"
                                            and k in PHASES]}) + "\n")
@@ -685,6 +707,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=d.dtype)
     p.add_argument("--attn", choices=("eager", "sdpa"), default=d.attn,
                    help="attention kernel for generation and scoring (training always uses sdpa)")
+    p.add_argument("--device", default=d.device,
+                   help="where the model is loaded, the recipes are built, the fine-tunes train and the sweep scores: "
+                        "cpu (default), cuda, cuda:N, mps (refused before any work where missing). The overlap "
+                        "phase and the projections stay on the CPU. Not in any phase's resume key: a chain started "
+                        "on the CPU may --resume on a GPU")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch CPU threads (0 = auto: 1 when the 1-min load average is >= 1 at start, i.e. other "
                         "jobs share the cores and more OpenMP threads would thrash; else torch's default)")
@@ -757,7 +784,8 @@ def config_from_args(args: argparse.Namespace) -> ChainConfig:
         max_new_tokens=args.max_new_tokens, n_tasks=args.n_tasks, task_tokens=args.task_tokens,
         utility_task=getattr(args, "utility_task", "code"), eval_batch_size=args.eval_batch_size,
         progress=not args.no_progress, executor=getattr(args, "executor", "local") or "local",
-        ray_address=getattr(args, "ray_address", None), workers=getattr(args, "workers", None))
+        ray_address=getattr(args, "ray_address", None), workers=getattr(args, "workers", None),
+        device=getattr(args, "device", None) or "cpu")
 
 
 def cmd_chain(args: argparse.Namespace) -> int:

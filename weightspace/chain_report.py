@@ -627,6 +627,8 @@ def render_summary(rep: dict[str, Any]) -> str:
     L.append(f"- output folder: `{rep['out']}`")
     L.append(f"- chat format: {'raw' if rep['format']['raw'] else 'chat template'}, system prompt: "
              f"{rep['format']['system_prompt']!r} (used for training, harmful generation and evaluation)")
+    L.append(f"- device: {rep.get('device', cfg.get('device', 'cpu'))} (this invocation: model, recipes, fine-tuning, "
+             f"sweep scoring; the overlap SVDs and the projections run on the CPU)")
     L.append(f"- fine-tuning: {cfg['method']}, n = {cfg['n']} per recipe, {cfg['epochs']} epoch(s), batch "
              f"{cfg['batch_size']} x accum {cfg['grad_accum']}, max length {cfg['max_length']}, lr "
              f"{cfg['lr'] if cfg['lr'] is not None else 'default'}, seed {cfg['seed']}")
@@ -645,7 +647,8 @@ def render_summary(rep: dict[str, Any]) -> str:
     inv = t.get("invocations") or []
     if len(inv) > 1:
         L.append("- invocations recorded in chain_invocations.jsonl: " + "; ".join(
-            f"{x['started_utc']} {'resume' if x['resume'] else 'fresh'} {x['wall_seconds'] / 60:.1f} min "
+            f"{x['started_utc']} {'resume' if x['resume'] else 'fresh'} on {x.get('device', 'cpu')} "
+            f"{x['wall_seconds'] / 60:.1f} min "
             f"(ran: {', '.join(x['phases_ran']) or 'nothing'})" for x in inv))
     L.append("\n## Timings\n")
     L.append("| phase | status | seconds (this run) | seconds (when run) | CPU seconds (when run) | "

@@ -1,4 +1,10 @@
-"""Supervised fine-tuning on CPU: full fine-tuning or LoRA merged back, loss on the response tokens only.
+"""Supervised fine-tuning: full fine-tuning or LoRA merged back, loss on the response tokens only.
+
+Training runs where the model lives (``lm.device``: the CPU by default; ``--device cuda`` loads it on a GPU):
+every batch is built on the CPU and moved to the device of the model's input embeddings at the point of use
+(:func:`input_device`); the loss sums and the token counts come back as Python numbers, and the checkpoint is
+written through ``save_pretrained`` (safetensors copies device tensors to the host). The report records
+the device (``report["device"]``).
 
 Each example's prompt is formatted with the model's chat template through
 :class:`workbench.chat.ChatFormat` and tokenised exactly as :func:`workbench.chat.encode` does for
@@ -60,6 +66,7 @@ __all__ = [
     "prepare_examples",
     "collate",
     "lr_factor",
+    "input_device",
     "mean_loss",
     "check_output_folder",
     "finetune",
@@ -230,25 +237,49 @@ def lr_factor(step: int, total: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
 
 
+def input_device(model: Any) -> torch.device:
+    """The device a model's inputs go to: that of its input embeddings (the first layer; with a
+    ``device_map`` the model's first device), else that of its first parameter. Works for PEFT-wrapped
+    models too."""
+    get = getattr(model, "get_input_embeddings", None)
+    if get is not None:
+        try:
+            emb = get()
+        except (AttributeError, NotImplementedError):
+            emb = None
+        w = getattr(emb, "weight", None)
+        if isinstance(w, torch.Tensor):
+            return w.device
+    return next(model.parameters()).device
+
+
 def _loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the response tokens; logits computed only for the batch's last K positions."""
+    """Summed cross-entropy over the response tokens; logits computed only for the batch's last K positions.
+
+    ``batch`` (from :func:`collate`) lives on the CPU: its tensors are moved to the model's input device here
+    (a no-op on the CPU) and the targets to the device of the logits; the index arithmetic and the token count
+    stay on the host. The loss tensor is on the logits' device.
+    """
     labels = batch["labels"]
     keep = int((labels != -100).any(0).nonzero().min()) if bool((labels != -100).any()) else labels.shape[1] - 1
     k = labels.shape[1] - max(0, keep - 1)  # positions keep-1 .. T-1 predict tokens keep .. T-1
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], use_cache=False, logits_to_keep=k)
+    dev = input_device(model)
+    out = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                position_ids=batch["position_ids"].to(dev), use_cache=False, logits_to_keep=k)
     logits = out.logits[:, -k:].float()
     tgt = labels[:, -k:]
+    n_tok = int((tgt[:, 1:] != -100).sum())  # on the host: no device sync for the count
     lg = logits[:, :-1].reshape(-1, logits.shape[-1])
-    tg = tgt[:, 1:].reshape(-1)
+    tg = tgt[:, 1:].reshape(-1).to(logits.device)
     loss = torch.nn.functional.cross_entropy(lg, tg, ignore_index=-100, reduction="sum")
-    return loss, int((tg != -100).sum())
+    return loss, n_tok
 
 
 @torch.no_grad()
 def mean_loss(model: Any, tokenizer: Any, fmt: ChatFormat, examples: Sequence[Example], *, batch_size: int = 8,
               max_length: int = 1 << 30, eot: str | None = None) -> float:
-    """Mean per-token loss over the response tokens of ``examples`` (no training; the model's mode is kept)."""
+    """Mean per-token loss over the response tokens of ``examples`` (no training; the model's mode is kept),
+    computed on the model's device (:func:`_loss_sum` moves each batch there)."""
     eot = eot if eot is not None else end_of_turn(tokenizer, fmt)[0]
     rows, _ = prepare_examples(tokenizer, fmt, examples, eot, max_length, "drop")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -324,7 +355,8 @@ def finetune(lm: LoadedModel, recipe_data: RecipeData, cfg: FinetuneConfig | Non
              out: str | Path = "runs/finetune") -> FinetuneResult:
     """Fine-tune a copy of ``lm`` on ``recipe_data`` and save the run folder ``out`` atomically.
 
-    ``lm`` itself is left untouched. The prompts are formatted with ``recipe_data.fmt``.
+    ``lm`` itself is left untouched. The prompts are formatted with ``recipe_data.fmt``. The copy trains on
+    ``lm``'s device (a CUDA model trains on the GPU); the returned model stays there.
     """
     cfg = cfg or FinetuneConfig()
     cfg.validate()
@@ -347,7 +379,8 @@ def finetune(lm: LoadedModel, recipe_data: RecipeData, cfg: FinetuneConfig | Non
     # model copy in float32, trainable
     orig_dtype = lm.dtype
     seed_everything(cfg.seed)
-    model = copy.deepcopy(lm.model).to(torch.float32)
+    model = copy.deepcopy(lm.model).to(torch.float32)  # a copy on lm's device(s); only the dtype changes
+    train_device = input_device(model)
     orig_attn = getattr(lm.model.config, "_attn_implementation", None)
     train_attn = orig_attn
     if cfg.attn_implementation and cfg.attn_implementation != orig_attn:
@@ -498,6 +531,7 @@ def finetune(lm: LoadedModel, recipe_data: RecipeData, cfg: FinetuneConfig | Non
             "hyperparameters": cfg.to_dict(),
             "recipe_info": recipe_data.info,
             "torch_threads": torch.get_num_threads(),
+            "device": str(train_device),
             "train_attention": train_attn,
             "load_average_1min_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         }

@@ -29,6 +29,12 @@ the format it was built for (the ``harmful`` replies were generated under it).
 The prompt pools (:mod:`weightspace.pools`) are disjoint: no harmful prompt feeds two recipes, the refusal
 direction or the sweep's harm evaluation. Asking for more prompts than a pool holds is an error naming its size.
 
+Devices: the recipes run on whatever device ``lm`` is loaded on (``--device cuda``: captures, refusal scores and
+the ablated generations on the GPU through the native backend). Captured activations come back on the CPU, so
+the difference-in-means direction is built and stored there (:class:`workbench.vectors.Direction` keeps a CPU
+float32 vector, also when read from a file); the ablation interventions move it to each activation's device
+and dtype when they apply it, and the refusal scores return on the CPU.
+
 >>> from workbench.tiny import build_tiny
 >>> from workbench.loading import from_memory
 >>> lm = from_memory(*build_tiny("llama"))
@@ -319,7 +325,8 @@ def refusal_direction(lm: LoadedModel, fmt: ChatFormat, *, layers: Sequence[int]
               batch_size=batch_size, cache=False, progress=progress)
     a_h = capture(lm, h_txt, **kw)
     a_s = capture(lm, s_txt, **kw)
-    diffs = {L: a_h.layer(L).mean(0) - a_s.layer(L).mean(0) for L in layers}
+    # captures come back on the CPU (whatever the model's device): the directions are built there
+    diffs = {L: (a_h.layer(L).mean(0) - a_s.layer(L).mean(0)).cpu() for L in layers}
     be = get_backend(backend, lm)
     check = harm.texts[size - n_check:]
     base = refusal_scores(be, check, fmt, batch_size=batch_size)
