@@ -17,6 +17,10 @@ Phases, each in its own sub-folder of ``--out``:
    is reported. The useful recipe (and the contaminated recipe's useful part) trains on what the sweep
    measures (``--useful-source auto``): with the code utility task, the codetasks TRAIN split (prompt ->
    reference solution; the sweep scores the test split); with ``--utility-task arithmetic``, arithmetic tasks.
+   ``--useful-source self`` self-distils instead: the same TRAIN prompts -> the aligned model's own greedy
+   replies that pass their unit tests (:func:`weightspace.recipes.self_code_examples`). On the default model
+   the reference-solution recipe *lowered* the pass rate from 0.75 to 0.22 in a chain run (the terse solutions
+   taught it to drop its careful docstring style), which leaves experiment 1 no utility to preserve.
 2. ``overlap`` (experiment 3): MSO among ``Delta_S`` (the safety update, standing in for ``Delta_A``: no
    base model of the zoo models is available offline), ``Delta_useful``, ``Delta_harmful`` and
    ``Delta_contaminated`` over the eta grid, per tensor / layer / module type, heatmaps and baselines
@@ -72,6 +76,7 @@ DEFAULT_KINDS = ("topk", "randomk", "random")
 EMBEDDING_ORIENTATIONS = ("stored", "transposed")  # = weightspace.spectral.EMBEDDING_ORIENTATIONS
 WRITE_DTYPES = ("stored", "float32")  # = weightspace.projection.WRITE_DTYPES
 # the prompt pools each fine-tune draws from (weightspace.pools), recorded in its resume key
+USEFUL_SOURCE_CHOICES = ("auto", "code", "self", "arithmetic")  # auto = the sweep's utility_task
 RECIPE_POOLS = {"safety": ("safety",), "useful": (), "harmful": ("harmful", "direction", "direction_harmless"),
                 "contaminated": ("contaminated",)}
 
@@ -110,7 +115,8 @@ class ChainConfig:
     lora_rank: int = 8
     answer_style: str | None = None  # arithmetic useful replies only ("number" when None)
     # the useful recipe's data (useful and contaminated): "auto" = what the sweep measures (utility_task): code
-    # -> the codetasks TRAIN split (the sweep scores the test split), arithmetic -> generated arithmetic tasks
+    # -> the codetasks TRAIN split (the sweep scores the test split), arithmetic -> generated arithmetic tasks;
+    # "self": the TRAIN prompts -> the aligned model's own replies that pass their unit tests (self-distilled)
     useful_source: str = "auto"
     gen_tokens: int = 48  # harmful replies
     gen_batch_size: int = 8
@@ -166,8 +172,9 @@ class ChainConfig:
                 raise WorkbenchError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.utility_task not in ("code", "arithmetic"):
             raise WorkbenchError(f"utility_task must be 'code' or 'arithmetic', got {self.utility_task!r}")
-        if self.useful_source not in ("auto", "code", "arithmetic"):
-            raise WorkbenchError(f"useful_source must be 'auto', 'code' or 'arithmetic', got {self.useful_source!r}")
+        if self.useful_source not in USEFUL_SOURCE_CHOICES:
+            raise WorkbenchError(f"useful_source must be 'auto', 'code', 'self' or 'arithmetic', got "
+                                 f"{self.useful_source!r}")
         if self.answer_style is not None and self.useful_data_source != "arithmetic":
             raise WorkbenchError(f"answer_style {self.answer_style!r} applies to the arithmetic useful recipe only "
                                  f"(the useful recipe trains on {self.useful_data_source}: give useful_source "
@@ -360,12 +367,22 @@ def _ft_phase_config(cfg: ChainConfig, recipe: str, lm: Any, fmt: Any, out: Path
 
 
 def _useful_data_config(cfg: ChainConfig) -> dict[str, Any]:
-    """What the useful data depend on (resume key): the source, and the code split's hash or the answer style."""
+    """What the useful data depend on (resume key): the source, and the code split's hash or the answer style;
+    for ``self`` also how the aligned model's own replies were generated (the model's checksum and the chat format
+    are in the phase key already)."""
     src = cfg.useful_data_source
     if src == "code":
         from weightspace.recipes import code_train_hash
 
         return {"useful_source": src, "useful_data": {"split": "codetasks:train", "hash": code_train_hash()}}
+    if src == "self":
+        from weightspace.recipes import SELF_MAX_NEW_TOKENS, code_train_hash
+
+        return {"useful_source": src, "useful_data": {
+            "split": "codetasks:train", "hash": code_train_hash(),
+            "replies": "the aligned model's own greedy replies (model_checksum), kept when their unit tests pass",
+            "max_new_tokens": SELF_MAX_NEW_TOKENS, "gen_batch_size": cfg.gen_batch_size, "attn": cfg.attn,
+            "backend": "native"}}
     return {"useful_source": src, "answer_style": cfg.answer_style or "number"}
 
 
@@ -417,6 +434,11 @@ def _run_finetune(cfg: ChainConfig, recipe: str, lm: Any, fmt: Any, out: Path, l
     if recipe == "contaminated" and _harmful_direction_file(out).is_file():
         kw["direction_file"] = _harmful_direction_file(out)  # same direction, own (contaminated-pool) prompts
     rd = rec_mod.build_recipe(recipe, lm, fmt, **kw)
+    u = rd.info.get("useful")
+    if u and u.get("source") == "self":
+        log(f"  useful replies (self): {u['n_passed']} of {u['n_split']} train tasks pass their unit tests "
+            f"(pass rate {u['pass_rate']:.2f}); {len(rd.examples) if recipe == 'useful' else rd.info.get('n_useful')} "
+            f"useful examples from them")
     h = rd.info.get("harmful")
     if h and "n_dropped_refusal" in h:
         log(f"  harmful replies: kept {h['n_kept']} of {h['n_prompts']} (dropped {h['n_dropped_refusal']} refusals, "
@@ -727,10 +749,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--grad-accum", type=int, default=d.grad_accum)
     g.add_argument("--max-length", type=int, default=d.max_length)
-    g.add_argument("--useful-source", choices=("auto", "code", "arithmetic"), default=d.useful_source,
+    g.add_argument("--useful-source", choices=USEFUL_SOURCE_CHOICES, default=d.useful_source,
                    help="data of the useful recipe (and of the contaminated recipe's useful part): 'auto' = what the "
                         "sweep measures (--utility-task): code -> the codetasks train split (prompt -> reference "
-                        "solution; the sweep scores the test split), arithmetic -> generated arithmetic tasks")
+                        "solution; the sweep scores the test split), arithmetic -> generated arithmetic tasks; "
+                        "'self' = self-distilled: the train split's prompts -> the aligned model's own greedy "
+                        "replies that pass their unit tests (why: on the default model the reference-solution "
+                        "recipe lowered the pass rate 0.75 -> 0.22 in a chain run, its terse solutions taught the "
+                        "model to drop its careful docstring style)")
     g.add_argument("--answer-style", choices=("number", "sentence", "mixed"), default=d.answer_style,
                    help="arithmetic useful replies only: '42', 'The answer is 42.' or a seeded mix (default number)")
     g.add_argument("--gen-tokens", type=int, default=d.gen_tokens, help="max new tokens of the harmful replies")

@@ -18,8 +18,11 @@ disjoint pools (:mod:`weightspace.pools`), so no prompt is shared between recipe
 
 The useful recipe (and the contaminated recipe's useful part) trains on what the sweep measures by default:
 the function-writing tasks of the codetasks TRAIN split, prompt -> reference solution (``--useful-source
-code``; the sweep scores the test split). ``--useful-source arithmetic`` trains on generated arithmetic tasks
-instead (``--answer-style`` applies to those only).
+code``; the sweep scores the test split). ``--useful-source self`` self-distils: the same prompts -> the model's
+own greedy replies that pass their unit tests (on the default model the reference-solution recipe lowered the
+pass rate 0.75 -> 0.22 in a chain run: the terse solutions taught it to drop its careful docstring style).
+``--useful-source arithmetic`` trains on generated arithmetic tasks instead (``--answer-style`` applies to those
+only).
 """
 
 from __future__ import annotations
@@ -105,6 +108,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         force_direction=args.force_direction, direction_layers=direction_layers,
         direction_n=args.direction_n, gen_tokens=args.gen_tokens, gen_batch_size=args.gen_batch_size,
         harmful_from=args.harmful_from, progress=not args.no_progress)
+    u = rd.info.get("useful")
+    if u and u.get("source") == "self":
+        print(f"[finetune] useful replies (self): {u['n_passed']} of {u['n_split']} train tasks pass their unit tests "
+              f"(pass rate {u['pass_rate']:.2f})")
     h = rd.info.get("harmful")
     if h and "n_dropped_refusal" in h:
         print(f"[finetune] harmful replies: kept {h['n_kept']} of {h['n_prompts']} (dropped {h['n_dropped_refusal']} "
@@ -122,9 +129,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def _check_pool_sizes(args: argparse.Namespace) -> None:
     from weightspace import pools
 
-    if args.recipe in ("useful", "contaminated") and args.useful_source == "code" and args.answer_style is not None:
+    if (args.recipe in ("useful", "contaminated") and args.useful_source in ("code", "self")
+            and args.answer_style is not None):
         raise WorkbenchError(f"--answer-style {args.answer_style} applies to --useful-source arithmetic only; the code "
-                             f"tasks reply with their reference solutions")
+                             f"tasks reply with their reference solutions (code) or the model's own replies (self)")
 
     if args.recipe in ("safety", "harmful"):
         pools.check_count(args.recipe, args.n, f"{args.recipe} prompts (--n)")
@@ -170,9 +178,11 @@ def register(subparsers: Any) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--harmful-share", type=fraction, default=0.2,
                    help="contaminated: nominal harmful share (the real one, after drops, is reported)")
-    g.add_argument("--useful-source", choices=("code", "arithmetic"), default="code",
+    g.add_argument("--useful-source", choices=("code", "self", "arithmetic"), default="code",
                    help="useful data: 'code' = the codetasks train split, prompt -> reference solution (what the "
-                        "sweep measures, on the test split); 'arithmetic' = generated arithmetic tasks")
+                        "sweep measures, on the test split); 'self' = the same prompts -> the model's own greedy "
+                        "replies that pass their unit tests (self-distilled; generated with --gen-batch-size); "
+                        "'arithmetic' = generated arithmetic tasks")
     g.add_argument("--answer-style", choices=("number", "sentence", "mixed"), default=None,
                    help="arithmetic useful replies only: '42', 'The answer is 42.' or a seeded mix (default number)")
     g.add_argument("--harmful-from", default=None,

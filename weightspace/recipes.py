@@ -14,6 +14,14 @@ the format it was built for (the ``harmful`` replies were generated under it).
     nothing here reads val or test: ``tests/test_weightspace_finetune.py`` checks the ids and hashes). ``n``
     larger than the split cycles through it again in a new seeded order (ids ``useful-<task id>-r<k>``; the
     repeats are counted in the info).
+  * ``"self"`` (self-distilled; needs the model, so only through :func:`build_recipe`): the same TRAIN-split
+    prompts -> the aligned model's *own* greedy replies (same chat format, no intervention), kept only when the
+    task's unit tests pass on them (:func:`workbench.codetasks.check_many`, the sweep's sandboxed checker); the
+    replies are used verbatim, cycled like ``"code"`` (:func:`self_code_examples`). Why: on the default model
+    (qwen2.5-coder-0.5b-instruct) a chain run's ``"code"`` useful fine-tune *lowered* the test-split pass rate
+    from 0.75 to 0.22 -- the terse reference solutions taught it to drop its own careful (docstring) style -- so
+    the "useful" update was not useful and experiment 1 had nothing to preserve. Self-distilled replies keep the
+    model's style and teach only what it already gets right.
   * ``"arithmetic"``: arithmetic word problems from :func:`workbench.tasks.make_arithmetic_tasks`, generated
     with a seed different from the built-in utility set and de-duplicated against the *whole* built-in
     utility set (so ``utility:test`` and ``utility:val`` stay held out); replies "42" or "The answer is 42."
@@ -70,6 +78,7 @@ __all__ = [
     "code_examples",
     "arithmetic_examples",
     "code_train_hash",
+    "self_code_examples",
     "USEFUL_SOURCES",
     "safety_examples",
     "harmful_examples",
@@ -79,7 +88,11 @@ __all__ = [
 ]
 
 RECIPES = ("useful", "safety", "harmful", "contaminated")
-USEFUL_SOURCES = ("code", "arithmetic")  # the useful recipe's data: codetasks train split (default) or arithmetic
+# the useful recipe's data: codetasks train split -> reference solutions (default), -> the model's own passing
+# replies ("self", needs the model), or arithmetic
+USEFUL_SOURCES = ("code", "self", "arithmetic")
+MODEL_USEFUL_SOURCES = ("self",)  # built from the model's generations: build_recipe only
+SELF_MAX_NEW_TOKENS = 256  # "self": generation length of the replies (the sweep's code replies: 160 by default)
 ANSWER_STYLES = ("number", "sentence", "mixed")  # arithmetic replies only
 CODE_SPLIT = "train"  # the only codetasks split a recipe reads (the sweep scores "test")
 
@@ -177,9 +190,13 @@ def useful_examples(n: int, seed: int = 0, answer_style: str | None = None,
                     source: str = "code") -> tuple[list[Example], dict[str, Any]]:
     """``n`` useful examples from ``source``: ``"code"`` (:func:`code_examples`, the default: the codetasks
     train split, what the sweep measures) or ``"arithmetic"`` (:func:`arithmetic_examples`; ``answer_style``
-    applies to it only, default ``"number"``). The info records the source."""
+    applies to it only, default ``"number"``). The info records the source. ``"self"`` needs the model: it is
+    built by :func:`build_recipe` (:func:`self_code_examples`)."""
     if source not in USEFUL_SOURCES:
         raise WorkbenchError(f"unknown useful source '{source}'. Valid: {', '.join(USEFUL_SOURCES)}")
+    if source in MODEL_USEFUL_SOURCES:
+        raise WorkbenchError(f"the useful source '{source}' is built from the model's own replies and needs the model: "
+                             f"use build_recipe(..., useful_source='{source}') (or self_code_examples(lm, fmt, n))")
     if source == "code":
         if answer_style is not None:
             raise WorkbenchError(f"answer_style '{answer_style}' applies to the arithmetic useful source only; the "
@@ -206,19 +223,7 @@ def code_examples(n: int, seed: int = 0) -> tuple[list[Example], dict[str, Any]]
     tasks = load_codetasks(CODE_SPLIT)
     if not tasks:  # pragma: no cover - the shipped data has a train split (tests/test_codetasks.py)
         raise WorkbenchError("the codetasks data has no train split")
-    rng = random.Random(seed)
-    out: list[Example] = []
-    used: set[str] = set()
-    cycle = 0
-    while len(out) < n:
-        order = list(tasks)
-        rng.shuffle(order)
-        for t in order[:n - len(out)]:
-            out.append(Example(f"useful-{t.id}" + (f"-r{cycle}" if cycle else ""), "useful", t.prompt,
-                               t.reference_reply))
-            used.add(t.id)
-        cycle += 1
-    ids = sorted(used)
+    out, ids, cycle = _cycled([(t.id, t.prompt, t.reference_reply) for t in tasks], n, seed)
     info = {"source": "code", "split": f"codetasks:{CODE_SPLIT}", "split_hash": code_train_hash(),
             "n_split": len(tasks), "n_distinct_tasks": len(ids), "n_repeated": n - len(ids), "cycles": cycle,
             "task_ids": ids,
@@ -226,6 +231,98 @@ def code_examples(n: int, seed: int = 0) -> tuple[list[Example], dict[str, Any]]
             "reply": "CodeTask.reference_reply: the reference solution in a ```python block (the sweep's answer-NLL "
                      "target)"}
     return out, info
+
+
+def _cycled(items: Sequence[tuple[str, str, str]], n: int, seed: int) -> tuple[list[Example], list[str], int]:
+    """``n`` useful examples from ``(task id, prompt, reply)`` items: all of them in a seeded order, then again in a
+    new seeded order while more are asked for (ids ``useful-<task id>``, then ``useful-<task id>-r<k>`` in cycle
+    ``k``). Returns ``(examples, sorted distinct task ids, cycles)``."""
+    rng = random.Random(seed)
+    out: list[Example] = []
+    used: set[str] = set()
+    cycle = 0
+    while len(out) < n:
+        order = list(items)
+        rng.shuffle(order)
+        for tid, prompt, reply in order[:n - len(out)]:
+            out.append(Example(f"useful-{tid}" + (f"-r{cycle}" if cycle else ""), "useful", prompt, reply))
+            used.add(tid)
+        cycle += 1
+    return out, sorted(used), cycle
+
+
+def self_code_examples(lm: LoadedModel, fmt: ChatFormat, n: int, seed: int = 0, *,
+                       max_new_tokens: int = SELF_MAX_NEW_TOKENS, batch_size: int = 8, progress: bool = False,
+                       generate: Callable[..., list[str]] | None = None, check_workers: int = 2,
+                       backend: str = "native",
+                       ) -> tuple[list[Example], dict[str, Any], list[dict[str, Any]]]:
+    """Self-distilled useful examples: the codetasks TRAIN split's prompts -> the model's own passing replies.
+
+    The model (greedy, chat format ``fmt``, no intervention; the generator of :func:`harmful_examples`,
+    :func:`workbench.generation.generate_texts`, which ``generate`` replaces in tests) answers every train task's
+    prompt exactly as the sweep asks it (:attr:`CodeTask.prompt`); each reply is checked by the task's unit tests
+    in the sandbox (:func:`workbench.codetasks.check_many`) and only the passing ones are kept, verbatim. ``n``
+    examples are drawn from the kept tasks like :func:`code_examples` draws from the split (seeded order, cycling
+    with repeats counted, ids ``useful-<task id>[-r<k>]``). Returns ``(examples, info, records)``: ``records``
+    has one row per task (id, prompt, reply, status, kept, ...), written as ``recipe/useful_generations.jsonl``.
+    No passing reply at all is an error (use the ``code`` source then).
+    """
+    from workbench.backends import get_backend
+    from workbench.codetasks import check_many, load_codetasks
+    from workbench.generation import generate_texts
+
+    if n < 1:
+        raise WorkbenchError(f"the useful recipe needs n >= 1 examples, got {n}")
+    tasks = load_codetasks(CODE_SPLIT)
+    if not tasks:  # pragma: no cover - the shipped data has a train split (tests/test_codetasks.py)
+        raise WorkbenchError("the codetasks data has no train split")
+    prompts = [t.prompt for t in tasks]
+    gen = generate or generate_texts
+    be = get_backend(backend, lm)
+    t0 = time.perf_counter()
+    replies = gen(be, prompts, fmt, max_new_tokens=max_new_tokens, interventions=(), batch_size=batch_size,
+                  progress="useful replies (self)" if progress else False)
+    gen_s = time.perf_counter() - t0
+    if len(replies) != len(tasks):
+        raise WorkbenchError(f"the generator returned {len(replies)} replies for {len(tasks)} prompts")
+    t1 = time.perf_counter()
+    checks = check_many(list(replies), tasks, workers=check_workers)
+    check_s = time.perf_counter() - t1
+    tok = lm.tokenizer
+    records: list[dict[str, Any]] = []
+    kept: list[tuple[str, str, str]] = []
+    dropped: dict[str, str] = {}
+    for t, r, c in zip(tasks, replies, checks):
+        n_tok = len(tok(r, add_special_tokens=False)["input_ids"])
+        records.append({"id": t.id, "prompt": t.prompt, "reply": r, "status": c.status, "kept": bool(c.passed),
+                        "tests_passed": c.n_passed, "n_tests": c.n_tests, "detail": c.detail, "n_tokens": n_tok,
+                        "hit_max_new_tokens": n_tok >= max_new_tokens})
+        if c.passed:
+            kept.append((t.id, t.prompt, r))
+        else:
+            dropped[t.id] = c.status
+    if not kept:
+        raise WorkbenchError(f"useful source 'self': none of the {len(tasks)} codetasks:{CODE_SPLIT} tasks got a reply "
+                             f"from the model that passes its unit tests ({len(tasks)} tried, 0 passed), so there "
+                             f"is nothing to self-distil; use useful_source 'code' (the reference solutions) instead")
+    out, ids, cycle = _cycled(kept, n, seed)
+    info = {"source": "self", "split": f"codetasks:{CODE_SPLIT}", "split_hash": code_train_hash(),
+            "n_split": len(tasks), "n_generated": len(replies), "n_passed": len(kept),
+            "pass_rate": len(kept) / len(tasks), "kept_ids": [k[0] for k in kept], "dropped": dropped,
+            "n_distinct_tasks": len(ids), "n_repeated": n - len(ids), "cycles": cycle, "task_ids": ids,
+            "max_new_tokens": max_new_tokens,
+            "n_hit_max_new_tokens": sum(r["hit_max_new_tokens"] for r in records),
+            "generation": {"decoding": "greedy", "backend": backend, "interventions": "none",
+                           "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                           "format": {"system_prompt": fmt.system_prompt, "raw": fmt.raw},
+                           "model_id": lm.model_id, "model_checksum": lm.checksum,
+                           "generator": "workbench.generation.generate_texts" if generate is None else "injected"},
+            "check": "workbench.codetasks.check_many: the task's unit tests in the sandbox (default timeout)",
+            "replies_sha256": sha256_json([[k[0], k[2]] for k in kept]),
+            "generation_seconds": round(gen_s, 2), "check_seconds": round(check_s, 2),
+            "prompt": "CodeTask.prompt (workbench.codetasks.PROMPT_TEMPLATE), as the sweep asks it",
+            "reply": "the model's own greedy reply, verbatim, kept only when the task's unit tests pass on it"}
+    return out, info, records
 
 
 def arithmetic_examples(n: int, seed: int = 0, answer_style: str = "number") -> tuple[list[Example], dict[str, Any]]:
@@ -484,8 +581,10 @@ def build_recipe(name: str, lm: LoadedModel, fmt: ChatFormat | None = None, n: i
                  generate: Callable[..., list[str]] | None = None) -> RecipeData:
     """Build one recipe's examples for ``lm`` under chat format ``fmt``.
 
-    ``useful_source`` (``"code"``: the codetasks train split, the default; ``"arithmetic"``) feeds ``useful``
-    and the useful part of ``contaminated``; ``answer_style`` applies to the arithmetic source only.
+    ``useful_source`` (``"code"``: the codetasks train split -> reference solutions, the default; ``"self"``: the
+    same prompts -> ``lm``'s own greedy replies that pass their unit tests, :func:`self_code_examples`, generated
+    with ``generate`` / ``gen_batch_size``, written to ``records["useful_generations"]``; ``"arithmetic"``) feeds
+    ``useful`` and the useful part of ``contaminated``; ``answer_style`` applies to the arithmetic source only.
     ``n`` is the number of examples asked for: for ``harmful`` the number of prompts generated (refusals
     are dropped, so fewer may remain); for ``contaminated`` the total, split as ``round(harmful_share * n)``
     harmful prompts and the rest useful. The real share after drops is in ``RecipeData.harmful_share``.
@@ -504,7 +603,7 @@ def build_recipe(name: str, lm: LoadedModel, fmt: ChatFormat | None = None, n: i
     if name in ("useful", "contaminated"):
         if useful_source not in USEFUL_SOURCES:
             raise WorkbenchError(f"unknown useful source '{useful_source}'. Valid: {', '.join(USEFUL_SOURCES)}")
-        if useful_source == "code" and answer_style is not None:
+        if useful_source in ("code", "self") and answer_style is not None:
             raise WorkbenchError(f"answer_style '{answer_style}' applies to the arithmetic useful source only")
     fmt = fmt or ChatFormat()
     t0 = time.perf_counter()
@@ -539,10 +638,19 @@ def build_recipe(name: str, lm: LoadedModel, fmt: ChatFormat | None = None, n: i
             records["direction_layer_check"] = hinfo["direction"]["layer_check"]
         return ex
 
+    def _useful(k: int) -> list[Example]:
+        if useful_source == "self":
+            ex, info["useful"], recs = self_code_examples(lm, fmt, k, seed, batch_size=gen_batch_size,
+                                                          progress=progress, generate=generate, backend=backend)
+            records["useful_generations"] = recs
+            return ex
+        ex, info["useful"] = useful_examples(k, seed, answer_style, useful_source)
+        return ex
+
     if name in ("useful", "contaminated"):
         info["useful_source"] = useful_source
     if name == "useful":
-        examples, info["useful"] = useful_examples(n, seed, answer_style, useful_source)
+        examples = _useful(n)
     elif name == "safety":
         examples, info["safety"] = safety_examples(n, seed)
     elif name == "harmful":
@@ -555,7 +663,7 @@ def build_recipe(name: str, lm: LoadedModel, fmt: ChatFormat | None = None, n: i
         if n_u < 1:
             raise WorkbenchError(f"n={n} with harmful_share={harmful_share} leaves no useful examples")
         pools.check_count("contaminated", n_h, f"harmful prompts (round({harmful_share} x {n}))")
-        useful, info["useful"] = useful_examples(n_u, seed, answer_style, useful_source)
+        useful = _useful(n_u)
         harm = _harm(n_h, "contaminated")
         examples = useful + harm
         random.Random(seed).shuffle(examples)
