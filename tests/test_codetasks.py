@@ -167,3 +167,35 @@ def test_smollm2_replies_are_checked(smollm2):
     res = check_many(replies, tasks)
     assert [r.n_tests for r in res] == [len(t.tests) for t in tasks]
     assert all(r.status in ("passed", "failed", "error", "no code", "timeout", "crashed") for r in res)
+
+
+def test_command_line_pass_rate_with_wilson_interval(tmp_path, monkeypatch, capsys):
+    """``python -m workbench.codetasks``: every task's reply checked; reference replies all pass, a tiny random model
+    passes none; the interval is Wilson's; a bad model name is one clear error line."""
+    import json
+
+    import workbench.generation as gen
+    from workbench import codetasks as C
+    from workbench.tiny import build_tiny
+
+    model, tok = build_tiny("llama")
+    d = tmp_path / "tiny"
+    model.save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    tasks = C.load_codetasks("val")
+    good = {t.prompt: t.reference_reply for t in tasks[:9]}
+    monkeypatch.setattr(gen, "generate_texts", lambda be, prompts, fmt, **kw: [good.get(p, "no code") for p in prompts])
+    assert C.main(["--model", str(d), "--split", "val", "--out", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert (r["n"], r["n_passed"]) == (len(tasks), 9) and r["pass_rate"] == pytest.approx(9 / len(tasks))
+    assert [x["passed"] for x in r["rows"]] == [True] * 9 + [False] * (len(tasks) - 9)
+    assert {x["status"] for x in r["rows"][9:]} == {"no code"}
+    lo, hi = r["ci"]
+    assert lo < 9 / len(tasks) < hi and (lo, hi) == pytest.approx(C._wilson(9, len(tasks)))
+    assert C._wilson(0, 10)[0] == 0.0 and C._wilson(10, 10)[1] == pytest.approx(1.0)
+    assert "9/12" in capsys.readouterr().out
+    monkeypatch.undo()
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    assert C.main(["--model", "no-such-model-xyz", "--split", "val"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
