@@ -34,6 +34,9 @@ from workbench.errors import WorkbenchError
 __all__ = ["collect", "render", "add_arguments", "cmd_report"]
 
 VERDICT_KEYS = ("claim", "statistic", "value", "ci", "rule", "verdict")
+# the chain's plots the report shows (the rest stay listed in the chain summary)
+REPORT_PLOTS = ("exp1_parallel.png", "exp2_tradeoff_phrase.png", "exp2_tradeoff_logit.png", "mso_vs_eta.png",
+                "heatmap_safety_vs_harmful_eta0.5.png", "heatmap_useful_vs_harmful_eta0.5.png")
 
 
 def _read(path: Path) -> Any:
@@ -258,7 +261,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         img = Path(args.images)
         img.mkdir(parents=True, exist_ok=True)
         wanted = [Path(p) for p in data.get("plots") or []
-                  if any(s in Path(p).name for s in ("tradeoff", "overlap_heatmap_pooled", "mso_vs_eta", "energy"))]
+                  if Path(p).name in REPORT_PLOTS or Path(p).name.startswith("pairs_eta")]
         for lab, f in exp4.items():
             wanted += [Path(f) / "overlap_protocols.png"]
         for src in wanted:
