@@ -304,3 +304,39 @@ def test_study_report_from_the_chain_exp4_and_controls(chain_run, tmp_path, caps
                       "--out", str(tmp_path / "x")]) == 2
     assert "LABEL=FOLDER" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_resume_reuses_the_scores_of_an_interrupted_sweep(chain_run, tmp_path, empty_cache, monkeypatch):
+    """A sweep killed part-way leaves its staging folder; ``--resume`` scores only the models it had not finished
+    (complete per-item files of the same settings), recomputes the rest from those rows, and the results equal an
+    uninterrupted run's. A staging folder of other settings is not used."""
+    import weightspace.sweep as sw_mod
+
+    argv, out = _copy(chain_run, tmp_path)
+    done = json.loads((out / "sweep" / "results.json").read_text())
+    staged = out / ".sweep.tmp-999-killed"
+    shutil.copytree(out / "sweep", staged)
+    shutil.rmtree(out / "sweep")
+    evals = sorted(p.name for p in (staged / "evals").iterdir())
+    keep = evals[: len(evals) // 2]
+    for cid in evals[len(evals) // 2:]:
+        shutil.rmtree(staged / "evals" / cid)  # never scored before the kill
+    both = next(c for c in keep if (staged / "evals" / c / "utility.csv").exists()
+                and (staged / "evals" / c / "harmful.csv").exists())
+    (staged / "evals" / both / "harmful.csv").unlink()  # killed between a model's two files: scored again
+    other = out / ".sweep.tmp-998-other"  # same layout, other settings: must not be used
+    shutil.copytree(staged, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["eval"]["n_harmful"] = 99
+    (other / "config.json").write_text(json.dumps(cfg))
+    scored = []
+    real = sw_mod.score_model
+    monkeypatch.setattr(sw_mod, "score_model", lambda *a, **k: scored.append(1) or real(*a, **k))
+    assert core.main([*argv, "--resume"]) == 0
+    assert len(scored) == len(evals) - len(keep) + 1
+    new = json.loads((out / "sweep" / "results.json").read_text())
+    assert new["rows"] == done["rows"] and new["baselines"] == done["baselines"] and new["paired"] == done["paired"]
+    assert not staged.exists() and not other.exists()  # used up / stale staging folders are removed
+    for cid in evals:
+        for f in (out / "sweep" / "evals" / cid).glob("*.csv"):
+            assert f.read_text() == (chain_run[1] / "sweep" / "evals" / cid / f.name).read_text()

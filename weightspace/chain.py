@@ -530,11 +530,34 @@ def _run_sweep(cfg: ChainConfig, out: Path, aligned_spec: str, lm: Any, fmt: Any
 
     model = ModelSpec(aligned_spec, dtype=cfg.dtype, device=cfg.device, attn_implementation=cfg.attn,
                       checksum=lm.checksum)
+    stale, reuse = _interrupted_sweeps(out, pc)
     with RunFolder(out / "sweep", config={"command": "weightspace chain (sweep)", **pc, "device": cfg.device,
                                           "system_prompt_used": fmt.system_prompt}, overwrite=True) as run:
         run.record_model(lm)
-        return run_sweep(aligned, ref, models, scfg, run, lm=lm, fmt=fmt, progress=cfg.progress,
-                         executor=cfg.executor_(), model=model)
+        res = run_sweep(aligned, ref, models, scfg, run, lm=lm, fmt=fmt, progress=cfg.progress,
+                        executor=cfg.executor_(), model=model, reuse=reuse)
+    for d in stale:  # the interrupted runs' staging folders (ours: hidden, inside the chain folder), now used up
+        shutil.rmtree(d, ignore_errors=True)
+    return res
+
+
+def _interrupted_sweeps(out: Path, pc: dict[str, Any]) -> tuple[list[Path], dict[str, Any]]:
+    """Staging folders of sweep runs that were killed before they finished (``out/.sweep.tmp-*``), and the
+    per-item rows of those whose settings and inputs equal this sweep's phase config ``pc`` (every key of the
+    resume key; device and executor are not in it). Returns ``(all such folders, {config: rows})``."""
+    from weightspace.sweep import load_evals
+
+    stale = sorted(p for p in out.glob(".sweep.tmp-*") if p.is_dir())
+    reuse: dict[str, Any] = {}
+    for d in stale:
+        try:
+            old = _read(d / "config.json")
+        except (OSError, ValueError):
+            continue
+        if isinstance(old, dict) and all(_jsonable(old.get(k)) == v for k, v in pc.items()):
+            for cid, rows in load_evals(d).items():
+                reuse.setdefault(cid, rows)
+    return stale, reuse
 
 
 # -- the driver -------------------------------------------------------------------------------------

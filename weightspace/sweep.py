@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
@@ -118,6 +119,37 @@ def _save_eval(run: RunFolder, cid: str, rows: dict[str, list[dict[str, Any]]]) 
         run.write_csv(f"evals/{cid}/{name}.csv", rs)
 
 
+SET_OF_SCORE = {"utility": "utility", "harm": "harmful"}  # task.scores -> the per-item file under evals/<config>/
+
+
+def load_evals(folder: str | Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """The per-item rows an (interrupted) sweep folder holds: ``{config: {set: rows}}`` from ``evals/*/*.csv``
+    (values as the CSV strings; :mod:`weightspace.metrics` parses them)."""
+    import csv
+
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    ev = Path(folder) / "evals"
+    if not ev.is_dir():
+        return out
+    for d in sorted(p for p in ev.iterdir() if p.is_dir()):
+        for f in sorted(d.glob("*.csv")):
+            with open(f, newline="", encoding="utf-8") as fh:
+                out.setdefault(d.name, {})[f.stem] = list(csv.DictReader(fh))
+    return out
+
+
+def reusable(task: "SweepTask", rows: dict[str, list[dict[str, Any]]] | None, sets: EvalSets) -> bool:
+    """Whether an interrupted run's rows for ``task`` are complete: every set the task scores, with one row per
+    item of the current evaluation sets, in the same order (prompts / task ids compared)."""
+    if not rows or set(rows) != {SET_OF_SCORE[s] for s in task.scores}:
+        return False
+    if "harmful" in rows and [r.get("prompt") for r in rows["harmful"]] != list(sets.harmful):
+        return False
+    if "utility" in rows and [r.get("id") for r in rows["utility"]] != [t.id for t in sets.tasks]:
+        return False
+    return True
+
+
 def paired_topk_vs_controls(points: list[dict[str, Any]], items: dict[str, dict[str, list[dict[str, Any]]]], *,
                             n_boot: int, seed: int) -> list[dict[str, Any]]:
     """TopK vs every other kind at the same (experiment, model, rho), per metric, paired over the same items.
@@ -165,6 +197,9 @@ class SweepTask:
     mode: str | None = None
     rho: float | None = None
     kind: str | None = None
+    # per-item rows of this model already scored by an interrupted run of the same sweep (``run_sweep(reuse=)``):
+    # the projection (energies) is recomputed, the scoring is not
+    reuse: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -247,8 +282,14 @@ class SweepWorker:
             out.energy = energy.summary()
             out.energy_kept_unrounded = energy_u.summary().get("energy_kept")
             out.energy_rows = [{"config": task.config, **r} for r in energy.all_rows() if r["level"] != "tensor"]
-        out.metrics, out.items = score_model(self.backend, self.sets, self.fmt, cfg.eval,
-                                             utility="utility" in task.scores, harm="harm" in task.scores)
+        if task.reuse is not None:  # scored before the interruption: the same items, the same interval draws
+            from weightspace.metrics import metrics_with_ci
+
+            out.items = task.reuse
+            out.metrics = metrics_with_ci(task.reuse, n_boot=cfg.eval.n_boot, seed=cfg.eval.seed)
+        else:
+            out.metrics, out.items = score_model(self.backend, self.sets, self.fmt, cfg.eval,
+                                                 utility="utility" in task.scores, harm="harm" in task.scores)
         return out
 
 
@@ -282,7 +323,7 @@ def sweep_tasks(cfg: SweepConfig, roles: set[str], uses_rho: bool = True) -> lis
 def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Checkpoint], cfg: SweepConfig,
               run: RunFolder, *, lm: Any = None, fmt: Any = None, sets: EvalSets | None = None,
               progress: bool = True, check_only: bool = False, executor: Any = None,
-              model: Any = None) -> SweepResult:
+              model: Any = None, reuse: dict[str, dict[str, list[dict[str, Any]]]] | None = None) -> SweepResult:
     """Run experiments 1/2 for the models given (roles ``useful``, ``harmful``, ``contaminated``).
 
     ``lm`` is the aligned model loaded once (loaded from ``aligned.folder`` when omitted). With
@@ -293,6 +334,11 @@ def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Check
     worker loads the aligned model once from ``model`` (a :class:`workbench.executors.ModelSpec`; default:
     ``aligned``'s folder, checked against ``lm``'s checksum when given) and computes its own reference SVDs.
     Either way this process alone writes ``run``, and the rows are the same.
+
+    ``reuse`` (:func:`load_evals` of an interrupted run of the SAME sweep: the caller checks that its settings
+    and inputs are unchanged): models whose per-item rows are complete there (:func:`reusable`) are not scored
+    again; their projections are recomputed (energies) and their metrics recomputed from those rows, so the
+    results equal an uninterrupted run's.
     """
     from workbench.executors import LocalExecutor, ModelSpec
 
@@ -326,6 +372,14 @@ def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Check
         init = partial(SweepWorker.from_spec, SweepWorkerSpec(aligned, reference, models, cfg, sets, fmt, model))
 
     tasks = sweep_tasks(cfg, set(models), reference.uses_rho)
+    if reuse:
+        from dataclasses import replace
+
+        tasks = [replace(t, reuse=reuse[t.config]) if reusable(t, reuse.get(t.config), sets) else t for t in tasks]
+        n_re = sum(t.reuse is not None for t in tasks)
+        if progress or n_re:
+            print(f"[weightspace sweep] reusing the scores of {n_re} of {len(tasks)} models from an interrupted run",
+                  file=sys.stderr)
 
     def save(i: int, res: SweepTaskResult) -> None:  # each model's items as soon as it is scored
         _save_eval(run, tasks[i].config, res.items)
