@@ -19,8 +19,9 @@ Phases, each in its own sub-folder of ``--out``:
    reference solution; the sweep scores the test split); with ``--utility-task arithmetic``, arithmetic tasks.
    ``--useful-source self`` self-distils instead: the same TRAIN prompts -> the aligned model's own greedy
    replies that pass their unit tests (:func:`weightspace.recipes.self_code_examples`). On the default model
-   the reference-solution recipe *lowered* the pass rate from 0.75 to 0.22 in a chain run (the terse solutions
-   taught it to drop its careful docstring style), which leaves experiment 1 no utility to preserve.
+   the reference-solution recipe *lowered* the pass rate from 0.75 to 0.22 in a chain run, which leaves
+   experiment 1 no utility to preserve; the self-distilled recipe lowered it too (0.28, same fine-tuning
+   settings), so the fine-tuning itself (full, lr 5e-5) does the damage: see docs/study_default_model.md.
 2. ``overlap`` (experiment 3): MSO among ``Delta_S`` (the safety update, standing in for ``Delta_A``: no
    base model of the zoo models is available offline), ``Delta_useful``, ``Delta_harmful`` and
    ``Delta_contaminated`` over the eta grid, per tensor / layer / module type, heatmaps and baselines
@@ -777,9 +778,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "sweep measures (--utility-task): code -> the codetasks train split (prompt -> reference "
                         "solution; the sweep scores the test split), arithmetic -> generated arithmetic tasks; "
                         "'self' = self-distilled: the train split's prompts -> the aligned model's own greedy "
-                        "replies that pass their unit tests (why: on the default model the reference-solution "
-                        "recipe lowered the pass rate 0.75 -> 0.22 in a chain run, its terse solutions taught the "
-                        "model to drop its careful docstring style)")
+                        "replies that pass their unit tests (on the default model the reference-solution recipe "
+                        "lowered the pass rate 0.75 -> 0.22 in a chain run, the self-distilled one to 0.28: the "
+                        "fine-tuning settings, not the data, do the damage)")
     g.add_argument("--answer-style", choices=("number", "sentence", "mixed"), default=d.answer_style,
                    help="arithmetic useful replies only: '42', 'The answer is 42.' or a seeded mix (default number)")
     g.add_argument("--gen-tokens", type=int, default=d.gen_tokens, help="max new tokens of the harmful replies")

@@ -20,7 +20,7 @@ The useful recipe (and the contaminated recipe's useful part) trains on what the
 the function-writing tasks of the codetasks TRAIN split, prompt -> reference solution (``--useful-source
 code``; the sweep scores the test split). ``--useful-source self`` self-distils: the same prompts -> the model's
 own greedy replies that pass their unit tests (on the default model the reference-solution recipe lowered the
-pass rate 0.75 -> 0.22 in a chain run: the terse solutions taught it to drop its careful docstring style).
+pass rate 0.75 -> 0.22 in a chain run, the self-distilled recipe to 0.28: the fine-tuning, not the data's style).
 ``--useful-source arithmetic`` trains on generated arithmetic tasks instead (``--answer-style`` applies to those
 only).
 """

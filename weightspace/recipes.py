@@ -19,9 +19,11 @@ the format it was built for (the ``harmful`` replies were generated under it).
     task's unit tests pass on them (:func:`workbench.codetasks.check_many`, the sweep's sandboxed checker); the
     replies are used verbatim, cycled like ``"code"`` (:func:`self_code_examples`). Why: on the default model
     (qwen2.5-coder-0.5b-instruct) a chain run's ``"code"`` useful fine-tune *lowered* the test-split pass rate
-    from 0.75 to 0.22 -- the terse reference solutions taught it to drop its own careful (docstring) style -- so
-    the "useful" update was not useful and experiment 1 had nothing to preserve. Self-distilled replies keep the
-    model's style and teach only what it already gets right.
+    from 0.75 to 0.22, so the "useful" update was not useful and experiment 1 had nothing to preserve; the
+    hypothesis was that the terse reference solutions taught it to drop its careful (docstring) style. Measured
+    since: this self-distilled recipe (22 of 26 train replies passed; same fine-tuning settings: full, lr 5e-5,
+    8 steps) lowered it as well, to 0.28 [0.16, 0.45] -- so the damage comes from the fine-tuning itself, not
+    from the data's style; a lower learning rate or LoRA is the next thing to try.
   * ``"arithmetic"``: arithmetic word problems from :func:`workbench.tasks.make_arithmetic_tasks`, generated
     with a seed different from the built-in utility set and de-duplicated against the *whole* built-in
     utility set (so ``utility:test`` and ``utility:val`` stay held out); replies "42" or "The answer is 42."
