@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -42,24 +41,13 @@ from workbench.chat import ChatFormat, encode
 from workbench.errors import WorkbenchError
 from workbench.interventions import Intervention, OnRows
 from workbench.scoring import completion_nll, is_refusal, next_token_logprobs, refusal_scores_from_logprobs
-from workbench.stats import bootstrap_mean_ci
+from workbench.stats import bootstrap_mean_ci, wilson_interval  # noqa: F401  (wilson_interval re-exported)
 
 __all__ = ["BatteryConfig", "BatterySetting", "BatteryResult", "run_battery", "wilson_interval", "greedy_decode",
            "battery_inputs", "tradeoff_figure", "SUMMARY_FIELDS"]
 
 Lock = Any
 Progress = Callable[[float, str], None]
-
-
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``k / n`` (95 % by default); ``(nan, nan)`` for ``n == 0``."""
-    if n <= 0:
-        return float("nan"), float("nan")
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @dataclass(frozen=True)

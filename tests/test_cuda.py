@@ -228,9 +228,7 @@ def test_weightspace_sweep_on_cuda_matches_cpu(planted, tmp_path, empty_cache, e
 
 # -- the study chain ---------------------------------------------------------------------------------------
 
-SMALL = ["--n", "10", "--harmful-share", "0.3", "--batch-size", "4", "--lr", "1e-3", "--gen-tokens", "4",
-         "--direction-n", "4", "--etas", "0.5,0.9", "--rhos", "0.25,0.75", "--n-harmful", "2", "--n-tasks", "2",
-         "--max-new-tokens", "3", "--task-tokens", "2", "--eval-batch-size", "2", "--no-progress"]
+from test_weightspace_chain import SMALL  # noqa: E402  (tests/ is on sys.path; the tiny chain's sizes, one list)
 
 
 def test_chain_on_cuda_runs_end_to_end_and_resumes_on_the_cpu(tmp_path, empty_cache, monkeypatch) -> None:

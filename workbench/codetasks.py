@@ -345,14 +345,7 @@ def check_many(completions: Sequence[str], tasks: Sequence[CodeTask], *, workers
 
 # -- command line: a model's pass rate on one split ---------------------------------------------------
 
-def _wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / den
-    return (max(0.0, mid - half), min(1.0, mid + half))
+from workbench.stats import wilson_interval as _wilson  # noqa: E402  (the CLI's interval; one implementation)
 
 
 def evaluate(lm: Any, fmt: Any, split: str = "test", *, max_new_tokens: int = 160, batch_size: int | None = None,
