@@ -340,3 +340,112 @@ def test_resume_reuses_the_scores_of_an_interrupted_sweep(chain_run, tmp_path, e
     for cid in evals:
         for f in (out / "sweep" / "evals" / cid).glob("*.csv"):
             assert f.read_text() == (chain_run[1] / "sweep" / "evals" / cid / f.name).read_text()
+
+
+def test_stand_in_reruns_exp3_with_a_lora_safety_update(chain_run, tmp_path, capsys):
+    """``weightspace stand-in``: a LoRA safety fine-tune on the chain's safety pool, the chain's overlap phase with it
+    as ``safety`` (the chain's full fine-tune as ``safety-full``) and the same Exp 3 rule."""
+    import csv
+
+    from weightspace import verdicts as V
+
+    _, out, _ = chain_run
+    si = tmp_path / "si"
+    rc = core.main(["weightspace", "stand-in", "--chain", str(out), "--out", str(si), "--lora-rank", "2",
+                    "--evaluate", "harm", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((si / "stand_in.json").read_text())
+    ft = json.loads((si / "ft-safety" / "report.json").read_text())
+    chain_ft = json.loads((out / "ft-safety" / "report.json").read_text())
+    assert ft["method"] == "lora" and ft["checkpoint"]["lora"] is not None
+    assert ft["train_data_hash"] == chain_ft["train_data_hash"]  # the same safety examples, another method
+    rows = list(csv.DictReader(open(si / "overlap" / "overlap_tensors.csv", newline="", encoding="utf-8")))
+    chain_rows = {(r["tensor"], r["pair"], r["eta"]): r
+                  for r in csv.DictReader(open(out / "overlap" / "overlap_tensors.csv", newline="", encoding="utf-8"))}
+    # pairs that do not involve the new stand-in are the chain's own numbers (same checkpoints, same bases)
+    same = [r for r in rows if r["pair"] in ("useful~harmful", "useful~contaminated", "harmful~contaminated")]
+    assert same and all(abs(float(r["mso"]) - float(chain_rows[(r["tensor"], r["pair"], r["eta"])]["mso"])) < 1e-9
+                        for r in same)
+    # the full fine-tune, relabelled, against the chain's safety rows
+    full = [r for r in rows if r["pair"] == "harmful~safety-full"]
+    assert full and all(abs(float(r["mso"]) - float(chain_rows[(r["tensor"], "safety~harmful", r["eta"])]["mso"]))
+                        < 1e-9 for r in full)
+    # a merged rank-2 LoRA update has rank <= 2: every basis of the stand-in has k <= 2
+    ks = [int(r["k_a"]) for r in rows if r["pair"].startswith("safety~")]
+    assert ks and max(ks) <= 2
+    # the verdict is the Exp 3 rule on the stand-in's rows at the chain's plot eta
+    eta = res["eta"]
+    per = {p: {r["tensor"]: (float(r["mso"]), float(r["baseline"])) for r in rows
+               if r["pair"] == p and abs(float(r["eta"]) - eta) < 1e-12} for p in ("useful~harmful", "safety~harmful")}
+    names = [n for n in per["useful~harmful"] if n in per["safety~harmful"]]
+    want = V.exp3_overlap({"mso": [per["useful~harmful"][n][0] for n in names],
+                           "baseline": [per["useful~harmful"][n][1] for n in names]},
+                          {"mso": [per["safety~harmful"][n][0] for n in names],
+                           "baseline": [per["safety~harmful"][n][1] for n in names]})
+    assert res["exp3"]["value"] == pytest.approx(want["value"], abs=1e-12)
+    chain_v = json.loads((out / "chain_report.json").read_text())["verdicts"]["exp3_overlap"]
+    assert res["chain_exp3"]["value"] == pytest.approx(chain_v["value"], abs=1e-12)
+    assert res["agreement"]["verdict"] in ("entangled", "distinct", "inconclusive")
+    assert set(res["scores"]) == {"safety", "safety-full"} and "harm_refusal_logit_mean" in res["scores"]["safety"]
+    assert (si / "evals" / "safety" / "harmful.csv").is_file()
+    # the study report carries the stand-in's verdict under its own key, and its tables
+    prefix = tmp_path / "rep"
+    assert core.main(["weightspace", "study-report", "--chain", str(out), "--stand-in", str(si), "--controls",
+                      str(_controls(tmp_path)), "--out", str(prefix)]) == 0
+    j = json.loads(prefix.with_suffix(".json").read_text())
+    assert j["verdicts"]["exp3_overlap[lora stand-in]"]["value"] == res["exp3"]["value"]
+    assert j["verdicts"]["exp3_overlap"]["value"] == res["chain_exp3"]["value"]
+    md = prefix.with_suffix(".md").read_text()
+    assert "## A second stand-in" in md and "safety (lora stand-in)" in md
+    assert core.main(["weightspace", "study-report", "--chain", str(out), "--stand-in", str(tmp_path), "--controls",
+                      str(_controls(tmp_path)), "--out", str(tmp_path / "bad")]) == 2
+    assert "no stand_in.json" in capsys.readouterr().err
+    # bad input: not a chain folder; a stand-in that repeats the chain's own fine-tune
+    assert core.main(["weightspace", "stand-in", "--chain", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "not a chain folder" in capsys.readouterr().err
+    assert core.main(["weightspace", "stand-in", "--chain", str(out), "--out", str(tmp_path / "y"), "--method", "full",
+                      "--lr", "1e-3", "--evaluate", "none", "--no-progress"]) == 2
+    assert "repeat the chain's own" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_sensitivity_slices_agree_with_the_chain_verdicts(chain_run, tmp_path, capsys):
+    """``weightspace sensitivity``: at the chain's own settings every slice reproduces the chain's verdict; the
+    per-module differences add up (weighted by tensor counts) to the overall one; a CLI run writes its files."""
+    _, out, _ = chain_run
+    rep = json.loads((out / "chain_report.json").read_text())
+    rc = core.main(["weightspace", "sensitivity", "--chain", str(out), "--out", str(tmp_path / "sens"),
+                    "--n-boot", "200"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "sens" / "sensitivity.json").read_text())
+    v3 = rep["verdicts"]["exp3_overlap"]
+    at = {r["eta"]: r for r in res["exp3_by_eta"]}
+    assert set(at) == {0.5, 0.9}  # SMALL: --etas 0.5,0.9
+    assert at[0.5]["value"] == pytest.approx(v3["value"], abs=1e-12)
+    assert res["exp3_by_aggregation"][0]["value"] == pytest.approx(v3["value"], abs=1e-12)
+    mods = res["exp3_by_module"]
+    n = sum(m["n_tensors"] for m in mods)
+    assert n == v3["n_tensors"]
+    assert sum(m["difference"] * m["n_tensors"] for m in mods) / n == pytest.approx(v3["value"], abs=1e-12)
+    assert res["exp1_energy_parity_by_rho"] == rep["verdicts"]["exp1_energy_parity"]["per_rho"]
+    assert [r["rho"] for r in res["exp2_by_rho"]] == [0.25, 0.75]
+    for f in ("exp3_by_eta.csv", "exp3_by_module.csv", "exp3_by_layer.csv", "exp2_by_rho.csv", "sensitivity.png"):
+        assert (tmp_path / "sens" / f).is_file(), f
+    assert core.main(["weightspace", "sensitivity", "--chain", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "not a chain folder" in capsys.readouterr().err
+    prefix = tmp_path / "docs" / "rep"
+    assert core.main(["weightspace", "study-report", "--chain", str(out), "--sensitivity", str(tmp_path / "sens"),
+                      "--controls", str(_controls(tmp_path)), "--images", str(tmp_path / "docs" / "img"),
+                      "--out", str(prefix)]) == 0
+    md = prefix.with_suffix(".md").read_text()
+    assert "## Sensitivity" in md and "**Exp 3 at every eta**" in md and "**Exp 2 at each rho**" in md
+    assert (tmp_path / "docs" / "img" / "sens_sensitivity.png").is_file()
+    assert json.loads(prefix.with_suffix(".json").read_text())["sensitivity"]["exp3_by_eta"] == res["exp3_by_eta"]
+
+
+def _controls(tmp_path):
+    """A controls folder made once per test (the noise-free planted controls are fast)."""
+    folder = tmp_path / "controls"
+    if not (folder / "controls.json").is_file():
+        assert core.main(["weightspace", "controls", "--out", str(folder), "--noise", "0"]) == 0
+    return folder

@@ -506,6 +506,22 @@ def register(subparsers: Any) -> None:
     add_controls_arguments(co)
     co.set_defaults(func=cmd_controls)
 
+    from weightspace.stand_in import __doc__ as stand_in_doc, add_arguments as add_stand_in_arguments, cmd_stand_in
+
+    si = ws.add_parser("stand-in", help="Exp 3 with a second stand-in for the alignment update (LoRA safety "
+                                        "fine-tune) on a finished chain",
+                       description=stand_in_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_stand_in_arguments(si)
+    si.set_defaults(func=cmd_stand_in)
+
+    from weightspace.sensitivity import __doc__ as sens_doc, add_arguments as add_sens_arguments, cmd_sensitivity
+
+    se = ws.add_parser("sensitivity", help="Exp 3 per eta / module type / layer / aggregation and Exp 2 per rho, "
+                                           "from a finished chain (no model)",
+                       description=sens_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sens_arguments(se)
+    se.set_defaults(func=cmd_sensitivity)
+
     from weightspace.study_report import __doc__ as report_doc, add_arguments as add_report_arguments, cmd_report
 
     rp = ws.add_parser("study-report", help="the study report (markdown + JSON) from a chain, Exp 4 runs and the "

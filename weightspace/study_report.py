@@ -77,7 +77,8 @@ def _exp4(label: str, folder: Path) -> dict[str, Any]:
 
 
 def collect(chain: str | Path, exp4: dict[str, str | Path] | None = None, controls: dict[str, Any] | None = None,
-            *, exp4_protocol: str = "study") -> dict[str, Any]:
+            *, exp4_protocol: str = "study", sensitivity: str | Path | None = None,
+            stand_ins: list[str | Path] | None = None) -> dict[str, Any]:
     """Everything the report shows, as one JSON-able dict (see the module docstring for the required keys)."""
     chain = Path(chain)
     rp = chain / "chain_report.json"
@@ -117,6 +118,23 @@ def collect(chain: str | Path, exp4: dict[str, str | Path] | None = None, contro
                            "planted_entangled": controls.get("planted_entangled"),
                            "passed": controls.get("passed"), "expected": controls.get("expected"),
                            "details": controls.get("details")}
+    if sensitivity is not None:
+        sp = Path(sensitivity) / "sensitivity.json"
+        if not sp.is_file():
+            raise WorkbenchError(f"--sensitivity {sensitivity}: no sensitivity.json there (run `workbench weightspace "
+                                 f"sensitivity --chain {chain} --out {sensitivity}`)")
+        out["sensitivity"] = _read(sp)
+    out["stand_ins"] = []
+    for folder in stand_ins or []:
+        sp = Path(folder) / "stand_in.json"
+        if not sp.is_file():
+            raise WorkbenchError(f"--stand-in {folder}: no stand_in.json there (run `workbench weightspace stand-in "
+                                 f"--chain {chain} --out {folder}`)")
+        si = _read(sp)
+        si["folder"] = str(folder)
+        out["stand_ins"].append(si)
+        if si.get("exp3"):  # the same fixed Exp 3 rule, with the second stand-in as Delta_S
+            verdicts[f"exp3_overlap[{si['method']} stand-in]"] = _slim(si["exp3"])
     counts: dict[str, list[str]] = {}
     for k, v in verdicts.items():
         counts.setdefault(str(v.get("verdict")), []).append(k)
@@ -185,6 +203,8 @@ def render(data: dict[str, Any], *, chain_summary: str = "", reading: str = "", 
                      f"{_ci(s.get('ci'), 2)} | **{c.get(case)}** | {(d.get('exp3') or {}).get('verdict')} | "
                      f"{_f(m.get('useful~harmful'))} / {_f(m.get('safety~harmful'))} / {_f(m.get('safety~useful'))} |")
         L.append("\nConstruction: `weightspace/controls.py` (`workbench weightspace controls --out DIR`).")
+    L += _render_stand_ins(data.get("stand_ins") or [], data.get("baselines") or {})
+    L += _render_sensitivity(data.get("sensitivity"))
     e4 = data.get("exp4") or {}
     if e4:
         L.append("\n## Experiment 4: activation-subspace overlap (both protocols)\n")
@@ -218,6 +238,95 @@ def render(data: dict[str, Any], *, chain_summary: str = "", reading: str = "", 
     return "\n".join(L) + "\n"
 
 
+def _render_stand_ins(sis: list[dict[str, Any]], base: dict[str, Any]) -> list[str]:
+    if not sis:
+        return []
+    L = ["\n## A second stand-in for the alignment update (Exp 3 again)\n",
+         "The chain's Delta_S is one full fine-tune; `workbench weightspace stand-in` trains another safety update on "
+         "the same safety prompts with another method and applies the same Exp 3 rule with it as Delta_S "
+         "(`safety-full` = the chain's own). Refusal and utility on the chain's evaluation sets (95 % intervals):\n",
+         "| model | training | loss | harm refusal (phrase) | mean refusal logit | utility (unit tests) |",
+         "|---|---|---|---|---|---|"]
+
+    def row(label: str, how: str, loss: str, m: dict[str, Any]) -> str:
+        return (f"| {label} | {how} | {loss} | {_f(m.get('harm_refusal_rate_phrase'), 2)} "
+                f"{_ci([m.get('harm_refusal_rate_phrase_lo'), m.get('harm_refusal_rate_phrase_hi')], 2)} | "
+                f"{_f(m.get('harm_refusal_logit_mean'), 2)} "
+                f"{_ci([m.get('harm_refusal_logit_mean_lo'), m.get('harm_refusal_logit_mean_hi')], 2)} | "
+                f"{_f(m.get('utility_accuracy'), 2)} "
+                f"{_ci([m.get('utility_accuracy_lo'), m.get('utility_accuracy_hi')], 2)} |")
+
+    if base.get("aligned"):
+        L.append(row("aligned", "-", "-", base["aligned"]))
+    for si in sis:
+        ft, sc = si.get("finetune") or {}, si.get("scores") or {}
+        loss = f"{_f(ft.get('initial_loss'), 2)} -> {_f(ft.get('final_loss'), 2)}"
+        how = f"{si['method']}" + (f" rank {si['lora_rank']}" if si.get("lora_rank") else "") + f", lr {si.get('lr')}"
+        if "safety-full" in sc:
+            L.append(row("safety (chain's)", si.get("chain_method", "full"), "-", sc["safety-full"]))
+        if "safety" in sc:
+            L.append(row(f"safety ({si['method']} stand-in)", how, loss, sc["safety"]))
+    L += ["", "| Delta_S | Exp 3 statistic [95 % CI] | non-inferiority | useful~harmful / baseline | "
+          "safety~harmful / baseline | verdict |", "|---|---|---|---|---|---|"]
+    for si in sis:
+        for label, v in (("chain's " + str(si.get("chain_method")), si.get("chain_exp3")),
+                         (f"{si['method']} stand-in", si.get("exp3"))):
+            v = v or {}
+            pr = v.get("pairs") or {}
+            L.append(f"| {label} | {_f(v.get('value'), 4)} {_ci(v.get('ci'), 4)} | {v.get('noninferiority')} | "
+                     f"{_f((pr.get('useful~harmful') or {}).get('value'), 2)} | "
+                     f"{_f((pr.get('safety~harmful') or {}).get('value'), 2)} | **{v.get('verdict')}** |")
+        a = si.get("agreement") or {}
+        L.append(f"\nThe two stand-ins' own overlap (MSO(safety~safety-full) / baseline, eta {si.get('eta')}): "
+                 f"{_f(a.get('value'), 2)} {_ci(a.get('ci'), 2)} -> {a.get('verdict')}.")
+    return L
+
+
+def _render_sensitivity(sens: dict[str, Any] | None) -> list[str]:
+    if not sens:
+        return []
+    L = ["\n## Sensitivity (descriptive; the verdicts above are the pre-registered ones)\n",
+         "From `workbench weightspace sensitivity` (no model: the chain's own per-tensor and per-prompt rows).\n",
+         "**Exp 3 at every eta** (whole rule):\n",
+         "| eta | MSO(u~h) - MSO(s~h) [95 % CI] | non-inferiority | u~h / baseline | s~h / baseline | verdict |",
+         "|---|---|---|---|---|---|"]
+    for r in sens.get("exp3_by_eta") or []:
+        L.append(f"| {r['eta']} | {_f(r['value'], 4)} {_ci(r['ci'], 4)} | {r.get('noninferiority')} | "
+                 f"{_f(r.get('useful~harmful_over_baseline'), 2)} | {_f(r.get('safety~harmful_over_baseline'), 2)} | "
+                 f"{r['verdict']} |")
+    L += [f"\n**Exp 3 by aggregation** (eta {sens.get('plot_eta')}, non-inferiority part):\n",
+          "| aggregation | units | difference [95 % CI] | non-inferiority |", "|---|---|---|---|"]
+    for r in sens.get("exp3_by_aggregation") or []:
+        L.append(f"| {r['aggregation']} | {r['n_units']} | {_f(r['value'], 4)} {_ci(r['ci'], 4)} | {r['verdict']} |")
+    L += [f"\n**Exp 3 by module type** (eta {sens.get('plot_eta')}):\n",
+          "| module | tensors | MSO u~h | MSO s~h | difference [95 % CI] | non-inferiority |", "|---|---|---|---|---|---|"]
+    for r in sens.get("exp3_by_module") or []:
+        L.append(f"| {r['module']} | {r['n_tensors']} | {_f(r['mso_useful_harmful'])} | {_f(r['mso_safety_harmful'])} "
+                 f"| {_f(r['difference'], 4)} {_ci(r['ci'], 4)} | {r['noninferiority']} |")
+    lay = sens.get("exp3_by_layer") or []
+    if lay:
+        c: dict[str, int] = {}
+        for r in lay:
+            c[r["noninferiority"]] = c.get(r["noninferiority"], 0) + 1
+        L.append("\n**Exp 3 by layer**: non-inferiority per layer group: "
+                 + ", ".join(f"{k} {v}" for k, v in sorted(c.items())) + " (plot `sensitivity.png`, table "
+                 "`exp3_by_layer.csv`).")
+    if sens.get("exp2_by_rho"):
+        L += ["\n**Exp 2 at each rho** (rates; the verdict averages the grid):\n",
+              "| rho | selectivity advantage [95 % CI] | utility lost beyond Random | harm removed beyond Random | "
+              "verdict |", "|---|---|---|---|---|"]
+        for r in sens["exp2_by_rho"]:
+            L.append(f"| {r['rho']} | {_f(r['value'], 4)} {_ci(r['ci'], 4)} | {_f(r.get('utility_lost_beyond_random'), 4)} "
+                     f"| {_f(r.get('harm_removed_beyond_random'), 4)} | {r['verdict']} |")
+    if sens.get("exp1_energy_parity_by_rho"):
+        L += ["\n**Exp 1 energy parity at each rho** (the rule is per rho):\n",
+              "| rho | E_k useful | E_k harmful | gap [95 % CI] | verdict |", "|---|---|---|---|---|"]
+        for r in sens["exp1_energy_parity_by_rho"]:
+            L.append(f"| {r['rho']} | {_f(r.get('ek_useful'))} | {_f(r.get('ek_harmful'))} | {_f(r.get('gap'), 4)} "
+                     f"{_ci(r.get('ci'), 4)} | {r.get('verdict')} |")
+    return L
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chain", required=True, help="a finished chain folder (chain_report.json)")
     p.add_argument("--exp4", action="append", default=[], metavar="LABEL=FOLDER",
@@ -225,6 +334,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exp4-protocol", default="study", help="protocol whose slice verdict enters the verdict table")
     p.add_argument("--controls", default=None,
                    help="a `workbench weightspace controls` folder (controls.json); default: run them fresh")
+    p.add_argument("--sensitivity", default=None,
+                   help="a `workbench weightspace sensitivity` folder (sensitivity.json): eta / rho / aggregation tables")
+    p.add_argument("--stand-in", action="append", default=[], dest="stand_in", metavar="FOLDER",
+                   help="a `workbench weightspace stand-in` folder (stand_in.json): Exp 3 with a second Delta_S; "
+                        "repeat for several")
     p.add_argument("--reading", default=None, help="markdown file with a hand-written reading of the results")
     p.add_argument("--command", action="append", default=[], help="a command line to print in the report (repeat)")
     p.add_argument("--images", default=None,
@@ -254,7 +368,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         with tempfile.TemporaryDirectory(prefix="wb-controls-") as tmp:
             controls = planted_controls(tmp)
-    data = collect(args.chain, exp4, controls, exp4_protocol=args.exp4_protocol)
+    data = collect(args.chain, exp4, controls, exp4_protocol=args.exp4_protocol, sensitivity=args.sensitivity,
+                   stand_ins=args.stand_in)
     out = Path(args.out)
     image_map: dict[str, str] = {}
     if args.images:
@@ -264,6 +379,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                   if Path(p).name in REPORT_PLOTS or Path(p).name.startswith("pairs_eta")]
         for lab, f in exp4.items():
             wanted += [Path(f) / "overlap_protocols.png"]
+        if args.sensitivity:
+            wanted += [Path(args.sensitivity) / "sensitivity.png"]
         for src in wanted:
             if src.is_file():
                 name = (src.parent.name + "_" + src.name) if src.parent.name not in ("", ".") else src.name
