@@ -20,8 +20,17 @@ from workbench.vectors import Direction, load_directions, pick, save_directions
 from steering.directions import mean_diff_directions, mean_diff_from_activations, pca_directions, random_like
 from steering.evaluate import Condition, evaluate_conditions
 from steering.interventions import ablation, addition
+from steering.optimize import DEFAULT_KL_CONFIDENCE, DEFAULT_KL_RULE, KL_RULES
 from steering.selection import calibrate_strength, select_direction, selection_heatmaps
 from steering.sweep import ablation_conditions, addition_conditions, run_sweep, tradeoff_plot
+
+
+def kl_confidence(s: str) -> float:
+    """A confidence level in [0.5, 1) (``--kl-confidence``)."""
+    v = finite_float(s)
+    if not 0.5 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0.5, 1), got {s!r}")
+    return v
 
 
 def _texts(spec: str, limit: int | None) -> list[str]:
@@ -339,6 +348,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.position is not None and not (args.position in ("last", "mean") or (
             args.position.startswith("pos-") and args.position[4:].isdigit() and int(args.position[4:]) >= 1)):
         raise WorkbenchError(f"--position {args.position!r}: use last, mean or pos-K (K >= 1)")
+    if args.kl_rule == "upper" and args.n_val < 2:
+        raise WorkbenchError(f"--kl-rule upper needs --n-val >= 2 (a spread of the per-prompt KL), got {args.n_val}; "
+                             f"use more validation prompts or --kl-rule mean")
     for flag, spec in (("--positive", args.positive), ("--negative", args.negative)):
         if str(spec).strip().endswith(":test"):
             raise WorkbenchError(f"{flag} {spec}: the optimisation never sees a test split; use a train split (the "
@@ -429,15 +441,19 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         storage.remove_session()
         storage.engine.dispose()
     front = opt.pareto_front(rows)
-    chosen = opt.choose_trial(rows, args.kl_max)
+    chosen = opt.choose_trial(rows, args.kl_max, rule=args.kl_rule, confidence=args.kl_confidence)
     for r in rows:
+        r["kl_upper"] = opt.row_kl_upper(r, args.kl_confidence)
         r["pareto"], r["chosen"] = r["number"] in front, r["number"] == chosen["number"]
+    unbounded = sum(r["kl_n"] < 2 for r in rows)  # trials of an older study: no per-prompt KL statistics
     cand = opt.Candidate.from_row(chosen)
     ka = KernelAblation(cand.profile, objective.direction(cand))
     cost = opt.cost_to_trial(rows, invocations, chosen["number"])
     run.write_csv("trials.csv", rows)
     run.write_csv("pareto.csv", [r for r in rows if r["pareto"]])
-    summary = {"chosen": chosen, "rule": opt.CHOICE_RULE, "kl_max": args.kl_max, "n_trials": len(rows),
+    summary = {"chosen": chosen, "rule": opt.choice_rule(args.kl_rule, args.kl_confidence), "kl_rule": args.kl_rule,
+               "kl_confidence": args.kl_confidence, "kl_max": args.kl_max,
+               "trials_without_kl_statistics": unbounded, "n_trials": len(rows),
                "n_trials_this_call": len(rows) - before, "pareto_trials": sorted(front),
                "baseline_harmful_refusal_score": objective.baseline_refusal, "n_val": [len(val_h), len(val_b)],
                "model_evaluations": sum(i["setup_evaluations"] + i["trial_evaluations"] for i in invocations),
@@ -447,7 +463,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                "layer_weights": ka.profile.layer_weights(lm.n_layers), "profile": ka.profile.record()}
     save_kernel_ablation(run.path / "chosen_ablation.safetensors", ka,
                          meta={"trial": chosen["number"], "refusal_score": chosen["refusal_score"], "kl": chosen["kl"],
-                               "kl_max": args.kl_max, "within_kl_max": chosen["within_kl_max"],
+                               "kl_upper": chosen["kl_upper"], "kl_rule": args.kl_rule, "kl_max": args.kl_max,
+                               "within_kl_max": chosen["within_kl_max"],
                                "model_id": lm.model_id, "n_layers": lm.n_layers})
     run.save_figure("pareto.png", opt.pareto_plot(rows, chosen, args.kl_max, lm.n_layers, ka.profile,
                                                   objective.baseline_refusal, f"{lm.model_id}: steer optimize"))
@@ -463,9 +480,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     run.write_json("optimize.json", summary)
     print(f"{len(rows)} trials ({len(rows) - before} this call, {summary['model_evaluations']} model evaluations in "
           f"all); Pareto front: {len(front)} trials")
+    if unbounded and args.kl_rule == "upper":
+        print(f"note: {unbounded} trial(s) of this study predate per-prompt KL statistics and were not eligible "
+              f"under --kl-rule upper (--kl-rule mean reads them)")
+    stat = "KL upper bound" if args.kl_rule == "upper" else "mean KL"
     print(f"chosen trial {chosen['number']}: refusal score {chosen['refusal_score']:.3f} (unmodified "
-          f"{objective.baseline_refusal:.3f}), KL {chosen['kl']:.4f}"
-          + ("" if chosen["within_kl_max"] else f" (no trial within --kl-max {args.kl_max:g}: lowest KL)"))
+          f"{objective.baseline_refusal:.3f}), mean KL {chosen['kl']:.4f}, {args.kl_confidence:g} upper bound "
+          f"{chosen['kl_upper']:.4f}" + ("" if chosen["within_kl_max"] else
+                                         f" (no trial's {stat} within --kl-max {args.kl_max:g}: the lowest)"))
     if args.confirm:
         table_print(ev.summary)
     return 0
@@ -566,7 +588,15 @@ def register(sub: Any) -> None:
                    help="trials the study should have in all (with --resume, only the missing ones run)")
     p.add_argument("--startup-trials", type=positive_int, default=10, help="random trials before TPE takes over")
     p.add_argument("--kl-max", type=nonnegative_float, default=0.2,
-                   help="the chosen trial: lowest refusal score with mean KL <= this (default 0.2)")
+                   help="the chosen trial: lowest refusal score with KL <= this, as --kl-rule reads KL (default 0.2)")
+    p.add_argument("--kl-rule", choices=KL_RULES, default=DEFAULT_KL_RULE,
+                   help="upper (default): the one-sided upper confidence bound of the mean KL over the harmless "
+                        "validation prompts, mean + t x sd / sqrt(n), must be <= --kl-max (a margin for the prompts "
+                        "the search never saw); trials of a study run before per-prompt KL was recorded are not eligible. "
+                        "mean: the mean KL itself must be (the rule before). Only the choice: a resumed study may "
+                        "change it")
+    p.add_argument("--kl-confidence", type=kl_confidence, default=DEFAULT_KL_CONFIDENCE,
+                   help="one-sided confidence level of --kl-rule upper, in [0.5, 1) (default 0.95)")
     p.add_argument("--index-range", type=fraction_range, default=(0.2, 0.9),
                    help="direction index range as fractions of depth LOW,HIGH (default 0.2,0.9)")
     p.add_argument("--batch-size", type=positive_int, default=16)

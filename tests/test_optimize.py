@@ -8,14 +8,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import statistics
 
 import optuna
 import pytest
 import torch
 
 from steering.kernel import load_kernel_ablation, read_kernel_meta
-from steering.optimize import (Candidate, ModelObjective, SearchSpace, choose_trial, cost_to_trial, pareto_front,
-                               run_study, sampler_seed, trial_rows)
+from steering.optimize import (Candidate, ModelObjective, SearchSpace, TrialScore, choose_trial, cost_to_trial,
+                               kl_upper_bound, pareto_front, row_kl_upper, run_study, sampler_seed, trial_rows)
 from workbench.argtypes import fraction_range
 from workbench.errors import WorkbenchError
 
@@ -56,7 +58,7 @@ def test_optimiser_recovers_a_planted_kernel_on_a_synthetic_objective(seed):
     study = run_study(objective, space, n_trials=300, seed=seed)
     rows = trial_rows(study, space)
     assert len(rows) == len(calls) == 300 and [r["number"] for r in rows] == list(range(300))
-    chosen = choose_trial(rows, kl_max=0.2)
+    chosen = choose_trial(rows, kl_max=0.2, rule="mean")  # a synthetic (refusal, kl) has no per-prompt KL
     assert chosen["within_kl_max"] and chosen["number"] in pareto_front(rows)
     errors = {k: abs(chosen[k] - target[k]) / s for k, s in scale.items()}
     assert max(errors.values()) <= 0.2, errors  # every parameter within 20 % of its search range
@@ -91,20 +93,122 @@ def _rows(*pts):
     return [{"number": i, "refusal_score": s, "kl": k} for i, (s, k) in enumerate(pts)]
 
 
-def test_pareto_front_and_the_choice_rule():
+def test_pareto_front_and_the_mean_choice_rule():
     rows = _rows((1.0, 0.05), (-2.0, 0.30), (0.5, 0.10), (0.7, 0.20), (0.5, 0.10), (-1.0, 0.20))
     assert pareto_front(rows) == {0, 1, 2, 4, 5}  # 3 is beaten by 5; the twins 2 and 4 both stay
-    c = choose_trial(rows, kl_max=0.2)
+    c = choose_trial(rows, kl_max=0.2, rule="mean")
     assert c["number"] == 5 and c["within_kl_max"]  # lowest refusal with KL <= 0.2 (the boundary counts)
-    assert choose_trial(rows, kl_max=0.15)["number"] == 2  # tie on both with 4: the earlier trial
-    assert choose_trial(_rows((0.5, 0.2), (0.5, 0.1)), kl_max=1)["number"] == 1  # tie on refusal: lower KL
-    none = choose_trial(rows, kl_max=0.01)
+    assert math.isnan(c["kl_upper"])  # rows without per-prompt statistics: no bound
+    assert choose_trial(rows, kl_max=0.15, rule="mean")["number"] == 2  # tie on both with 4: the earlier trial
+    assert choose_trial(_rows((0.5, 0.2), (0.5, 0.1)), kl_max=1, rule="mean")["number"] == 1  # tie: lower KL
+    none = choose_trial(rows, kl_max=0.01, rule="mean")
     assert none["number"] == 0 and none["within_kl_max"] is False  # none within: the lowest KL, flagged
     assert "within_kl_max" not in rows[0]  # a copy
     for kl_max in (0.01, 0.1, 0.15, 0.2, 0.3, 1.0):
-        assert choose_trial(rows, kl_max)["number"] in pareto_front(rows)
+        assert choose_trial(rows, kl_max, rule="mean")["number"] in pareto_front(rows)
     with pytest.raises(WorkbenchError, match="no completed trials"):
         choose_trial([], 0.2)
+    with pytest.raises(WorkbenchError, match="unknown KL rule 'max'; valid rules: upper, mean"):
+        choose_trial(rows, 0.2, rule="max")
+
+
+# t(0.95, 15) = 1.753050355692572: with n = 16 prompts the 0.95 bound is mean + 1.753050 x sd / 4
+T95_15 = 1.753050355692572
+
+
+def _sd_for_bound(mean, bound, n=16, t=T95_15):
+    """The per-prompt KL standard deviation that puts the upper bound of ``mean`` (n prompts) at ``bound``."""
+    return (bound - mean) * math.sqrt(n) / t
+
+
+def test_kl_upper_bound_is_the_one_sided_student_t_bound():
+    from scipy import stats
+
+    assert stats.t.ppf(0.95, 15) == pytest.approx(T95_15, rel=1e-12)
+    assert kl_upper_bound(0.1, 0.04, 16) == pytest.approx(0.1 + T95_15 * 0.01, rel=1e-12)
+    assert kl_upper_bound(0.1, 0.04, 16, confidence=0.5) == pytest.approx(0.1)  # the median of t: the mean
+    assert kl_upper_bound(0.1, 0.04, 16, 0.99) > kl_upper_bound(0.1, 0.04, 16) > kl_upper_bound(0.1, 0.04, 64)
+    assert kl_upper_bound("0.1", "0.04", "16") == kl_upper_bound(0.1, 0.04, 16)  # a CSV row's strings
+    for sd, n in ((0.04, 1), (math.nan, 16), (None, 16), ("", ""), (0.04, 0)):
+        assert math.isnan(kl_upper_bound(0.1, sd, n))  # unknown: NaN, never a KeyError or a number
+    for bad in (0.4, 1.0, 1.5):
+        with pytest.raises(WorkbenchError, match=r"confidence level must be in \[0.5, 1\)"):
+            kl_upper_bound(0.1, 0.04, 16, bad)
+
+
+def test_upper_rule_on_planted_rows_on_both_sides_of_the_bound():
+    """Trial 1 has the lowest refusal score and a mean KL (0.15) well under kl_max, but a spread that puts its
+    upper bound 1e-6 over kl_max: the upper rule passes it by, the mean rule takes it. Trial 2's bound is 1e-6
+    under kl_max: the upper rule takes it, although trial 1 beats it on both refusal score and mean KL."""
+    rows = [{"number": 0, "refusal_score": 0.0, "kl": 0.02, "kl_sd": 0.01, "kl_n": 16},
+            {"number": 1, "refusal_score": -3.0, "kl": 0.15, "kl_sd": _sd_for_bound(0.15, 0.2 + 1e-6), "kl_n": 16},
+            {"number": 2, "refusal_score": -2.0, "kl": 0.16, "kl_sd": _sd_for_bound(0.16, 0.2 - 1e-6), "kl_n": 16},
+            {"number": 3, "refusal_score": -4.0, "kl": 0.25, "kl_sd": 0.01, "kl_n": 16}]
+    assert row_kl_upper(rows[1]) == pytest.approx(0.2 + 1e-6, abs=1e-12)
+    assert row_kl_upper(rows[2]) == pytest.approx(0.2 - 1e-6, abs=1e-12)
+    up = choose_trial(rows, kl_max=0.2)  # the default rule is "upper"
+    assert up["number"] == 2 and up["within_kl_max"] and up["kl_upper"] == pytest.approx(0.2 - 1e-6, abs=1e-12)
+    assert up["number"] not in pareto_front(rows)  # dominated by trial 1: the upper rule can leave the front
+    mean = choose_trial(rows, kl_max=0.2, rule="mean")
+    assert mean["number"] == 1 and mean["kl_upper"] > 0.2  # the old rule: its bound is over kl_max
+    # the same rows as a CSV gives them back (strings) choose the same
+    as_csv = [{k: ("" if v is None else str(v)) if k != "number" else v for k, v in r.items()} for r in rows]
+    assert choose_trial(as_csv, kl_max=0.2)["number"] == 2
+    # a higher confidence widens every bound: at 0.99 trial 2 fails too, trial 0 is left
+    assert choose_trial(rows, kl_max=0.2, confidence=0.99)["number"] == 0
+    # with a looser kl_max trial 1 passes the bound again, and its lower refusal score wins
+    assert choose_trial(rows, kl_max=0.2 + 2e-6)["number"] == 1
+
+
+def test_upper_rule_fallback_when_no_bound_passes():
+    rows = [{"number": 0, "refusal_score": 0.0, "kl": 0.10, "kl_sd": 0.4, "kl_n": 16},  # bound 0.275
+            {"number": 1, "refusal_score": -1.0, "kl": 0.15, "kl_sd": 0.2, "kl_n": 16},  # bound 0.238: lowest
+            {"number": 2, "refusal_score": -2.0, "kl": 0.30, "kl_sd": 0.0, "kl_n": 16}]  # bound 0.300
+    c = choose_trial(rows, kl_max=0.2)
+    assert c["number"] == 1 and c["within_kl_max"] is False  # the lowest bound, not the lowest mean (trial 0)
+    assert choose_trial(rows, kl_max=0.05, rule="mean")["number"] == 0  # the mean rule's fallback: lowest mean
+
+
+def test_upper_rule_with_trials_of_an_older_study():
+    """Rows without kl_sd / kl_n (a study resumed from before they were recorded: trial_rows gives NaN and 0)
+    are not eligible under the upper rule, whatever their mean; only the mean rule reads them. A study with no
+    statistics at all is refused with a one-line error naming the way out."""
+    old = [{"number": 0, "refusal_score": -5.0, "kl": 0.01, "kl_sd": math.nan, "kl_n": 0},
+           {"number": 1, "refusal_score": -1.0, "kl": 0.05}]  # a row without the keys at all
+    new = [{"number": 2, "refusal_score": -2.0, "kl": 0.10, "kl_sd": 0.05, "kl_n": 16},
+           {"number": 3, "refusal_score": -3.0, "kl": 0.30, "kl_sd": 0.05, "kl_n": 16}]
+    c = choose_trial(old + new, kl_max=0.2)
+    assert c["number"] == 2 and c["within_kl_max"]
+    assert choose_trial(old + new, kl_max=0.2, rule="mean")["number"] == 0
+    assert choose_trial(old + new[1:], kl_max=0.2)["number"] == 3  # fallback among the bounded trials only
+    with pytest.raises(WorkbenchError, match=r"none of the 2 trials records per-prompt KL statistics .*"
+                                             r"--kl-rule mean"):
+        choose_trial(old, kl_max=0.2)
+
+
+def test_trial_score_of_per_prompt_values():
+    s = TrialScore.of(torch.tensor([1.0, -2.0, 4.0]), torch.tensor([0.1, 0.3, 0.2, 0.6]))
+    assert s.refusal_score == pytest.approx(1.0) and s.kl == pytest.approx(0.3) and s.kl_n == 4
+    assert s.kl_sd == pytest.approx(statistics.stdev([0.1, 0.3, 0.2, 0.6]))  # ddof 1
+    one = TrialScore.of([0.5], [0.2])
+    assert one.kl_n == 1 and math.isnan(one.kl_sd)
+    with pytest.raises(WorkbenchError, match="at least one"):
+        TrialScore.of([], [0.1])
+
+
+def test_run_study_records_the_per_prompt_statistics_and_reads_old_trials():
+    """An objective returning a TrialScore records kl_sd / kl_n as trial user attributes; trials of the same
+    study run by an objective that returned (refusal, kl) (the code before) read back as NaN / 0, and the upper
+    rule chooses among the new trials only."""
+    space = SearchSpace.for_model(4, index_range=None)
+    storage = optuna.storages.InMemoryStorage()
+    run_study(lambda c: (-c.profile.attn.peak, 0.01), space, n_trials=3, seed=0, storage=storage)  # old: no stats
+    rows = trial_rows(run_study(lambda c: TrialScore(-c.profile.attn.peak, 0.1, 0.05, 16), space, n_trials=5, seed=0,
+                                storage=storage), space)
+    assert [(r["kl_n"], math.isnan(r["kl_sd"])) for r in rows] == [(0, True)] * 3 + [(16, False)] * 2
+    assert [r["kl_sd"] for r in rows[3:]] == [0.05, 0.05]
+    c = choose_trial(rows, kl_max=0.2)
+    assert c["number"] in (3, 4) and c["kl_upper"] == pytest.approx(0.1 + T95_15 * 0.05 / 4)
 
 
 def test_cost_to_trial_counts_every_call_that_started_before_it():
@@ -145,12 +249,41 @@ def test_model_objective_counts_forward_passes(make_tiny):
                          ["Bake bread", "Plant a tree"], batch_size=2)
     assert obj.setup_evaluations == 1 + 2  # harmless reference (1 batch of 2), harmful baseline (2 batches)
     zero = SearchSpace.for_model(2, index_range=None).candidate({"attn_peak": 0.0, "mlp_peak": 0.0, "embed": 0.0})
-    refusal, kl = obj(zero)  # weight 0 everywhere: the unmodified model
-    assert refusal == pytest.approx(obj.baseline_refusal, abs=1e-6) and kl == pytest.approx(0.0, abs=1e-6)
+    s = obj(zero)  # weight 0 everywhere: the unmodified model
+    assert s.refusal_score == pytest.approx(obj.baseline_refusal, abs=1e-6) and s.kl == pytest.approx(0.0, abs=1e-6)
     assert obj.evaluations == 3 + 3
     full = obj(SearchSpace.for_model(2, index_range=None).candidate({"attn_peak": 1.0, "attn_floor_frac": 1.0,
                                                                        "mlp_peak": 1.0, "mlp_floor_frac": 1.0}))
-    assert full[1] > 1e-4  # ablating changes the harmless next-token distribution
+    assert full.kl > 1e-4  # ablating changes the harmless next-token distribution
+
+
+def test_model_objective_per_prompt_kl_statistics_are_exact(make_tiny):
+    """On a random tiny Llama: the trial's kl_sd / kl_n are the sample standard deviation and count of the
+    per-prompt KL, each prompt scored alone (no batch, no padding); the KL is the one 'steer removal' reads
+    from its generations' prefill (evaluate_conditions' kl_last), so validation and test KL are one measurement."""
+    from steering.evaluate import Condition, evaluate_conditions
+    from workbench.backends import get_backend
+    from workbench.scoring import kl_divergence
+    from workbench.vectors import Direction
+
+    lm = make_tiny("llama")
+    be = get_backend("native", lm)
+    d = Direction(torch.randn(64, generator=torch.Generator().manual_seed(1)), layer=1, method="mean_diff",
+                  model_id=lm.model_id, model_checksum=lm.checksum, d_model=64, component="resid_pre")
+    harmless = ["Bake bread", "Plant a tree in the garden", "Write a poem about the sea", "x"]
+    obj = ModelObjective(be, None, d, ["Steal a car"], harmless, batch_size=3)
+    cand = SearchSpace.for_model(lm.n_layers, index_range=None).candidate(
+        {"attn_peak": 0.9, "attn_floor_frac": 0.5, "mlp_peak": 0.7, "embed": 0.3})
+    s = obj(cand)
+    ivs = obj.ablation(cand).interventions(lm.n_layers)
+    alone = [float(kl_divergence(be, [p], interventions=ivs)[0]) for p in harmless]
+    assert s.kl_n == 4 and min(alone) > 1e-6 and statistics.stdev(alone) > 1e-4
+    assert s.kl == pytest.approx(statistics.fmean(alone), rel=1e-4, abs=1e-7)
+    assert s.kl_sd == pytest.approx(statistics.stdev(alone), rel=1e-4, abs=1e-7)
+    ev = evaluate_conditions(be, None, [Condition("kernel", ivs)], harmful=["Steal a car"], harmless=harmless,
+                             max_new_tokens=2, n_boot=10, progress=False)
+    kl_last = [r["kl_last"] for r in ev.per_prompt if r["condition"] == "kernel" and r["set"] == "harmless"]
+    assert kl_last == pytest.approx(alone, rel=1e-3, abs=1e-6)
 
 
 # -- the command on a tiny model ------------------------------------------------------------------------------
@@ -208,6 +341,13 @@ def test_cli_optimize_writes_the_study_and_resumes_it(cli, tmp_path, capsys):
     summary = json.loads((out / "optimize.json").read_text())
     chosen = summary["chosen"]
     assert summary["kl_max"] == 0.2 and summary["n_trials"] == 3 and "lowest mean refusal score" in summary["rule"]
+    assert summary["kl_rule"] == "upper" and summary["kl_confidence"] == 0.95 and "upper confidence bound" in summary["rule"]
+    assert summary["trials_without_kl_statistics"] == 0
+    assert all(r["kl_n"] == "3" for r in rows)  # 3 harmless validation prompts per trial
+    for r in rows:  # trials.csv carries the bound of every trial, as the rule computes it
+        assert float(r["kl_upper"]) == pytest.approx(kl_upper_bound(float(r["kl"]), float(r["kl_sd"]), 3))
+    assert chosen["kl_upper"] == pytest.approx(float(rows[chosen["number"]]["kl_upper"]))
+    assert choose_trial([{**r, "number": int(r["number"])} for r in rows], 0.2)["number"] == chosen["number"]
     assert [r["number"] for r in _csv(out / "pareto.csv")] == [str(n) for n in summary["pareto_trials"]]
     assert [r["chosen"] for r in rows].count("True") == 1 and rows[chosen["number"]]["chosen"] == "True"
     # model evaluations: KL reference + baseline (one batch each: 3 prompts), then 2 per trial
@@ -224,7 +364,10 @@ def test_cli_optimize_writes_the_study_and_resumes_it(cli, tmp_path, capsys):
     val_h, val_b = resolve_prompts("harmful:val").texts[:3], resolve_prompts("harmless:val").texts[:3]
     ivs = ka.interventions(lm.n_layers)
     assert float(refusal_scores(be, val_h, interventions=ivs).mean()) == pytest.approx(chosen["refusal_score"], abs=1e-5)
-    assert float(kl_divergence(be, val_b, interventions=ivs).mean()) == pytest.approx(chosen["kl"], abs=1e-5)
+    kl = kl_divergence(be, val_b, interventions=ivs)
+    assert float(kl.mean()) == pytest.approx(chosen["kl"], abs=1e-5)
+    assert float(kl.std()) == pytest.approx(chosen["kl_sd"], rel=1e-4, abs=1e-7)  # torch's std: ddof 1
+    assert read_kernel_meta(out / "chosen_ablation.safetensors")["kl_rule"] == "upper"
     confirm = _csv(out / "confirm.csv")
     assert [r["condition"] for r in confirm] == ["unmodified", "optimised ablation"]
 
@@ -263,15 +406,45 @@ def test_cli_optimize_resume_and_argument_errors(cli, tmp_path, capsys):
     assert "direction of layer(s) [0] is zero" in capsys.readouterr().err
     assert cli["run"]("--positive", "harmful:test", "--out", str(tmp_path / "t")) == 2
     assert "never sees a test split" in capsys.readouterr().err
+    assert cli["run"]("--n-val", "1", "--out", str(tmp_path / "t")) == 2  # no spread from one prompt
+    assert "--kl-rule upper needs --n-val >= 2" in capsys.readouterr().err
     for args, msg in ((["--n-trials", "0"], "argument --n-trials: expected an integer >= 1"),
                       (["--index-range", "0.9,0.1"], "argument --index-range: expected LOW <= HIGH"),
                       (["--kl-max", "nan"], "argument --kl-max: expected a finite number"),
+                      (["--kl-confidence", "1"], "argument --kl-confidence: expected a number in [0.5, 1)"),
+                      (["--kl-rule", "max"], "argument --kl-rule: invalid choice: 'max'"),
                       (["--direction", "a", "--directions", "b"], "not allowed with argument")):
         with pytest.raises(SystemExit) as e:
             cli["run"](*args, "--out", str(tmp_path / "x"))
         err = capsys.readouterr().err
         assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x").exists() and not (tmp_path / "t").exists()
+
+
+def test_cli_optimize_resumes_a_study_from_before_the_kl_statistics(cli, tmp_path, capsys, monkeypatch):
+    """A study whose trials lack kl_sd / kl_n (run here by the objective as it was: ``(refusal, kl)``): the upper
+    rule refuses it with one line and leaves nothing behind; the mean rule chooses from it; resumed, the new
+    trials record the statistics and the upper rule chooses among them, saying how many trials it passed by."""
+    import steering.optimize as opt
+
+    real = opt.ModelObjective.__call__
+    monkeypatch.setattr(opt.ModelObjective, "__call__", lambda self, c: (real(self, c).refusal_score, real(self, c).kl))
+    out = tmp_path / "old"
+    assert cli["run"]("--n-trials", "2", "--confirm", "0", "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 trials records per-prompt KL statistics" in err.strip().splitlines()[-1]  # after the bars
+    assert not out.exists()
+    assert cli["run"]("--n-trials", "2", "--confirm", "0", "--kl-rule", "mean", "--out", str(out)) == 0
+    assert json.loads((out / "optimize.json").read_text())["trials_without_kl_statistics"] == 2
+    monkeypatch.setattr(opt.ModelObjective, "__call__", real)
+    capsys.readouterr()
+    assert cli["run"]("--n-trials", "4", "--confirm", "0", "--resume", "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "2 trial(s) of this study predate per-prompt KL statistics" in printed
+    s = json.loads((out / "optimize.json").read_text())
+    assert s["kl_rule"] == "upper" and s["trials_without_kl_statistics"] == 2 and s["chosen"]["number"] in (2, 3)
+    rows = _csv(out / "trials.csv")
+    assert [r["kl_n"] for r in rows] == ["0", "0", "3", "3"] and [r["kl_upper"] for r in rows[:2]] == ["nan", "nan"]
 
 
 def test_cli_optimize_with_a_fixed_direction(cli, tmp_path, capsys):
