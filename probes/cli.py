@@ -1,15 +1,23 @@
-"""``workbench probe`` and ``workbench overlap``, and the probes stage of the main job."""
+"""``workbench probe`` and ``workbench overlap``, and the probes stage of the main job.
+
+Each measurement is two steps, so that a worker can measure and the driver write: :func:`probe_outcome` /
+:func:`overlap_outcome` (capture and fit or measure: a small :class:`ProbeOutcome` / :class:`OverlapOutcome`) and
+:func:`write_probe_run` / :func:`write_overlap_run` (the run folder's files). With ``--model`` given more than
+once, or ``--executor ray``, each model is one executor task (:mod:`probes.across`).
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from probes.overlap import DEFAULT_ETAS, PROTOCOL_CHOICES, PROTOCOLS, STUDY_SLICE, protocol_names, protocol_overlap
-from probes.sweep import ProbeSweep
+from probes.overlap import (DEFAULT_ETAS, PROTOCOL_CHOICES, PROTOCOLS, STUDY_SLICE, ProtocolOverlap, protocol_names,
+                            protocol_overlap)
+from probes.sweep import ProbeSweep, SweepResult
 from workbench.capture import Activations, capture
 from workbench.errors import WorkbenchError
 from workbench.prompts import BUILTIN_NAMES, PromptSet, builtin, resolve_prompts, split_prompts
@@ -44,33 +52,59 @@ def _splits(spec: str) -> tuple[PromptSet, PromptSet]:
     return sp["train"], sp["test"]
 
 
-def run_probe_sweep(lm: Any, fmt: Any, run: RunFolder, positive: str, negative: str, *, layers: Any = "all",
-                    position: str = "last", backend: str = "native", n_boot: int = 1000, limit: int | None = None,
-                    seed: int = 0, acts: dict[str, Activations] | None = None) -> dict[str, Any]:
-    """Fit on the train splits, evaluate on the test splits. ``acts`` may hold precomputed captures keyed
-    ``pos:train``, ``pos:test``, ``neg:train``, ``neg:test`` (the main job passes its shared capture)."""
-    from probes import plots  # matplotlib: imported when a run draws, not when the CLI starts
+@dataclass
+class ProbeOutcome:
+    """What the probe sweep of one model measured, without the model: small and picklable, so a worker can
+    compute it (:func:`probe_outcome`) and the driver alone write it (:func:`write_probe_run`).
 
+    ``rows``: per-layer held-out metrics; ``directions``: the logistic and mean-difference direction of every
+    layer (``2 * layers * d_model`` floats); ``cosines``: ``[layers, layers]`` cosines of the mean-difference
+    directions; ``timing``: capture and fit seconds; ``model``: ``lm.describe()`` (id, checksum, shape).
+
+    Example::
+
+        >>> out = probe_outcome(lm, fmt, probe_splits("harmful", "harmless"), n_boot=0)  # doctest: +SKIP
+        >>> [r["layer"] for r in out.rows], out.cosines.shape                           # doctest: +SKIP
+        ([0, 1], (2, 2))
+    """
+
+    rows: list[dict[str, Any]]
+    directions: list[Direction]
+    cosines: np.ndarray
+    layer_ids: list[int]
+    timing: dict[str, Any]
+    model: dict[str, Any]
+
+
+def probe_splits(positive: str, negative: str) -> dict[str, PromptSet]:
+    """The four prompt sets of a probe sweep, keyed ``pos:train``, ``pos:test``, ``neg:train``, ``neg:test``
+    (:func:`_splits`: a builtin's fixed splits, a file split 60/20/20)."""
+    out: dict[str, PromptSet] = {}
+    for label, spec in (("pos", positive), ("neg", negative)):
+        out[f"{label}:train"], out[f"{label}:test"] = _splits(spec)
+    return out
+
+
+def probe_outcome(lm: Any, fmt: Any, splits: dict[str, PromptSet], *, layers: Any = "all", position: str = "last",
+                  backend: str = "native", n_boot: int = 1000, limit: int | None = None, seed: int = 0,
+                  acts: dict[str, Activations] | None = None) -> ProbeOutcome:
+    """Capture ``splits`` (:func:`probe_splits`), fit on the train sets, evaluate on the test sets. ``acts`` may
+    hold precomputed captures under the same keys (the main job passes its shared capture)."""
     sets: dict[str, tuple[Activations, Any]] = {}
     t_cap = 0.0
-    for label, spec in (("pos", positive), ("neg", negative)):
-        tr, te = _splits(spec)
-        for split, ps in (("train", tr), ("test", te)):
-            key = f"{label}:{split}"
-            if acts is not None and key in acts:
-                a = acts[key]
-            else:
-                texts = ps.texts[:limit] if limit else ps.texts
-                a = capture(lm, texts, layers=layers, positions=[position], fmt=fmt, backend=backend)
-            t_cap += float(a.meta["seconds"])  # the capture's own time, also when read back from the cache
-            sets[key] = (a, ps)
+    for key in ("pos:train", "pos:test", "neg:train", "neg:test"):
+        ps = splits[key]
+        if acts is not None and key in acts:
+            a = acts[key]
+        else:
+            texts = ps.texts[:limit] if limit else ps.texts
+            a = capture(lm, texts, layers=layers, positions=[position], fmt=fmt, backend=backend)
+        t_cap += float(a.meta["seconds"])  # the capture's own time, also when read back from the cache
+        sets[key] = (a, ps)
     layer_ids = [s.layer for s in sets["pos:train"][0].sites if s.component == "resid_post"]
     X = {k: stack_layers(a, position) for k, (a, _) in sets.items()}
     sw = ProbeSweep(n_boot=n_boot, seed=seed, layers=layer_ids).fit(X["pos:train"], X["neg:train"])
     res = sw.evaluate(X["pos:test"], X["neg:test"])
-    rows = res.rows
-    run.write_csv("probe_layers.csv", rows)
-    run.write_json("probe_layers.json", rows)
     meta = sets["pos:train"][0].meta
     dirs = []
     for pr in res.probes:
@@ -80,26 +114,54 @@ def run_probe_sweep(lm: Any, fmt: Any, run: RunFolder, positive: str, negative: 
                                   position=position, prompt_set_hashes={"positive": sets["pos:train"][1].hash,
                                                                         "negative": sets["neg:train"][1].hash},
                                   template_hash=meta["template_hash"], meta={"source": "probe_sweep"}))
-    save_directions(run.path / "probe_directions.safetensors", dirs)
-    title = f"{lm.model_id}: {positive} vs {negative} ({position} token)"
-    run.save_figure("probe_auroc_vs_layer.png", plots.probe_curves(rows, title))
-    run.save_figure("probe_cosine_logistic_vs_mean_diff.png",
-                    plots.cosine_curve(rows, "cosine(logistic direction, mean-difference direction)"))
-    C = sw.direction_cosines("mean_diff")
-    run.save_figure("probe_direction_cosines.png",
-                    plots.heatmap(C, "cosine of mean-difference directions across layers", "layer", "layer",
-                                  layer_ids, layer_ids, vmin=-1, vmax=1, cmap="RdBu_r"))
     timing = {"capture_seconds": round(t_cap, 2), "fit_seconds": round(sw.fit_seconds_, 2),
               "fit_over_capture": round(sw.fit_seconds_ / max(t_cap, 1e-9), 3),
               "n_prompts": sum(a.n_prompts for a, _ in sets.values()), "n_layers": len(layer_ids)}
-    run.write_json("probe_timing.json", timing)
-    best = res.best_layer("logistic_auroc")
+    return ProbeOutcome(res.rows, dirs, sw.direction_cosines("mean_diff"), layer_ids, timing, lm.describe())
+
+
+def probe_summary(out: ProbeOutcome) -> dict[str, Any]:
+    """The best layer by held-out logistic AUROC (the lower layer on ties), with the timing."""
+    rows = out.rows
+    best = SweepResult(rows).best_layer("logistic_auroc")
     br = next(r for r in rows if r["layer"] == best)
-    summary = {"best_layer": best, "best_logistic_auroc": br["logistic_auroc"],
-               "best_logistic_auroc_ci": [br.get("logistic_auroc_lo"), br.get("logistic_auroc_hi")],
-               "best_mean_diff_auroc": max(r["mean_diff_auroc"] for r in rows), **timing}
+    return {"best_layer": best, "best_logistic_auroc": br["logistic_auroc"],
+            "best_logistic_auroc_ci": [br.get("logistic_auroc_lo"), br.get("logistic_auroc_hi")],
+            "best_mean_diff_auroc": max(r["mean_diff_auroc"] for r in rows), **out.timing}
+
+
+def write_probe_run(run: RunFolder, out: ProbeOutcome, positive: str, negative: str,
+                    position: str = "last") -> dict[str, Any]:
+    """Write a probe sweep's files into ``run``: ``probe_layers.csv`` / ``.json``, ``probe_directions.safetensors``,
+    ``probe_timing.json``, ``probe_summary.json`` and three plots."""
+    from probes import plots  # matplotlib: imported when a run draws, not when the CLI starts
+
+    rows, layer_ids = out.rows, out.layer_ids
+    run.write_csv("probe_layers.csv", rows)
+    run.write_json("probe_layers.json", rows)
+    save_directions(run.path / "probe_directions.safetensors", out.directions)
+    title = f"{out.model['model_id']}: {positive} vs {negative} ({position} token)"
+    run.save_figure("probe_auroc_vs_layer.png", plots.probe_curves(rows, title))
+    run.save_figure("probe_cosine_logistic_vs_mean_diff.png",
+                    plots.cosine_curve(rows, "cosine(logistic direction, mean-difference direction)"))
+    run.save_figure("probe_direction_cosines.png",
+                    plots.heatmap(out.cosines, "cosine of mean-difference directions across layers", "layer", "layer",
+                                  layer_ids, layer_ids, vmin=-1, vmax=1, cmap="RdBu_r"))
+    run.write_json("probe_timing.json", out.timing)
+    summary = probe_summary(out)
     run.write_json("probe_summary.json", summary)
-    return {"rows": rows, "summary": summary, "directions": dirs}
+    return {"rows": rows, "summary": summary, "directions": out.directions}
+
+
+def run_probe_sweep(lm: Any, fmt: Any, run: RunFolder, positive: str, negative: str, *, layers: Any = "all",
+                    position: str = "last", backend: str = "native", n_boot: int = 1000, limit: int | None = None,
+                    seed: int = 0, acts: dict[str, Activations] | None = None) -> dict[str, Any]:
+    """Fit on the train splits, evaluate on the test splits, write the run's files (:func:`probe_outcome`, then
+    :func:`write_probe_run`). ``acts`` may hold precomputed captures keyed ``pos:train``, ``pos:test``,
+    ``neg:train``, ``neg:test`` (the main job passes its shared capture)."""
+    out = probe_outcome(lm, fmt, probe_splits(positive, negative), layers=layers, position=position,
+                        backend=backend, n_boot=n_boot, limit=limit, seed=seed, acts=acts)
+    return write_probe_run(run, out, positive, negative, position)
 
 
 def default_overlap_sets() -> dict[str, list[str]]:
@@ -156,28 +218,32 @@ def protocol_overlap_sets(protocols: Sequence[str] = tuple(PROTOCOLS), n: int | 
     return sets, roles
 
 
-def run_overlap(lm: Any, fmt: Any, run: RunFolder, sets: dict[str, Any], *, position: str = "last",
-                backend: str = "native", etas: Any = DEFAULT_ETAS, n_boot: int = 30, plot_eta: float = 0.5,
-                seed: int = 0, ceiling: str | None = "H1~H2",
-                protocols: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
-    """Experiment 4 under each protocol, side by side, from one capture of every set.
+@dataclass
+class OverlapOutcome:
+    """What experiment 4 measured on one model, without the model: small and picklable, so a worker can
+    compute it (:func:`overlap_outcome`) and the driver alone write it (:func:`write_overlap_run`).
 
-    ``sets[name]`` is a list of prompts (captured here, once) or precomputed :class:`Activations`.
-    ``protocols = {protocol: {role: set name}}`` (see :func:`protocol_overlap_sets`); ``None``: both protocols
-    on the given sets as they are (role = set name), so they differ only in centring and layer average.
-    Writes ``overlap.csv`` (every protocol, layer, η, pair), ``overlap_layers.csv`` (per layer at ``plot_eta``,
-    the protocols side by side), ``overlap_averages.csv`` (all-layer and depth-slice means with subsampling CIs,
-    every η), ``overlap_summary.json`` (per protocol at ``plot_eta``: averages, the experiment-4 statistic
-    U~H vs H1~H2 on the slice and on all layers, each with its verdict under ``verdict``:
-    :func:`workbench.verdict_rules.exp4_activation_overlap`), ``overlap_protocols.png`` and per-protocol plots.
+    ``result``: the per-layer rows and the subsample draws (:class:`probes.overlap.ProtocolOverlap`,
+    ``protocols x pairs x etas x layers x n_boot`` floats); ``n_prompts``: prompts captured per set;
+    ``model``: ``lm.describe()``.
+
+    Example::
+
+        >>> out = overlap_outcome(lm, fmt, *protocol_overlap_sets(n=6), n_boot=0)  # doctest: +SKIP
+        >>> out.n_prompts["harmful"], out.result.n_layers                          # doctest: +SKIP
+        (6, 2)
     """
-    from probes import plots
 
-    etas = list(etas)
-    if not any(abs(plot_eta - e) < 1e-9 for e in etas):
-        raise WorkbenchError(f"plot_eta {plot_eta} is not in the eta grid {etas}")
-    if protocols is None:
-        protocols = {p: {k: k for k in sets} for p in PROTOCOLS}
+    result: ProtocolOverlap
+    n_prompts: dict[str, int]
+    model: dict[str, Any]
+
+
+def overlap_outcome(lm: Any, fmt: Any, sets: dict[str, Any], protocols: dict[str, dict[str, str]], *,
+                    position: str = "last", backend: str = "native", etas: Any = DEFAULT_ETAS, n_boot: int = 30,
+                    seed: int = 0) -> OverlapOutcome:
+    """Capture every set a protocol names (once, however many protocols use it) and measure the overlap under
+    each protocol. ``sets[name]``: a list of prompts or precomputed :class:`Activations`."""
     X: dict[str, torch.Tensor] = {}
     for name in dict.fromkeys(s for roles in protocols.values() for s in roles.values()):
         if name not in sets:
@@ -186,22 +252,39 @@ def run_overlap(lm: Any, fmt: Any, run: RunFolder, sets: dict[str, Any], *, posi
         a = item if isinstance(item, Activations) else capture(lm, item, layers="all", positions=[position], fmt=fmt,
                                                                  backend=backend)
         X[name] = stack_layers(a, position)
-    res = protocol_overlap(X, protocols, etas=etas, n_boot=n_boot, seed=seed, progress=True)
-    run.write_csv("overlap.csv", res.rows)
-    L = res.n_layers
-    # per layer at plot_eta, the protocols side by side
+    res = protocol_overlap(X, protocols, etas=list(etas), n_boot=n_boot, seed=seed, progress=True)
+    return OverlapOutcome(res, {k: int(v.shape[0]) for k, v in X.items()}, lm.describe())
+
+
+def overlap_layer_rows(res: ProtocolOverlap, protocols: Sequence[str], eta: float) -> list[dict[str, Any]]:
+    """Per layer at ``eta``, the protocols side by side: ``layer, depth, in_slice`` and per ``protocol:pair``
+    the MSO, its interval (``:lo``, ``:hi``) and the random baseline (``:baseline``)."""
     wide = []
-    for j in range(L):
-        row: dict[str, Any] = {"layer": j, "depth": round(j / max(L - 1, 1), 4), "in_slice": j in res.slice_layers}
+    for j in range(res.n_layers):
+        row: dict[str, Any] = {"layer": j, "depth": round(j / max(res.n_layers - 1, 1), 4),
+                               "in_slice": j in res.slice_layers}
         for p in protocols:
-            for pair, rows in res.table(p, plot_eta).items():
+            for pair, rows in res.table(p, eta).items():
                 r = rows[j]
                 row[f"{p}:{pair}"] = r["mso"]
                 if "mso_lo" in r:
                     row[f"{p}:{pair}:lo"], row[f"{p}:{pair}:hi"] = r["mso_lo"], r["mso_hi"]
                 row[f"{p}:{pair}:baseline"] = r["baseline"]
         wide.append(row)
-    run.write_csv("overlap_layers.csv", wide)
+    return wide
+
+
+def write_overlap_run(run: RunFolder, out: OverlapOutcome, protocols: dict[str, dict[str, str]], *,
+                      etas: Any = DEFAULT_ETAS, n_boot: int = 30, plot_eta: float = 0.5, position: str = "last",
+                      ceiling: str | None = "H1~H2") -> dict[str, Any]:
+    """Write experiment 4's files into ``run`` (listed in :func:`run_overlap`)."""
+    from probes import plots
+
+    etas = list(etas)
+    res, model_id = out.result, out.model["model_id"]
+    run.write_csv("overlap.csv", res.rows)
+    L = res.n_layers
+    run.write_csv("overlap_layers.csv", overlap_layer_rows(res, list(protocols), plot_eta))
     averages_rows = []
     for p in protocols:
         for eta in etas:
@@ -230,11 +313,11 @@ def run_overlap(lm: Any, fmt: Any, run: RunFolder, sets: dict[str, Any], *, posi
         ex = {w: res.exp4(p, plot_eta, w) for w in ("slice", "all")}
         summary["protocols"][p] = {
             "description": proto.description, "centered": proto.centered, "headline": proto.headline,
-            "sets": dict(roles), "n_prompts": {r: int(X[s].shape[0]) for r, s in roles.items()},
+            "sets": dict(roles), "n_prompts": {r: out.n_prompts[s] for r, s in roles.items()},
             "pairs": avgs[p], "exp4": ex if ex["slice"] is not None else None}
         ceil = ceiling if ceiling in table else None
         run.save_figure(f"overlap_vs_layer_{p}_{tag}.png",
-                        plots.overlap_vs_layer(table, plot_eta, proto.centered, f"{lm.model_id} [{p}]", ceil))
+                        plots.overlap_vs_layer(table, plot_eta, proto.centered, f"{model_id} [{p}]", ceil))
         for pair in table:
             M = np.zeros((len(etas), L))
             for r in res.rows:
@@ -244,9 +327,35 @@ def run_overlap(lm: Any, fmt: Any, run: RunFolder, sets: dict[str, Any], *, posi
                             plots.heatmap(M, f"MSO {pair} ({p} protocol, {tag})", "layer", "η", list(range(L)), etas,
                                           vmin=0, vmax=1))
     run.save_figure("overlap_protocols.png",
-                    plots.overlap_protocols(tables, avgs, res.slice_layers, plot_eta, lm.model_id, labels))
+                    plots.overlap_protocols(tables, avgs, res.slice_layers, plot_eta, model_id, labels))
     run.write_json("overlap_summary.json", summary)
     return {"rows": res.rows, "summary": summary, "averages": averages_rows}
+
+
+def run_overlap(lm: Any, fmt: Any, run: RunFolder, sets: dict[str, Any], *, position: str = "last",
+                backend: str = "native", etas: Any = DEFAULT_ETAS, n_boot: int = 30, plot_eta: float = 0.5,
+                seed: int = 0, ceiling: str | None = "H1~H2",
+                protocols: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """Experiment 4 under each protocol, side by side, from one capture of every set.
+
+    ``sets[name]`` is a list of prompts (captured here, once) or precomputed :class:`Activations`.
+    ``protocols = {protocol: {role: set name}}`` (see :func:`protocol_overlap_sets`); ``None``: both protocols
+    on the given sets as they are (role = set name), so they differ only in centring and layer average.
+    Writes ``overlap.csv`` (every protocol, layer, η, pair), ``overlap_layers.csv`` (per layer at ``plot_eta``,
+    the protocols side by side), ``overlap_averages.csv`` (all-layer and depth-slice means with subsampling CIs,
+    every η), ``overlap_summary.json`` (per protocol at ``plot_eta``: averages, the experiment-4 statistic
+    U~H vs H1~H2 on the slice and on all layers, each with its verdict under ``verdict``:
+    :func:`workbench.verdict_rules.exp4_activation_overlap`), ``overlap_protocols.png`` and per-protocol plots.
+    """
+    etas = list(etas)
+    if not any(abs(plot_eta - e) < 1e-9 for e in etas):
+        raise WorkbenchError(f"plot_eta {plot_eta} is not in the eta grid {etas}")
+    if protocols is None:
+        protocols = {p: {k: k for k in sets} for p in PROTOCOLS}
+    out = overlap_outcome(lm, fmt, sets, protocols, position=position, backend=backend, etas=etas, n_boot=n_boot,
+                          seed=seed)
+    return write_overlap_run(run, out, protocols, etas=etas, n_boot=n_boot, plot_eta=plot_eta, position=position,
+                             ceiling=ceiling)
 
 
 def _print_overlap(summary: dict[str, Any], prefix: str = "") -> None:
@@ -276,18 +385,32 @@ def _print_overlap(summary: dict[str, Any], prefix: str = "") -> None:
 # -- CLI ------------------------------------------------------------------------------------------
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    from probes import across
     from workbench.cli import format_from_args, load_from_args
+    from workbench.executors import executor_from_args
+    from workbench.zoo import DEFAULT_MODEL
 
     seed_everything(args.seed)
-    # everything that needs no model first: prompt sets and their splits, the position, the output folder
-    splits = [*_splits(args.positive), *_splits(args.negative)]
+    # everything that needs no model first: the models, prompt sets and their splits, the position, the output
+    # folder, the executor (a HOST:PORT must answer)
+    sources = across.model_sources(args.model, DEFAULT_MODEL)
+    splits = probe_splits(args.positive, args.negative)
     _check_position(args.position)
-    inputs = input_paths(args.model, args.positive, args.negative)
+    inputs = input_paths(sources, args.positive, args.negative)
     check_out(args.out, overwrite=args.overwrite, inputs=inputs)
+    executor = executor_from_args(args)
+    if len(sources) > 1 or not executor.in_process:  # one executor task per model (probes/across.py)
+        work = across.ProbeWork(splits, layers=args.layers, position=args.position, n_boot=args.n_boot)
+        done = across.run_across(args, sources, work, executor, inputs, "probe",
+                                 across.probe_writer(args.positive, args.negative, args.position))
+        for label, out in done:
+            _print_probe(out, label if len(done) > 1 else None)
+        return 0
+    args.model = sources[0]
     lm = load_from_args(args)
     fmt = format_from_args(args, lm)
     parse_layers(args.layers, lm.n_layers)
-    check_context(lm, fmt, [ps.texts for ps in splits])
+    check_context(lm, fmt, [ps.texts for ps in splits.values()])
     run = RunFolder(args.out, config=vars(args) | {"command": "probe"}, overwrite=args.overwrite, inputs=inputs)
     run.record_model(lm)
     out = run_probe_sweep(lm, fmt, run, args.positive, args.negative, layers=args.layers, position=args.position,
@@ -296,7 +419,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_probe(out: dict[str, Any]) -> None:
+def _print_probe(out: dict[str, Any], title: str | None = None) -> None:
+    if title:
+        print(f"== {title}")
     print(f"{'layer':>5} {'logistic AUROC [95% CI]':>26} {'mean-diff AUROC':>16} {'acc':>6} {'cos':>6}")
     for r in out["rows"]:
         ci = f"[{r.get('logistic_auroc_lo', float('nan')):.3f},{r.get('logistic_auroc_hi', float('nan')):.3f}]"
@@ -308,9 +433,13 @@ def _print_probe(out: dict[str, Any]) -> None:
 
 
 def cmd_overlap(args: argparse.Namespace) -> int:
+    from probes import across
     from workbench.cli import format_from_args, load_from_args
+    from workbench.executors import executor_from_args
+    from workbench.zoo import DEFAULT_MODEL
 
     seed_everything(args.seed)
+    sources = across.model_sources(args.model, DEFAULT_MODEL)
     specs = []
     if args.sets:
         sets = {}
@@ -342,8 +471,19 @@ def cmd_overlap(args: argparse.Namespace) -> int:
         raise WorkbenchError(f"--n-boot {args.n_boot}: subsampling intervals need at least 3 prompts per set, got "
                              f"{small}; give more prompts or --n-boot 0")
     _check_position(args.position)
-    inputs = input_paths(args.model, specs)
+    inputs = input_paths(sources, specs)
     check_out(args.out, overwrite=args.overwrite, inputs=inputs)
+    executor = executor_from_args(args)  # a HOST:PORT must answer before any model loads
+    if len(sources) > 1 or not executor.in_process:  # one executor task per model (probes/across.py)
+        work = across.OverlapWork(sets, protocols, tuple(etas), position=args.position, n_boot=args.n_boot)
+        done = across.run_across(args, sources, work, executor, inputs, "overlap",
+                                 across.overlap_writer(protocols, etas=etas, n_boot=args.n_boot,
+                                                       plot_eta=args.plot_eta, position=args.position,
+                                                       ceiling=args.ceiling))
+        for label, out in done:
+            _print_overlap(out["summary"], prefix=f"{label} " if len(done) > 1 else "")
+        return 0
+    args.model = sources[0]
     lm = load_from_args(args)
     fmt = format_from_args(args, lm)
     check_context(lm, fmt, list(sets.values()))
@@ -358,9 +498,10 @@ def cmd_overlap(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     from workbench.cli import add_model_args
+    from workbench.executors import add_executor_args
 
-    p = sub.add_parser("probe", help="per-layer linear probe sweep (logistic + mean-difference)")
-    add_model_args(p)
+    p = sub.add_parser("probe", help="per-layer linear probe sweep (logistic + mean-difference); --model repeatable")
+    add_model_args(p, repeat=True)
     p.add_argument("--positive", default="harmful", help="builtin name or file (label 1)")
     p.add_argument("--negative", default="harmless", help="builtin name or file (label 0)")
     p.add_argument("--layers", default="all")
@@ -368,10 +509,11 @@ def register(sub: Any) -> None:
     p.add_argument("--n-boot", type=nonnegative_int, default=1000)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    add_executor_args(p)
     p.set_defaults(func=cmd_probe)
 
-    p = sub.add_parser("overlap", help="activation-subspace overlap per layer (study experiment 4)")
-    add_model_args(p)
+    p = sub.add_parser("overlap", help="activation-subspace overlap per layer (study experiment 4); --model repeatable")
+    add_model_args(p, repeat=True)
     p.add_argument("--sets", nargs="*",
                    help="name=file_or_builtin ... (default: each protocol's own sets, see --protocol); with --sets "
                         "every protocol reads the given sets and they differ only in centring and layer average")
@@ -389,6 +531,7 @@ def register(sub: Any) -> None:
     p.add_argument("--n-boot", type=nonnegative_int, default=30)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    add_executor_args(p)
     p.set_defaults(func=cmd_overlap)
 
 

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def probe_curves(rows: list[dict[str, Any]], title: str) -> Any:
@@ -108,6 +109,51 @@ def overlap_protocols(tables: dict[str, dict[str, list[dict[str, Any]]]], averag
     ax.set_xticks(x, [f"{proto}\n{pair}\n{which}" for proto, pair, which in bars], fontsize=6)
     ax.set(ylabel="mean MSO (95 % CI)", ylim=(0, 1.02), title="layer averages (dark: slice, light: all layers)")
     ax.title.set_fontsize(9)
+    fig.suptitle(f"{title}  (η={eta}; dotted: random baseline max(k)/d)")
+    fig.tight_layout()
+    return fig
+
+
+def probe_models(rows: dict[str, list[dict[str, Any]]], title: str) -> Any:
+    """Held-out AUROC per layer of several models, one line each: logistic probe left, mean difference right.
+
+    ``rows[model]``: that model's per-layer rows (``probe_layers.csv``)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, kind in zip(axes, ("logistic", "mean_diff")):
+        for i, (model, rs) in enumerate(rows.items()):
+            L = [r["layer"] for r in rs]
+            ax.plot(L, [r[f"{kind}_auroc"] for r in rs], marker="o", ms=3, color=f"C{i}", label=model)
+            if f"{kind}_auroc_lo" in rs[0]:
+                ax.fill_between(L, [r[f"{kind}_auroc_lo"] for r in rs], [r[f"{kind}_auroc_hi"] for r in rs],
+                                color=f"C{i}", alpha=0.12)
+        ax.set(xlabel="layer", ylabel="held-out AUROC", ylim=(0.4, 1.02), title=kind)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.legend(loc="lower right", fontsize=7)
+    fig.suptitle(title + " (bands: bootstrap 95 % CI)")
+    return fig
+
+
+def overlap_models(rows: dict[str, list[dict[str, Any]]], columns: list[str], eta: float, title: str) -> Any:
+    """MSO per layer of several models, one panel per ``protocol:pair`` column and one line per model (dotted:
+    that model's random baseline).
+
+    ``rows[model]``: that model's per-layer rows (``overlap_layers.csv``); ``columns``: the ``protocol:pair``
+    columns to draw."""
+    n = max(len(columns), 1)
+    ncols = min(n, 3)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+    for ax, col in zip(axes.flat, columns):
+        for i, (model, rs) in enumerate(rows.items()):
+            L = [r["layer"] for r in rs]
+            ax.plot(L, [r[col] for r in rs], color=f"C{i}", lw=1.5, label=model)
+            ax.plot(L, [r[f"{col}:baseline"] for r in rs], color=f"C{i}", lw=0.8, ls=":")
+        ax.set(xlabel="layer", ylabel="mode subspace overlap", ylim=(0, 1.02), title=col)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.set_visible(False)
     fig.suptitle(f"{title}  (η={eta}; dotted: random baseline max(k)/d)")
     fig.tight_layout()
     return fig

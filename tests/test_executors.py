@@ -2,9 +2,10 @@
 
 Unit tests: results come back in task order (Ray workers finish out of order on purpose), ``init`` runs once
 per worker (counted in a file every worker appends to), errors reach the driver with the task's number, bad
-options are refused before any work. End to end, ``workbench weightspace sweep`` and ``workbench steer select``
-run with ``--executor local`` and ``--executor ray`` (a local Ray of 2 CPUs, 2 workers) on tiny models saved to
-Hugging Face folders, and every row they write (CSV and JSON) is the same to 1e-6.
+options are refused before any work. End to end, ``workbench weightspace sweep``, ``workbench steer select`` and
+``workbench probe`` / ``workbench overlap`` across two models run with ``--executor local`` and ``--executor ray``
+(a local Ray of 2 CPUs, 2 workers) on tiny models saved to Hugging Face folders, and every row they write (CSV and
+JSON) is the same to 1e-6.
 
 Ray starts once for the module (:func:`ray_up`); the executor uses a Ray already initialised in the process
 and leaves it running. One test lets the executor start and stop a local Ray of its own.
@@ -357,6 +358,63 @@ def test_steer_select_on_ray_writes_the_rows_of_a_local_run(ray_up, tiny_folder,
 
     a, b = (load_file(str(p / "selected_direction.safetensors")) for p in (local, remote))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """Two tiny Llamas (seeds 0 and 1) and two 20-prompt files (tests/tiny_models.py)."""
+    from tiny_models import save_tiny_pair
+
+    return save_tiny_pair(tmp_path_factory.mktemp("exec-across"))
+
+
+TIMING = ("capture_seconds", "fit_seconds", "fit_over_capture")
+
+
+@pytest.mark.parametrize("command", ["probe", "overlap"])
+def test_probe_and_overlap_across_models_on_ray_write_the_rows_of_a_local_run(ray_up, tiny_pair, tmp_cache, command):
+    """Each model one task: two tasks on two Ray workers write the rows (per model and combined) of a local run."""
+    options = (["--positive", str(tiny_pair["pos"]), "--negative", str(tiny_pair["neg"]), "--n-boot", "10"]
+               if command == "probe" else ["--n-per-set", "6", "--n-boot", "3", "--etas", "0.5,0.9"])
+    common = [command, "--model", str(tiny_pair["m0"]), "--model", str(tiny_pair["m1"]), *options]
+    local, remote = tiny_pair["root"] / f"local-{command}", tiny_pair["root"] / f"ray-{command}"
+    _main(*common, "--out", str(local))
+    _main(*common, "--out", str(remote), "--executor", "ray", "--workers", "2")
+    n = _assert_same_csvs(local, remote)
+    assert n == (1 + 2 * 1 if command == "probe" else 1 + 2 * 3)  # the combined CSV and each model's CSVs
+    for name in ("m0", "m1"):
+        if command == "probe":
+            _assert_same_rows(*(json.loads((p / name / "probe_layers.json").read_text()) for p in (local, remote)),
+                              f"{name}/probe_layers.json")
+            sa, sb = ({k: v for k, v in json.loads((p / name / "probe_summary.json").read_text()).items()
+                       if k not in TIMING} for p in (local, remote))
+            assert _same_value(sa, sb)
+            from safetensors.torch import load_file
+
+            a, b = (load_file(str(p / name / "probe_directions.safetensors")) for p in (local, remote))
+            assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=TOL) for k in a)
+        else:
+            sa, sb = (json.loads((p / name / "overlap_summary.json").read_text()) for p in (local, remote))
+            assert _same_value(sa, sb)
+        assert {p.name for p in (local / name).iterdir()} == {p.name for p in (remote / name).iterdir()}
+    ma, mb = (json.loads((p / "models.json").read_text()) for p in (local, remote))
+    assert [m["checksum"] for m in ma["models"]] == [m["checksum"] for m in mb["models"]]
+    assert ma["executor"]["executor"] == "local" and mb["executor"]["executor"] == "ray"
+    stats = mb["executor"]["worker_stats"]
+    assert len(stats) == 2 and sum(s["tasks"] for s in stats) == 2 and all(s["pid"] != os.getpid() for s in stats)
+
+
+def test_one_model_on_ray_writes_the_files_of_a_local_run(ray_up, tiny_pair, tmp_cache):
+    """One --model with --executor ray: one task on a worker, and the run folder of a single-model local run."""
+    common = ["probe", "--model", str(tiny_pair["m1"]), "--positive", str(tiny_pair["pos"]), "--negative",
+              str(tiny_pair["neg"]), "--n-boot", "10"]
+    local, remote = tiny_pair["root"] / "local-one", tiny_pair["root"] / "ray-one"
+    _main(*common, "--out", str(local))
+    _main(*common, "--out", str(remote), "--executor", "ray", "--workers", "2")
+    assert {p.name for p in local.iterdir()} == {p.name for p in remote.iterdir()}
+    assert _assert_same_csvs(local, remote) == 1
+    assert json.loads((local / "model.json").read_text()) == json.loads((remote / "model.json").read_text())
+    assert json.loads((remote / "config.json").read_text())["model"] == str(tiny_pair["m1"])
 
 
 def test_a_worker_with_another_model_is_refused(ray_up, tiny_folder, tmp_cache):

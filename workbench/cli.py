@@ -23,13 +23,20 @@ from typing import Any, Callable
 from workbench.errors import WorkbenchError
 
 
-def add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    """Model options shared by every command that loads a model."""
+def add_model_args(p: argparse.ArgumentParser, default: str | None = None, repeat: bool = False) -> None:
+    """Model options shared by every command that loads a model. ``repeat``: ``--model`` may be given several
+    times (``args.model`` is then a list, or ``None`` when not given: the command uses ``default``)."""
     from workbench.argtypes import one_line_errors, seed_int
     from workbench.zoo import DEFAULT_MODEL
 
-    p.add_argument("--model", default=default or DEFAULT_MODEL,
-                   help="zoo key, local HF folder, .gguf file, or hub id (online only)")
+    if repeat:
+        p.add_argument("--model", action="append", default=None, metavar="MODEL",
+                       help=f"zoo key, local HF folder, .gguf file, or hub id (online only); default "
+                            f"{default or DEFAULT_MODEL}. Repeat for several models: one executor task each "
+                            f"(--executor), one subfolder each in --out")
+    else:
+        p.add_argument("--model", default=default or DEFAULT_MODEL,
+                       help="zoo key, local HF folder, .gguf file, or hub id (online only)")
     p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"),
                    help="float32 (default), auto (bfloat16 on a CPU with AMX-BF16 or a bf16 GPU, else float32; "
                         "AVX512-BF16 alone measured slower than float32), bfloat16, float16. auto becomes the "

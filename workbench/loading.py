@@ -415,6 +415,28 @@ def _is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
+def check_model_source(name: str) -> None:
+    """Refuse, without loading anything, a model that is neither a zoo key, an existing path, nor a hub id
+    ``org/name`` (the error :func:`load_model` raises for it).
+
+    Example::
+
+        >>> check_model_source("smollm2-135m-instruct")
+        >>> check_model_source("no-such-model")
+        Traceback (most recent call last):
+        ...
+        workbench.errors.WorkbenchError: unknown model 'no-such-model'. Known zoo models: ...
+    """
+    if name in ZOO or Path(name).expanduser().exists():
+        return
+    looks_like_hub = "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1
+    if not looks_like_hub:
+        raise WorkbenchError(
+            f"unknown model '{name}'. Known zoo models: {', '.join(ZOO)}; or give a local Hugging Face folder, "
+            f"a .gguf file, or a hub id like 'org/name' (needs network)."
+        )
+
+
 def load_model(
     name: str | None = None,
     *,
@@ -457,12 +479,7 @@ def load_model(
             model, tok = _load_checked(str(p), str(p), dt, dev, device_map, trust_remote_code, attn_implementation)
             return LoadedModel(model, tok, str(p.resolve()), _weights_checksum(p), "local")
         raise WorkbenchError(f"{p} exists but is neither a model folder nor a .gguf file; expected {_valid_models()}")
-    looks_like_hub = "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1
-    if not looks_like_hub:
-        raise WorkbenchError(
-            f"unknown model '{name}'. Known zoo models: {', '.join(ZOO)}; or give a local Hugging Face folder, "
-            f"a .gguf file, or a hub id like 'org/name' (needs network)."
-        )
+    check_model_source(name)
     if _is_offline():
         raise WorkbenchError(
             f"'{name}' looks like a hub id but HF_HUB_OFFLINE is set. Download it on a machine with network "
