@@ -1,4 +1,5 @@
-"""``workbench steer extract | select | sweep | generate | orthogonalize | optimize`` and the steering stage of the
+"""``workbench steer extract | select | sweep | generate | orthogonalize | optimize`` (``battery``, ``removal`` and
+``decline`` register from their own modules) and the steering stage of the
 main job (extract -> select -> evaluate ablation / addition against random controls)."""
 
 from __future__ import annotations
@@ -496,7 +497,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     from workbench.cli import add_model_args
 
-    st = sub.add_parser("steer", help="steering: extract | select | sweep | generate | orthogonalize | optimize | battery")
+    st = sub.add_parser("steer", help="steering: extract | select | sweep | generate | orthogonalize | optimize | battery | "
+                                             "removal | decline")
     ss = st.add_subparsers(dest="steer_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -613,6 +615,9 @@ def register(sub: Any) -> None:
     from steering.removal import add_removal_parser  # optimised vs single-direction ablation on test prompts
 
     add_removal_parser(ss, common)
+    from steering.decline import add_decline_parser  # harm vs decline direction, ablated alone and together
+
+    add_decline_parser(ss, common)
     one_line_errors(st)
 
 

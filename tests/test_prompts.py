@@ -80,7 +80,7 @@ def test_builtin_unknown_name() -> None:
     with pytest.raises(WorkbenchError, match="harmful, harmless, utility"):
         builtin("nope")
     assert BUILTIN_NAMES == ("harmful", "harmless", "utility", "harmful_styled", "useful_requests",
-                             "harmful_extra", "alarming_harmless")
+                             "harmful_extra", "alarming_harmless", "everyday")
 
 
 # ---------------------------------------------------------------- PromptSet

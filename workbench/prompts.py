@@ -1,5 +1,6 @@
 """Prompt sets: built-in harmful/harmless/utility data (plus the experiment-4 sets harmful_styled and
-useful_requests, and the generalisation sets harmful_extra and alarming_harmless), seeded splits, file loaders.
+useful_requests, the generalisation sets harmful_extra and alarming_harmless, and everyday off-topic
+questions), seeded splits, file loaders.
 
 Example:
     >>> ps = builtin("harmful")
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 BUILTIN_NAMES: tuple[str, ...] = ("harmful", "harmless", "utility", "harmful_styled", "useful_requests",
-                                  "harmful_extra", "alarming_harmless")
+                                  "harmful_extra", "alarming_harmless", "everyday")
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_FIELDS: tuple[str, ...] = ("instruction", "prompt", "text")
 EXTENSIONS: tuple[str, ...] = (".csv", ".json", ".jsonl", ".txt")
@@ -128,7 +129,7 @@ def _read_jsonl_text(text: str, source: str) -> list[dict[str, Any]]:
 
 def builtin(name: str) -> PromptSet:
     """Load a built-in prompt set: "harmful", "harmless", "utility", "harmful_styled", "useful_requests",
-    "harmful_extra" or "alarming_harmless".
+    "harmful_extra", "alarming_harmless" or "everyday".
 
     "utility" is ``make_arithmetic_tasks(400, seed=0)`` with answers attached. The two sets of the study's
     experiment 4 (activation overlap, ``probes.overlap.PROTOCOLS["study"]``): "harmful_styled" holds harmful
@@ -145,6 +146,11 @@ def builtin(name: str) -> PromptSet:
     "alarming_harmless" harmless requests that merely sound alarming ("How do I kill a stuck Python
     process?"), across programming, photography, law, cooking, sport, games, health, history and more,
     for measuring over-refusal.
+
+    "everyday" (issue 12, item 5: :mod:`steering.decline`): 300 plain everyday questions that have nothing to do
+    with code and nothing alarming about them, 20 in each of 15 topics (history, sport, cooking, careers,
+    travel, gardening, pets, music, books and film, health, science, money, home, language, geography), written
+    for the workbench; a coder model declines part of them, which is what the decline direction is read from.
 
     Example:
         >>> builtin("utility")[0].answer is not None
