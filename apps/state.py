@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from apps.paths import confine, readable_file, readable_folder, resolve_root
 from workbench.backends import get_backend
@@ -36,6 +36,9 @@ from workbench.chat import ChatFormat
 from workbench.errors import WorkbenchError
 from workbench.loading import LoadedModel
 from workbench.vectors import Direction, load_directions
+
+if TYPE_CHECKING:
+    from apps.optimised import OptimisedRun
 
 SOURCES = ("main-job direction", "mean-diff", "saved vector", "probe direction", "random control")
 MAIN_SOURCE = "main-job direction"
@@ -81,6 +84,10 @@ class MainJobDirection:
             if r and base:
                 key = "harmful_refusal_rate" if k == "random ablation" else "harmless_refusal_rate"
                 parts.append(f"{k} control: {rate(r, key)}")
+        opt = rows.get("optimised ablation")  # the fast path (workbench main --optimize-trials N)
+        if opt and base and "harmful_refusal_rate" in opt:
+            parts.append(f"optimised ablation (main job, trial {opt.get('info_trial', '?')}): harmful refusal "
+                         f"{rate(opt, 'harmful_refusal_rate')} at KL {opt.get('kl_harmless', float('nan')):.3f}")
         if len(parts) == 1:
             parts.append("no evaluation numbers in this run folder")
         return "; ".join(parts)
@@ -330,6 +337,37 @@ class AppState:
             if mj.direction.model_checksum == lm.checksum or mj.direction.model_id == lm.model_id:
                 return mj
         return None
+
+    def optimised_runs(self, name: str | None) -> tuple[list[OptimisedRun], list[OptimisedRun]]:
+        """The ``steer optimize`` runs under the runs root (:mod:`apps.optimised`), newest first: those made on
+        model ``name`` (its checksum once loaded; before that, its recorded model id is the slot's name) and the
+        others."""
+        from apps.optimised import scan_optimised_runs
+
+        slot = self.slot(name)
+        lm = slot.get() if slot.loaded else None
+        mine, other = [], []
+        for run in scan_optimised_runs(self.runs_root):
+            ok = run.made_on(lm) if lm is not None else run.direction.model_id == slot.name
+            (mine if ok else other).append(run)
+        return mine, other
+
+    def resolve_optimised(self, name: str | None, user_path: str | None = None) -> OptimisedRun:
+        """The optimised ablation a request uses: the run in ``user_path`` (inside the runs root only), or the
+        newest one made on this model; refused with a one-line message when made on another model or when there
+        is none (with the command that makes one)."""
+        from apps.optimised import load_optimised_run, no_run_message
+
+        slot = self.slot(name)
+        lm = slot.get()
+        if user_path is None or not str(user_path).strip():
+            mine, other = self.optimised_runs(slot.name)
+            if not mine:
+                raise WorkbenchError(no_run_message(self.runs_root, slot.name, other))
+            return mine[0]
+        run = load_optimised_run(user_path, self.runs_root)
+        run.check_model(lm, slot.name, self.runs_root)
+        return run
 
     def battery_get(self, key: str) -> dict[str, Any] | None:
         with self._battery_lock:

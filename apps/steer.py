@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -41,13 +41,15 @@ from workbench.vectors import Direction
 
 from steering.battery import cache_kwarg as _cache_kwarg  # shared with the batteries' batched decoding
 from steering.battery import new_cache as _new_cache
+from steering.kernel import KernelAblation
 
-KINDS = ("none", "addition", "ablation", "orthogonalised")
+KINDS = ("none", "addition", "ablation", "orthogonalised", "optimised")
 KIND_LABELS = {
     "none": "none (unmodified)",
     "addition": "activation addition",
     "ablation": "directional ablation (every layer)",
     "orthogonalised": "orthogonalised weights",
+    "optimised": "optimised ablation (per-layer weights of a 'steer optimize' run)",
 }
 
 Lock = Any  # anything usable as a context manager (threading.Lock / RLock / nullcontext)
@@ -72,7 +74,10 @@ class ColumnSpec:
     """One column's setting: ``kind`` in KINDS, the direction it uses, strength and layers for addition.
 
     ``layers`` is ``None`` (the direction's own layer) or a layer spec like ``"10"``, ``"8-12"``, ``"4,6"``.
-    For ``orthogonalised`` the caller supplies the orthogonalised model's backend; no hooks are added.
+    For ``orthogonalised`` the caller supplies the orthogonalised model's backend; no hooks are added. For
+    ``optimised``, ``kernel`` is a :class:`steering.kernel.KernelAblation` (a ``steer optimize`` run's choice),
+    applied at run time with its per-layer attention / MLP weights as ``steer removal`` applies it; the direction
+    is the kernel's.
     """
 
     label: str
@@ -80,26 +85,49 @@ class ColumnSpec:
     direction: Direction | None = None
     strength: float = 1.0
     layers: str | Sequence[int] | None = None
+    kernel: KernelAblation | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise WorkbenchError(f"unknown intervention '{self.kind}'. Valid: {', '.join(KINDS)}")
+        if self.kind == "optimised":
+            if self.kernel is None:
+                raise WorkbenchError("the 'optimised' intervention needs a kernel ablation "
+                                     "(chosen_ablation.safetensors of 'workbench steer optimize')")
+            self.direction = self.kernel.direction
         if self.kind != "none" and self.direction is None:
             raise WorkbenchError(f"the '{self.kind}' intervention needs a direction")
         if not math.isfinite(float(self.strength)):
             raise WorkbenchError(f"strength must be a finite number, got {self.strength}")
+
+    def with_random_direction(self, seed: int, label: str | None = None) -> "ColumnSpec":
+        """The same setting on a random direction of the same norm (seeded): the random control. An optimised
+        column keeps its per-layer weights and swaps the kernel's direction."""
+        from steering.directions import random_like
+
+        if self.direction is None:
+            return replace(self, label=label or self.label)
+        rnd = random_like(self.direction, seed=int(seed))
+        kernel = KernelAblation(self.kernel.profile, rnd) if self.kernel is not None else None
+        return replace(self, label=label or self.label, direction=rnd, kernel=kernel)
 
     def describe(self, n_layers: int | None = None) -> str:
         if self.kind == "none":
             return "unmodified"
         d = self.direction
         assert d is not None
-        src = f"{d.method} @ layer {d.layer}"
+        idx = d.meta.get("direction_index") if isinstance(d.meta, dict) else None
+        src = f"{d.method} @ layer {d.layer}" if idx is None else f"{d.method} @ layer index {float(idx):.2f}"
         if self.kind == "addition":
             where = self.layers if self.layers not in (None, "", []) else d.layer
             return f"addition x{float(self.strength):g} of {src} at layer(s) {where} ({d.component})"
         if self.kind == "ablation":
             return f"ablation of {src}, every layer"
+        if self.kind == "optimised":
+            assert self.kernel is not None
+            p = self.kernel.profile
+            return (f"optimised ablation of {src} (attention peak {p.attn.peak:.2f} at layer {p.attn.position:.1f}, "
+                    f"MLP peak {p.mlp.peak:.2f} at layer {p.mlp.position:.1f})")
         return f"orthogonalised weights against {src}"
 
 
@@ -109,6 +137,9 @@ def build_interventions(spec: ColumnSpec, n_layers: int) -> list[Intervention]:
 
     if spec.kind in ("none", "orthogonalised"):
         return []
+    if spec.kind == "optimised":  # the path of 'steer removal': per-layer weighted Ablation interventions
+        assert spec.kernel is not None
+        return spec.kernel.interventions(n_layers)
     d = spec.direction
     assert d is not None
     if d.d_model <= 0:

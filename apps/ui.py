@@ -53,6 +53,7 @@ SCORE_NAMES = ["refused", "refusal logit", "KL next", "KL reply", "perplexity", 
 SCORE_HEADERS = ["score", "value"]
 N_BUILTIN_CHOICES = 12
 B_DIRECTIONS = ("same direction", "random control")
+A_KINDS = ("addition", "ablation", "orthogonalised", "optimised")
 
 CSS = """
 .wb-col { min-width: 260px; }
@@ -231,25 +232,38 @@ def resolve_request_direction(state: AppState, model: str, fmt: Any, source: str
 
 
 def column_specs(d: Any, n_layers: int, a_kind: str, a_strength: Any, a_layers: str | None, compare: bool,
-                 b_kind: str, b_strength: Any, b_layers: str | None, b_direction: str, seed: Any) -> list[ColumnSpec]:
+                 b_kind: str, b_strength: Any, b_layers: str | None, b_direction: str, seed: Any, *,
+                 kernel: Any = None) -> list[ColumnSpec]:
     """unmodified | A | (B): the columns' settings; bad layers etc. fail here, before any generation. B's
-    random control direction is ``random_like(d, seed + 1)``."""
-    if a_kind not in ("addition", "ablation", "orthogonalised"):
-        raise WorkbenchError(f"unknown intervention '{a_kind}'. Valid: addition, ablation, orthogonalised")
+    random control is the same setting on ``random_like(direction, seed + 1)`` (for an optimised ablation: the
+    kernel's weights on a random direction). ``kernel``: the :class:`steering.kernel.KernelAblation` of the
+    'optimised' kind (:meth:`apps.state.AppState.resolve_optimised`)."""
+    if a_kind not in A_KINDS:
+        raise WorkbenchError(f"unknown intervention '{a_kind}'. Valid: {', '.join(A_KINDS)}")
     if compare and b_direction not in B_DIRECTIONS:
         raise WorkbenchError(f"unknown second direction '{b_direction}'. Valid: {', '.join(B_DIRECTIONS)}")
-    specs = [ColumnSpec("unmodified", "none", d),
-             ColumnSpec("A", a_kind, d, float(a_strength), a_layers or None)]
-    if compare:
-        db = d
-        if b_direction == "random control":
-            from steering.directions import random_like
 
-            db = random_like(d, seed=int(seed or 0) + 1)
-        specs.append(ColumnSpec("B", b_kind, db, float(b_strength), b_layers or None))
+    def spec(label: str, kind: str, strength: Any, layers: str | None) -> ColumnSpec:
+        if kind == "optimised" and kernel is None:
+            raise WorkbenchError("the optimised ablation needs a 'steer optimize' run (chosen_ablation.safetensors) "
+                                 "inside the runs folder")
+        return ColumnSpec(label, kind, d, float(strength), layers or None,
+                          kernel=kernel if kind == "optimised" else None)
+
+    specs = [ColumnSpec("unmodified", "none", d), spec("A", a_kind, a_strength, a_layers)]
+    if compare:
+        sb = spec("B", b_kind, b_strength, b_layers)
+        if b_direction == "random control":
+            sb = sb.with_random_direction(int(seed or 0) + 1)
+        specs.append(sb)
     for sp in specs:
         build_interventions(sp, n_layers)
     return specs
+
+
+def uses_optimised(a_kind: str, compare: bool, b_kind: str) -> bool:
+    """Whether a request's columns need the optimised ablation."""
+    return a_kind == "optimised" or (bool(compare) and b_kind == "optimised")
 
 
 # -- the Steer tab's work -------------------------------------------------------------------------
@@ -262,7 +276,7 @@ def make_steer_fn(state: AppState) -> Callable[..., Iterator[list[Any]]]:
               a_kind: str = "addition", a_strength: float = 1.0, a_layers: str = "",
               compare: bool = False, b_kind: str = "addition", b_strength: float = -1.0, b_layers: str = "",
               b_direction: str = "random control", max_new_tokens: float = 32,
-              force: bool = False) -> Iterator[list[Any]]:
+              force: bool = False, opt_run: str = "") -> Iterator[list[Any]]:
         t_start = time.perf_counter()
         # -- validate everything cheap before touching the model
         n_new = state.validate_max_new_tokens(max_new_tokens)
@@ -280,8 +294,8 @@ def make_steer_fn(state: AppState) -> Callable[..., Iterator[list[Any]]]:
             if len(p) > state.max_prompt_tokens * 16:
                 raise WorkbenchError(f"a prompt is {len(p)} characters long; this app accepts at most "
                                      f"{state.max_prompt_tokens} tokens per prompt")
-        if a_kind not in ("addition", "ablation", "orthogonalised"):
-            raise WorkbenchError(f"unknown intervention '{a_kind}'. Valid: addition, ablation, orthogonalised")
+        if a_kind not in A_KINDS:
+            raise WorkbenchError(f"unknown intervention '{a_kind}'. Valid: {', '.join(A_KINDS)}")
         if compare and b_direction not in B_DIRECTIONS:
             raise WorkbenchError(f"unknown second direction '{b_direction}'. Valid: {', '.join(B_DIRECTIONS)}")
         slot = state.slot(model)
@@ -297,12 +311,13 @@ def make_steer_fn(state: AppState) -> Callable[..., Iterator[list[Any]]]:
         fmt = state.chat_format(system_prompt)
         if source in ("mean-diff", "random control"):
             yield emit(f"computing difference-in-means directions on '{slot.name}' (first time only) ...")
+        opt = state.resolve_optimised(slot.name, opt_run) if uses_optimised(a_kind, compare, b_kind) else None
         rd = resolve_request_direction(state, slot.name, fmt, source, layer, vector_file, vector_path, probe_folder,
                                        probe_method, seed, force)
         d = rd.direction
         probe = Probe.from_direction(d)
         specs = column_specs(d, lm.n_layers, a_kind, a_strength, a_layers, compare, b_kind, b_strength, b_layers,
-                             b_direction, seed)
+                             b_direction, seed, kernel=opt.ablation if opt is not None else None)
         backends = []
         for s in specs:
             if s.kind == "orthogonalised":
@@ -322,6 +337,8 @@ def make_steer_fn(state: AppState) -> Callable[..., Iterator[list[Any]]]:
                 f"{d.layer} ({d.component}), norm {d.norm:.3g}: {rd.note}\n"
                 f"token colours: projection of each generated token's residual ({d.component}, layer {d.layer}) on "
                 f"the unit direction, divided by the largest |projection| shown (red = along, blue = against)")
+        if opt is not None:
+            head += f"\noptimised ablation: {opt.summary(lm.n_layers)}"
         render = Render([s.label for s in specs], prompts)
 
         def values(status: str) -> list[Any]:
@@ -393,6 +410,10 @@ def _setting_key(spec: ColumnSpec) -> str:
     if spec.kind == "none":
         return "none"
     parts = [spec.kind, direction_key(spec.direction)]
+    if spec.kind == "optimised":  # the kernel's direction (above) and its per-layer weights
+        import json
+
+        parts.append(json.dumps(spec.kernel.profile.record(), sort_keys=True))
     if spec.kind == "addition":
         parts += [f"{float(spec.strength)!r}", str(spec.layers or "")]
     return "|".join(parts)
@@ -441,10 +462,9 @@ def make_score_fn(state: AppState) -> Callable[..., list[Any]]:
               probe_method: str = "logistic", seed: float = 0, a_kind: str = "addition", a_strength: float = 1.0,
               a_layers: str = "", compare: bool = False, b_kind: str = "addition", b_strength: float = -1.0,
               b_layers: str = "", b_direction: str = "random control", force: bool = False,
-              n_harmful: float = 16, n_tasks: float = 12, n_harmless: float = 16,
+              n_harmful: float = 16, n_tasks: float = 12, n_harmless: float = 16, opt_run: str = "",
               progress: gr.Progress = gr.Progress()) -> list[Any]:
         from steering.battery import make_setting, run_battery, tradeoff_figure
-        from steering.directions import random_like
 
         t0 = time.perf_counter()
         cfg = battery_config(n_harmful, n_tasks, n_harmless, state.battery)
@@ -453,17 +473,16 @@ def make_score_fn(state: AppState) -> Callable[..., list[Any]]:
         lm = slot.get()
         be = slot.backend()
         fmt = state.chat_format(system_prompt)
+        opt = state.resolve_optimised(slot.name, opt_run) if uses_optimised(a_kind, compare, b_kind) else None
         rd = resolve_request_direction(state, slot.name, fmt, source, layer, vector_file, vector_path, probe_folder,
                                        probe_method, seed, force)
         d = rd.direction
         specs = column_specs(d, lm.n_layers, a_kind, a_strength, a_layers, compare, b_kind, b_strength, b_layers,
-                             b_direction, seed)
+                             b_direction, seed, kernel=opt.ablation if opt is not None else None)
         control_col = compare and b_direction == "random control" and b_kind != "none"
         scored = list(specs)
         if not control_col:  # the random-control reference point of the trade-off plot
-            a = specs[1]
-            scored.append(ColumnSpec("random control", a.kind, random_like(d, seed=int(seed or 0) + 1), a.strength,
-                                     a.layers))
+            scored.append(specs[1].with_random_direction(int(seed or 0) + 1, "random control"))
         with slot.lock:
             fkey = f"{fmt.template_hash(lm.tokenizer)}|{fmt.system_prompt!r}|{fmt.raw}"
         judge = getattr(state.judge, "name", None)
@@ -484,7 +503,7 @@ def make_score_fn(state: AppState) -> Callable[..., list[Any]]:
                     progress(0.0, desc=f"building the orthogonalised copy for {sp.label} ...")
                 ob = slot.orthogonalised(sp.direction) if sp.kind == "orthogonalised" else None
                 settings.append(make_setting(sp.label, sp.kind, sp.direction, lm.n_layers, strength=sp.strength,
-                                             layers=sp.layers, ortho_backend=ob,
+                                             layers=sp.layers, ortho_backend=ob, kernel=sp.kernel,
                                              info={"kind": sp.kind, "control": sp.label == "random control"
                                                    or (sp.label == "B" and control_col)}))
             res = run_battery(be, fmt, settings, cfg, lock=slot.lock, judge=state.judge,
@@ -507,7 +526,8 @@ def make_score_fn(state: AppState) -> Callable[..., list[Any]]:
         status = (f"scored {len(scored)} setting(s) in {time.perf_counter() - t0:.1f} s ({n_cached} from the cache); "
                   f"harm: {cfg.n_harmful} harmful:test prompts x {cfg.harm_tokens} tokens; utility: {cfg.n_tasks} code "
                   f"tasks (test split, unit tests in a sandbox) x up to {cfg.code_tokens} tokens; KL: {cfg.n_harmless} "
-                  f"harmless:test prompts. Direction: {d.method} at layer {d.layer} ({rd.note}){extra}. Random "
+                  f"harmless:test prompts. Direction: {d.method} at layer {d.layer} ({rd.note}){extra}. "
+                  + (f"Optimised ablation: {opt.summary(lm.n_layers)}. " if opt is not None else "") + f"Random "
                   f"control ({'column B' if control_col else 'plotted only'}): harm {ctrl['harm_rate']:.2f}, pass rate "
                   f"{ctrl['pass_rate']:.2f}.")
         return [status, *tables, _figure_image(fig)]
@@ -607,6 +627,47 @@ def direction_default(state: AppState, name: str | None, n_layers: int) -> tuple
             f"**Direction: a fresh difference in means** ({state.slot(name).n_train}+{state.slot(name).n_train} "
             f"built-in train prompts, layer {default_layer(n_layers)} by default): {why}. Run `workbench main --out "
             f"{state.runs_root}/main` to use the direction the main job selects and evaluates.")
+
+
+def kind_choices(optimised_ok: bool, with_none: bool = False) -> list[tuple[str, str]]:
+    """The intervention radio's (label, kind) choices; the optimised ablation's label says when no run of it
+    exists for the model (choosing it then gives the command that makes one)."""
+    opt = KIND_LABELS["optimised"] + ("" if optimised_ok else " (unavailable here: see 'optimised ablation' below)")
+    out = [(KIND_LABELS[k], k) for k in ("addition", "ablation", "orthogonalised")] + [(opt, "optimised")]
+    return out + ([(KIND_LABELS["none"], "none")] if with_none else [])
+
+
+def optimised_default(state: AppState, name: str | None) -> tuple[list[str], str | None, str, bool]:
+    """(run folders, the newest, note, available) of the optimised-ablation choice for a model: the
+    ``steer optimize`` runs under the runs root made on it (:meth:`AppState.optimised_runs`), newest first, the
+    newest's trial numbers and per-layer weights; without one, why and the command that makes one."""
+    from apps.optimised import no_run_message
+
+    slot = state.slot(name)
+    mine, other = state.optimised_runs(slot.name)
+    if not mine:
+        why = no_run_message(state.runs_root, slot.name, other)
+        return [], None, f"**Optimised ablation: unavailable.** {why}", False
+    n = n_layers_hint(state, slot.name, load=False)
+    note = f"**Optimised ablation** (the newest of {len(mine)} run(s) made on this model): {mine[0].summary(n)}"
+    return [str(r.folder) for r in mine], str(mine[0].folder), note, True
+
+
+def optimised_note(state: AppState, name: str | None, path: str | None) -> str:
+    """The note for the run picked in the dropdown (a refusal is shown as the note, not raised)."""
+    from apps.optimised import load_optimised_run
+
+    if path is None or not str(path).strip():
+        return optimised_default(state, name)[2]
+    slot = state.slot(name)
+    try:
+        if slot.loaded:
+            run, extra = state.resolve_optimised(slot.name, path), ""
+        else:  # not loading a model for a note: its checksum is checked when a request runs
+            run, extra = load_optimised_run(path, state.runs_root), " (checked against the model when it runs)"
+    except WorkbenchError as e:
+        return f"**Optimised ablation: cannot use this run.** {e}"
+    return f"**Optimised ablation:** {run.summary(n_layers_hint(state, slot.name, load=False))}{extra}"
 
 
 # -- the Study tab: a weight-space chain's verdicts ----------------------------------------------------
@@ -793,17 +854,27 @@ def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | No
                                               "checksum differs from this model's)")
                     seed = gr.Number(value=0, precision=0, label="seed (random controls)")
                 with gr.Column(scale=2):
-                    a_kind = gr.Radio(choices=[(KIND_LABELS[k], k) for k in ("addition", "ablation", "orthogonalised")],
-                                      value="addition", label="intervention A", elem_id="wb-a-kind")
+                    opt_choices0, opt_value0, opt_note0, opt_ok0 = optimised_default(state, state.default_model)
+                    a_kind = gr.Radio(choices=kind_choices(opt_ok0), value="addition", label="intervention A",
+                                      elem_id="wb-a-kind")
                     a_strength = gr.Slider(-4, 4, value=1.0, step=0.05, label="A: strength (x the direction vector)",
                                            elem_id="wb-a-strength")
                     a_layers = gr.Textbox(value="", label="A: addition layer(s) (empty = the direction's layer; e.g. 10, 8-12)",
                                           lines=1, elem_id="wb-a-layers")
+                    with gr.Accordion("optimised ablation: the 'steer optimize' run it applies", open=False,
+                                      elem_id="wb-opt") as opt_box:
+                        with gr.Row():
+                            opt_run = gr.Dropdown(
+                                choices=opt_choices0, value=opt_value0 or "", allow_custom_value=True, scale=5,
+                                elem_id="wb-opt-run",
+                                label=f"run folder inside the runs folder {state.runs_root} (holds "
+                                      f"chosen_ablation.safetensors; empty = the newest made on this model)")
+                            opt_refresh = gr.Button("Refresh list", scale=1, size="sm")
+                        opt_note = gr.Markdown(opt_note0, elem_id="wb-opt-note")
                     compare = gr.Checkbox(value=False, label="compare a second setting (B)", elem_id="wb-compare")
                     with gr.Group(visible=False) as b_group:
-                        b_kind = gr.Radio(choices=[(KIND_LABELS[k], k) for k in ("addition", "ablation",
-                                                                                 "orthogonalised", "none")],
-                                          value="addition", label="intervention B")
+                        b_kind = gr.Radio(choices=kind_choices(opt_ok0, with_none=True), value="addition",
+                                          label="intervention B")
                         b_direction = gr.Radio(choices=list(B_DIRECTIONS), value="random control",
                                                label="B uses")
                         b_strength = gr.Slider(-4, 4, value=1.0, step=0.05, label="B: strength")
@@ -871,24 +942,37 @@ def build_app(models: Mapping[str, LoadedModel | Callable[[], LoadedModel]] | No
             compare.change(lambda c: (gr.update(visible=c), gr.update(visible=c)), compare, [b_group, col_groups[2]],
                            api_visibility="private")
 
+            def opt_updates(name: str) -> tuple:
+                choices, value, note, ok = optimised_default(state, name)
+                return (gr.update(choices=choices, value=value or ""), gr.update(value=note),
+                        gr.update(choices=kind_choices(ok)), gr.update(choices=kind_choices(ok, with_none=True)))
+
             @user_errors
             def on_model(name: str) -> tuple:
                 n = n_layers_hint(state, name)
                 src, lay, note = direction_default(state, name, n)
                 return (gr.update(maximum=n - 1, value=lay), gr.update(value=state.default_system_prompt(name)),
-                        gr.update(value=src), gr.update(value=note))
+                        gr.update(value=src), gr.update(value=note), *opt_updates(name))
 
-            model.change(on_model, model, [layer, system_prompt, source, direction_note], api_visibility="private")
-            demo.load(on_model, model, [layer, system_prompt, source, direction_note], api_visibility="private")
+            model_outputs = [layer, system_prompt, source, direction_note, opt_run, opt_note, a_kind, b_kind]
+            model.change(on_model, model, model_outputs, api_visibility="private")
+            demo.load(on_model, model, model_outputs, api_visibility="private")
+            opt_refresh.click(user_errors(opt_updates), model, [opt_run, opt_note, a_kind, b_kind],
+                              api_visibility="private")
+            opt_run.change(user_errors(lambda name, path: gr.update(value=optimised_note(state, name, path))),
+                           [model, opt_run], opt_note, api_visibility="private")
+            for kind in (a_kind, b_kind):
+                kind.change(lambda a, c, b: gr.update(open=uses_optimised(a, c, b)), [a_kind, compare, b_kind],
+                            opt_box, api_visibility="private")
             go.click(steer_fn,
                      [model, prompt, builtin, system_prompt, source, layer, vector_file, vector_path, probe_folder,
                       probe_method, seed, a_kind, a_strength, a_layers, compare, b_kind, b_strength, b_layers,
-                      b_direction, max_new, force],
+                      b_direction, max_new, force, opt_run],
                      [status] + col_outputs, api_name="steer")
             score_go.click(make_score_fn(state),
                            [model, system_prompt, source, layer, vector_file, vector_path, probe_folder, probe_method,
                             seed, a_kind, a_strength, a_layers, compare, b_kind, b_strength, b_layers, b_direction,
-                            force, n_harmful, n_tasks, n_harmless],
+                            force, n_harmful, n_tasks, n_harmless, opt_run],
                            [score_status] + battery_outputs + [tradeoff], api_name="score")
 
         with gr.Tab("Probes", id="probes"):
@@ -990,5 +1074,5 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None,
 
 
 __all__ = ["build_app", "launch", "make_steer_fn", "make_score_fn", "study_outputs", "battery_frame",
-           "direction_default", "default_registry", "folder_outputs", "run_probe_sweep",
+           "direction_default", "column_specs", "optimised_default", "optimised_note", "kind_choices", "default_registry", "folder_outputs", "run_probe_sweep",
            "user_errors", "Render", "SCORE_HEADERS", "SCORE_NAMES", "score_table"]

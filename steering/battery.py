@@ -44,9 +44,11 @@ from workbench.scoring import completion_nll, is_refusal, next_token_logprobs, r
 from workbench.stats import bootstrap_mean_ci, wilson_interval  # noqa: F401  (wilson_interval re-exported)
 
 __all__ = ["BatteryConfig", "BatterySetting", "BatteryResult", "run_battery", "wilson_interval", "greedy_decode",
-           "battery_inputs", "tradeoff_figure", "SUMMARY_FIELDS"]
+           "battery_inputs", "tradeoff_figure", "SUMMARY_FIELDS", "make_setting", "SETTING_KINDS"]
 
 Lock = Any
+#: What :func:`make_setting` scores (the app's column kinds).
+SETTING_KINDS = ("none", "addition", "ablation", "orthogonalised", "optimised")
 Progress = Callable[[float, str], None]
 
 
@@ -416,10 +418,22 @@ def orthogonalised_backend(lm: Any, direction: Any) -> Backend:
 
 
 def make_setting(name: str, kind: str, direction: Any, n_layers: int, *, strength: float = 1.0,
-                 layers: Any = None, ortho_backend: Backend | None = None, info: dict[str, Any] | None = None
-                 ) -> BatterySetting:
-    """The battery setting of one column: ``kind`` in none / addition / ablation / orthogonalised (the
-    orthogonalised kind needs ``ortho_backend``); interventions exactly as the app's columns build them."""
+                 layers: Any = None, ortho_backend: Backend | None = None, kernel: Any = None,
+                 info: dict[str, Any] | None = None) -> BatterySetting:
+    """The battery setting of one column: ``kind`` in :data:`SETTING_KINDS` (none / addition / ablation /
+    orthogonalised / optimised); interventions exactly as the app's columns build them. ``orthogonalised`` needs
+    ``ortho_backend``; ``optimised`` needs ``kernel``, a :class:`steering.kernel.KernelAblation` (e.g.
+    ``chosen_ablation.safetensors`` of ``steer optimize``), applied at run time as ``steer removal`` applies it
+    (``direction`` is then ignored: the kernel brings its own).
+
+    >>> import torch
+    >>> from steering.kernel import AblationProfile, Kernel, KernelAblation
+    >>> from workbench.vectors import Direction
+    >>> d = Direction(torch.ones(4), layer=1, method="mean_diff", model_id="m", model_checksum="c", d_model=4)
+    >>> ka = KernelAblation(AblationProfile(Kernel(1.0, 0.0, 0.0, 1.0), Kernel.constant(0.0)), d)
+    >>> [(iv.site.name, iv.weight) for iv in make_setting("opt", "optimised", None, 2, kernel=ka).interventions]
+    [('blocks.0.hook_attn_out', 1.0)]
+    """
     from steering.interventions import ablation, addition
     from workbench.sites import parse_layers
 
@@ -437,7 +451,12 @@ def make_setting(name: str, kind: str, direction: Any, n_layers: int, *, strengt
         if ortho_backend is None:
             raise WorkbenchError("the orthogonalised setting needs the orthogonalised model's backend")
         return BatterySetting(name, (), ortho_backend, info)
-    raise WorkbenchError(f"unknown intervention '{kind}'. Valid: none, addition, ablation, orthogonalised")
+    if kind == "optimised":
+        if kernel is None or not hasattr(kernel, "interventions"):
+            raise WorkbenchError("the optimised setting needs a kernel ablation (chosen_ablation.safetensors of "
+                                 "'workbench steer optimize')")
+        return BatterySetting(name, kernel.interventions(n_layers), None, info)
+    raise WorkbenchError(f"unknown intervention '{kind}'. Valid: {', '.join(SETTING_KINDS)}")
 
 
 def battery_table(summary: Sequence[dict[str, Any]]) -> str:
@@ -471,7 +490,19 @@ def cmd_battery(args: Any) -> int:
                              f"supported here")
     if args.mode != "addition" and (args.layers or args.alpha != 1.0):
         raise WorkbenchError(f"--layers and --alpha apply to --mode addition only (got --mode {args.mode})")
-    d = _read_direction(args) if args.mode != "none" else None
+    ka = None
+    if args.mode == "optimised":  # the kernel brings its direction
+        from steering.kernel import load_kernel_ablation
+
+        if not args.kernel or args.direction:
+            raise WorkbenchError("--mode optimised needs --kernel FILE (chosen_ablation.safetensors of 'workbench steer "
+                                 "optimize') and no --direction (the kernel brings its own)")
+        ka = load_kernel_ablation(args.kernel)
+        d = ka.direction
+    elif args.kernel:
+        raise WorkbenchError(f"--kernel applies to --mode optimised only (got --mode {args.mode})")
+    else:
+        d = _read_direction(args) if args.mode != "none" else None
     if args.random_control and d is None:
         raise WorkbenchError("--random-control needs a direction and a --mode other than none")
     judge = None
@@ -483,12 +514,12 @@ def cmd_battery(args: Any) -> int:
         from workbench.scoring import OpenAICompatibleJudge
 
         judge = OpenAICompatibleJudge(args.judge_url, args.judge_model, os.environ.get("WORKBENCH_JUDGE_KEY"))
-    inputs = input_paths(args.model, args.direction if d is not None else None)
+    inputs = input_paths(args.model, args.direction if d is not None else None, args.kernel)
     lm, fmt = _setup(args, inputs)
     if d is not None:
         d.check_compatible(lm, force=args.force)
         make_setting("check", args.mode if args.mode != "orthogonalised" else "ablation", d, lm.n_layers,
-                     strength=args.alpha, layers=args.layers or None)  # bad layers fail before any work
+                     strength=args.alpha, layers=args.layers or None, kernel=ka)  # bad layers fail before any work
     check_context(lm, fmt, [harmful, [t.prompt for t in tasks], harmless], max(cfg.harm_tokens, cfg.code_tokens),
                   flag="--code-tokens")
     run = _open_run(args, "battery", lm, inputs)
@@ -501,8 +532,13 @@ def cmd_battery(args: Any) -> int:
                          {"control": True, "seed": args.control_seed}))
         for name, dd, info in dirs:
             ob = orthogonalised_backend(lm, dd) if args.mode == "orthogonalised" else None
+            kernel = None
+            if ka is not None:  # a random control keeps the kernel's weights, on a random direction
+                from steering.kernel import KernelAblation
+
+                kernel = ka if dd is d else KernelAblation(ka.profile, dd)
             settings.append(make_setting(name, args.mode, dd, lm.n_layers, strength=args.alpha,
-                                         layers=args.layers or None, ortho_backend=ob,
+                                         layers=args.layers or None, ortho_backend=ob, kernel=kernel,
                                          info={"kind": args.mode, "layer": dd.layer, **info}))
 
     def show(frac: float, msg: str) -> None:
@@ -528,7 +564,9 @@ def add_battery_parser(ss: Any, common: Callable[[Any], None]) -> None:
     common(p)
     p.add_argument("--direction", default=None, help="directions file (.safetensors); not needed with --mode none")
     p.add_argument("--direction-layer", type=int, default=None)
-    p.add_argument("--mode", choices=["addition", "ablation", "orthogonalised", "none"], default="ablation")
+    p.add_argument("--mode", choices=["addition", "ablation", "orthogonalised", "optimised", "none"],
+                   default="ablation", help="optimised: the per-layer kernel ablation of --kernel (default ablation)")
+    p.add_argument("--kernel", default=None, help="chosen_ablation.safetensors of 'steer optimize' (--mode optimised)")
     p.add_argument("--alpha", type=finite_float, default=1.0, help="addition strength")
     p.add_argument("--layers", default="", help="addition layer(s) (default: the direction's layer), e.g. 8-12")
     p.add_argument("--random-control", action="store_true",

@@ -22,6 +22,8 @@ from steering.directions import mean_diff_directions, mean_diff_from_activations
 from steering.evaluate import Condition, evaluate_conditions
 from steering.interventions import ablation, addition
 from steering.optimize import DEFAULT_KL_CONFIDENCE, DEFAULT_KL_RULE, KL_RULES
+from steering.optimize_stage import STAGE, kernel_acceptance, kernel_conditions, optimize_stage
+from steering.optimize_stage import add_main_args  # noqa: F401  (the plugin's main-job option: --optimize-trials)
 from steering.selection import calibrate_strength, select_direction, selection_heatmaps
 from steering.sweep import ablation_conditions, addition_conditions, run_sweep, tradeoff_plot
 
@@ -651,6 +653,7 @@ def main_stage(ctx: Any) -> None:
              Condition("addition", addition(best, alpha), {"layer": best.layer, "alpha": alpha}),
              Condition("random ablation", ablation(rnd, lm.n_layers), {"layer": best.layer, "control": True}),
              Condition("random addition", addition(rnd, alpha), {"layer": best.layer, "alpha": alpha, "control": True})]
+    conds += kernel_conditions(ctx.results.get("optimize"), lm.n_layers, args.seed)  # --optimize-trials N > 0 only
     n = 8 if q else None
     ev = evaluate_conditions(get_backend(args.backend, lm), fmt, conds, harmful=_texts("harmful:test", n),
                              harmless=_texts("harmless:test", n), max_new_tokens=16 if q else 32,
@@ -668,6 +671,7 @@ def main_stage(ctx: Any) -> None:
         "random_addition_refusal_change_pp": 100 * (by["random addition"]["harmless_refusal_rate"] - base["harmless_refusal_rate"]),
         "ablation_kl": by["ablation"]["kl_harmless"],
         "selected_layer": best.layer, "selected_position": best.position, "addition_alpha": alpha,
+        **kernel_acceptance(by),
     }
     run.write_json("acceptance.json", acc)
     print("acceptance numbers:", {k: round(v, 3) if isinstance(v, float) else v for k, v in acc.items()})
@@ -675,3 +679,5 @@ def main_stage(ctx: Any) -> None:
 
 
 MAIN_STAGE = (20, main_stage)
+# before the steering stage, which evaluates its choice; off (not run, not listed) unless --optimize-trials N > 0
+MAIN_STAGES = [(15, STAGE, optimize_stage)]

@@ -152,12 +152,15 @@ def _plugins() -> list[Any]:
 
 
 def plugin_stages() -> list[tuple[int, str, Callable[..., Any]]]:
+    """The main job's stages ``(order, name, function)``: each plugin's ``MAIN_STAGE = (order, function)`` (named
+    after the plugin) and its ``MAIN_STAGES = [(order, name, function), ...]``, in order."""
     stages = []
     for m in _plugins():
         st = getattr(m, "MAIN_STAGE", None)
         if st is not None:
             order, fn = st
             stages.append((order, m.__name__, fn))
+        stages.extend(getattr(m, "MAIN_STAGES", None) or [])
     return sorted(stages, key=lambda s: s[0])
 
 
@@ -196,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/main", help="run folder (an existing one is kept as OUT.previous)")
     p.add_argument("--quick", action="store_true", help="fewer prompts (smoke test)")
     p.add_argument("--skip", default="", help="comma list of stage names to skip")
+    for m in _plugins():  # a plugin's own options of the main job (e.g. steering's --optimize-trials)
+        add = getattr(m, "add_main_args", None)
+        if add is not None:
+            add(p)
     p.set_defaults(func=cmd_main)
 
     for m in _plugins():

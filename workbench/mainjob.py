@@ -1,7 +1,9 @@
 """The main job: capture the built-in harmful / harmless sets on a model and summarise every layer.
 
 Later stages (probe sweep, overlap, steering, ...) are added by the plugin packages through
-``MAIN_STAGE``; each receives the :class:`MainContext` and writes into its own sub-folder.
+``MAIN_STAGE`` / ``MAIN_STAGES``; each receives the :class:`MainContext` and writes into its own sub-folder. A
+stage function with an ``enabled(args)`` attribute that returns False (an optional stage left off, e.g.
+``--optimize-trials 0``) is neither run nor listed in ``stage_times.json``.
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ def run_main(args: argparse.Namespace, stages: list[tuple[int, str, Callable[[Ma
     timed("core", core_stage)
     for _, name, fn in stages:
         short = name.split(".")[0]
+        if not getattr(fn, "enabled", lambda a: True)(args):  # an optional stage left off: not run, not listed
+            continue
         if short in skip:
             print(f"[workbench] skipping stage {short}")
             times.append({"stage": short, "seconds": 0.0, "status": "skipped"})
