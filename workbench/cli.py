@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     from workbench.argtypes import one_line_errors, positive_int
 
     ap = argparse.ArgumentParser(prog="workbench", description="safety-subspace workbench")
-    ap.add_argument("--threads", type=positive_int, default=None,
+    ap.add_argument("--threads", type=positive_int, default=None, dest="global_threads",
                     help="torch CPU threads (default: torch's choice; use 1 when other jobs share the cores)")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -253,10 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--threads", 1)
         argv = ["--threads", *argv[i + 1:i + 2], *argv[:i], *argv[i + 2:]]
     args = ap.parse_args(argv)
-    if args.threads:
+    # a command with its own --threads (default 0 = pick for the machine) sees the global value: the move above
+    # hands every --threads to the global option, and before it had its own dest the sub-command's default 0
+    # overwrote it, so `weightspace chain ... --threads 2` silently ran with the automatic choice
+    args.threads = args.global_threads or getattr(args, "threads", None)
+    if args.global_threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.global_threads)
     t0 = time.perf_counter()
     previous = _terminate_as_interrupt()
     try:
