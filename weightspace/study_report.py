@@ -340,7 +340,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a `workbench weightspace stand-in` folder (stand_in.json): Exp 3 with a second Delta_S; "
                         "repeat for several")
     p.add_argument("--reading", default=None, help="markdown file with a hand-written reading of the results")
-    p.add_argument("--command", action="append", default=[], help="a command line to print in the report (repeat)")
+    p.add_argument("--command", action="append", default=[], dest="commands", help="a command line to print in the report (repeat)")
     p.add_argument("--images", default=None,
                    help="folder to copy the chain's and Exp 4's plots into (linked from the report)")
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.md and PREFIX.json")
@@ -390,7 +390,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     summary_p = Path(args.chain) / "chain_summary.md"
     reading = Path(args.reading).read_text(encoding="utf-8") if args.reading else ""
     md = render(data, chain_summary=summary_p.read_text(encoding="utf-8") if summary_p.is_file() else "",
-                reading=reading, commands=args.command, image_map=image_map)
+                reading=reading, commands=args.commands, image_map=image_map)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out.with_suffix(".json"), data)
     write_text(out.with_suffix(".md"), md)
