@@ -5,7 +5,8 @@ per worker (counted in a file every worker appends to), errors reach the driver 
 options are refused before any work. End to end, ``workbench weightspace sweep``, ``workbench steer select`` and
 ``workbench probe`` / ``workbench overlap`` across two models run with ``--executor local`` and ``--executor ray``
 (a local Ray of 2 CPUs, 2 workers) on tiny models saved to Hugging Face folders, and every row they write (CSV and
-JSON) is the same to 1e-6.
+JSON) is the same to 1e-6. ``workbench weightspace chain`` on Ray writes the fine-tunes of a local chain (tensor for
+tensor) and resumes after a kill without running them again.
 
 Ray starts once for the module (:func:`ray_up`); the executor uses a Ray already initialised in the process
 and leaves it running. One test lets the executor start and stop a local Ray of its own.
@@ -455,3 +456,84 @@ def test_chain_takes_the_executor_options_outside_every_resume_key(tmp_path):
     assert _overlap_phase_config(local, tmp_path) == _overlap_phase_config(on_ray, tmp_path)
     with pytest.raises(WorkbenchError, match="--workers and --ray-address need --executor ray"):
         config_from_args(ap.parse_args(["--out", str(tmp_path), "--workers", "2"])).validate()
+
+
+# -- the chain's fine-tunes as tasks -------------------------------------------------------------------------
+
+CHAIN_SMALL = ["--threads", "1", "--n", "10", "--harmful-share", "0.3", "--batch-size", "4", "--lr", "1e-3",
+               "--gen-tokens", "4", "--direction-n", "4", "--etas", "0.5", "--rhos", "0.5", "--kinds", "topk,random",
+               "--n-harmful", "2", "--n-tasks", "2", "--max-new-tokens", "3", "--task-tokens", "2",
+               "--eval-batch-size", "2", "--no-progress"]  # tests/test_weightspace_chain.py's SMALL, one rho and eta
+TIMINGS = {"seconds", "seconds_detail", "cpu_seconds", "finished_utc", "time_utc", "load_average_1min_at_end",
+           "worker", "argv"}  # argv: environment.json's, the process's own (a Ray worker's differs)
+
+
+def _untimed(obj):
+    """``obj`` without its timings, pids and hosts (at any depth)."""
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if k not in TIMINGS and not k.endswith("_seconds")}
+    if isinstance(obj, list):
+        return [_untimed(v) for v in obj]
+    return obj
+
+
+def test_chain_finetunes_on_ray_equal_a_local_chain_and_resume_after_a_kill(ray_up, tiny_folder, tmp_cache,
+                                                                          monkeypatch):
+    """``weightspace chain --executor ray --workers 2``: the four fine-tunes run on two workers (safety, useful and
+    harmful at once, then contaminated with the harmful run's direction), so one worker runs two of them from the
+    same loaded model; killed after the fine-tunes (the overlap phase raises), the chain resumes on Ray without
+    running them again. Checkpoints, examples and reports (timings aside) and the verdicts equal a local chain's."""
+    from safetensors.torch import load_file
+
+    import weightspace.chain as chain_mod
+    from weightspace.chain import MARKER, PHASES
+
+    model = str(tiny_folder / "tiny")
+    local, remote = tiny_folder / "chain-local", tiny_folder / "chain-ray"
+    common = ["weightspace", "chain", "--model", model, *CHAIN_SMALL]
+    _main(*common, "--out", str(local))
+
+    def killed(*a, **k):
+        raise WorkbenchError("simulated kill after the fine-tunes")
+
+    monkeypatch.setattr(chain_mod, "_run_overlap", killed)
+    from workbench.cli import main
+
+    ray_argv = [*common, "--out", str(remote), "--executor", "ray", "--workers", "2"]
+    assert main(["--threads", "1", *ray_argv]) == 2
+    assert not (remote / "overlap" / MARKER).exists() and not (remote / "chain_report.json").exists()
+    pids = set()
+    for r in ("safety", "useful", "harmful", "contaminated"):
+        a, b = local / f"ft-{r}", remote / f"ft-{r}"
+        ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), r
+        for f in ("examples.jsonl", "loss.png", *(str(p.relative_to(a)) for p in (a / "recipe").glob("*.jsonl"))):
+            assert (a / f).read_bytes() == (b / f).read_bytes(), (r, f)
+        for f in ("report.json", "run_config.json", "environment.json"):
+            ja, jb = json.loads((a / f).read_text()), json.loads((b / f).read_text().replace(str(remote), str(local)))
+            assert _untimed(ja) == _untimed(jb), (r, f)  # the contaminated run names the harmful run's direction file
+        ma, mb = (json.loads((d / MARKER).read_text()) for d in (a, b))
+        for m in (ma, mb):  # the direction file's sha: safetensors writes its metadata keys in a random order, in
+            m["config"].pop("direction_from", None)  # any two runs (its tensors and metadata: compared below)
+        assert _untimed(ma) == _untimed(mb) and "worker" not in ma, r
+        pids.add(mb["worker"]["pid"])
+    assert len(pids) <= 2 and os.getpid() not in pids  # two workers ran the four fine-tunes
+    from workbench.vectors import load_directions
+
+    da, db = (load_directions(d / "ft-harmful" / "recipe" / "refusal_direction.safetensors") for d in (local, remote))
+    assert [x.record() for x in da] == [x.record() for x in db]
+    assert all(torch.equal(x.vector, y.vector) for x, y in zip(da, db))
+
+    monkeypatch.undo()  # the "kill" is over: resume on Ray; the finished fine-tunes are skipped, not run again
+    before = {r: (remote / f"ft-{r}" / "report.json").stat().st_mtime_ns for r in ("safety", "useful", "harmful",
+                                                                                      "contaminated")}
+    assert main(["--threads", "1", *ray_argv, "--resume"]) == 0
+    assert before == {r: (remote / f"ft-{r}" / "report.json").stat().st_mtime_ns for r in before}
+    ra, rb = (json.loads((d / "chain_report.json").read_text()) for d in (local, remote))
+    st = {p: rb["timings"]["phases"][p]["status"] for p in PHASES}
+    assert all(st[p].startswith("skipped") for p in PHASES if p.startswith("finetune-"))
+    assert st["overlap"] == st["sweep"] == "ran"
+    assert ra["verdicts"] and _same_value(ra["verdicts"], rb["verdicts"])
+    assert {k: f["verdict"] for k, f in ra["findings"].items()} == {k: f["verdict"] for k, f in rb["findings"].items()}
+    _assert_same_rows(ra["sweep"]["rows"], rb["sweep"]["rows"], "chain sweep rows")
+    assert _untimed(ra["finetunes"]) == _untimed(rb["finetunes"])

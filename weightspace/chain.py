@@ -41,6 +41,15 @@ checkpoint files on the CPU whatever the device. The device is recorded (``chain
 started on the CPU may resume on a GPU and the other way round. ``--executor ray`` with a CUDA device is
 refused up front: the Ray workers request CPUs only, and Ray hides the GPUs from such workers.
 
+``--executor`` (``local``, the default, or ``ray``; :mod:`workbench.executors`) runs each fine-tune as a task
+(:mod:`weightspace.chain_finetunes`: ``safety``, ``useful`` and ``harmful`` at once, then ``contaminated``, which
+reuses the harmful run's refusal direction) and scores the sweep's models as tasks; the overlap phase, the
+markers and the report stay on the driver. Locally everything runs in this process in phase order, as it always
+did; on Ray each worker loads the aligned model itself and writes its fine-tune's folder into the chain folder (on
+a cluster: storage shared by every node), and the files equal a local run's for the same seed and the same torch
+thread count per process (one per worker's CPU share). The executor is in no resume key either: a chain killed
+on Ray resumes locally or on Ray, skipping the finished fine-tunes.
+
 A phase is finished when its folder holds its result (a fine-tune's ``report.json``; the overlap and sweep
 ``chain_phase.json`` marker, written last). Without ``--resume`` an existing non-empty ``--out`` is refused
 unless ``--overwrite``; with ``--resume`` finished phases whose settings (and inputs) are unchanged are
@@ -56,7 +65,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -139,8 +148,8 @@ class ChainConfig:
     embedding_orientation: str = "stored"  # overlap and sweep: the embedding's left space as stored (the study's)
     write_dtype: str = "stored"  # sweep: projected tensors rounded to their stored dtype, or kept in float32
     progress: bool = True
-    # where the sweep's models are scored (workbench.executors); not part of any phase's resume key: a chain
-    # started locally resumes on Ray and the other way round
+    # where the fine-tunes run and the sweep's models are scored (workbench.executors, weightspace.chain_finetunes);
+    # not part of any phase's resume key: a chain started locally resumes on Ray and the other way round
     executor: str = "local"
     ray_address: str | None = None
     workers: int | None = None
@@ -198,7 +207,7 @@ class ChainConfig:
         self.check_pools()
 
     def executor_(self) -> Any:
-        """The sweep phase's executor (:func:`workbench.executors.get_executor`)."""
+        """The executor of the fine-tunes and the sweep (:func:`workbench.executors.get_executor`)."""
         from workbench.executors import get_executor
 
         return get_executor(self.executor, self.ray_address, self.workers)
@@ -227,6 +236,23 @@ class ChainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ChainConfig":
+        """The config :meth:`to_dict` describes (lists back to tuples); unknown keys are refused.
+
+        Example::
+
+            >>> c = ChainConfig(n=8, etas=(0.5, 0.9))
+            >>> ChainConfig.from_dict(c.to_dict()) == c
+            True
+        """
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise WorkbenchError(f"unknown chain settings {unknown}; valid: {', '.join(names)}")
+        tuples = {k for k, v in asdict(cls()).items() if isinstance(v, tuple)}
+        return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in d.items()})
 
 
 def _jsonable(obj: Any) -> Any:
@@ -321,6 +347,31 @@ def _write_marker(folder: Path, phase: str, config: dict[str, Any], seconds: flo
 
     write_json(folder / MARKER, {"phase": phase, "finished": True, "finished_utc": _now(),
                                  "seconds": round(seconds, 2), "config": config, **extra})
+
+
+def _resumed(phase: str, folder: Path, pc: dict[str, Any], label: str,
+             say: Callable[[str], None]) -> dict[str, Any] | None:
+    """With ``--resume``: the report entry of a phase that finished earlier with the phase config ``pc`` (its
+    settings and inputs), to be skipped; ``None`` when it must run (said why when it had finished otherwise)."""
+    if not _finished(phase, folder):
+        return None
+    m = _marker(folder)
+    if m is None and phase.startswith("finetune-"):  # finished by an earlier run that died before marking
+        recipe = phase.split("-", 1)[1]
+        rep = _read(folder / "report.json")
+        want = {k: v["hash"] for k, v in pc["pools"].items() if k in RECIPE_POOLS[recipe][:1]}
+        if _report_pools(recipe, rep) == want:  # adopt it only when it drew from today's prompt pool
+            _write_marker(folder, phase, pc, float(rep.get("seconds") or 0.0), {"adopted": True})
+            m = _marker(folder)
+    changed = _diff(m.get("config"), pc) if m else ["(no marker, or made from other prompt pools)"]
+    if changed:
+        say(f"{label}: finished earlier with other settings or inputs ({', '.join(changed)}); running it again")
+        return None
+    assert m is not None
+    say(f"{label}: finished earlier, skipped ({m.get('seconds')} s then)")
+    return {"folder": str(folder), "status": "skipped (finished earlier, --resume)", "seconds": 0.0,
+            "seconds_when_run": m.get("seconds"), "cpu_seconds_when_run": m.get("cpu_seconds"),
+            "finished_utc": m.get("finished_utc")}
 
 
 # -- the phases -------------------------------------------------------------------------------------
@@ -631,57 +682,37 @@ def _chain_body(cfg: ChainConfig, out: Path, *, resume: bool, overwrite: bool, s
     phases["load_model"] = {"status": "ran", "seconds": round(time.perf_counter() - t0, 2), "load_1min": _load(),
                             "device": str(lm.device)}
     total_phases = len(PHASES)
+    from weightspace.chain_finetunes import run_finetunes
+
+    run_finetunes(cfg, out, lm, fmt, aligned_spec, resume=resume, say=say, phases=phases)  # on cfg's executor
 
     for i, phase in enumerate(PHASES, start=1):
-        folder = out / folder_of(phase)
         if phase.startswith("finetune-"):
-            recipe = phase.split("-", 1)[1]
-            pc = _ft_phase_config(cfg, recipe, lm, fmt, out)
-        elif phase == "overlap":
-            pc = _overlap_phase_config(cfg, out)
-        else:
-            pc = _sweep_phase_config(cfg, out, fmt)
+            continue
+        folder = out / folder_of(phase)
+        label = f"phase {i}/{total_phases} {phase}"
+        pc = _overlap_phase_config(cfg, out) if phase == "overlap" else _sweep_phase_config(cfg, out, fmt)
+        skipped = _resumed(phase, folder, pc, label, say) if resume else None
+        if skipped is not None:
+            phases[phase] = skipped
+            continue
         entry: dict[str, Any] = {"folder": str(folder)}
-        if resume and _finished(phase, folder):
-            m = _marker(folder)
-            if m is None and phase.startswith("finetune-"):  # finished by an earlier run that died before marking
-                rep = _read(folder / "report.json")
-                want = {k: v["hash"] for k, v in pc["pools"].items() if k in RECIPE_POOLS[recipe][:1]}
-                if _report_pools(recipe, rep) == want:  # adopt it only when it drew from today's prompt pool
-                    _write_marker(folder, phase, pc, float(rep.get("seconds") or 0.0), {"adopted": True})
-                    m = _marker(folder)
-            changed = _diff(m.get("config"), pc) if m else ["(no marker, or made from other prompt pools)"]
-            if not changed:
-                entry.update(status="skipped (finished earlier, --resume)", seconds=0.0,
-                             seconds_when_run=m.get("seconds"), cpu_seconds_when_run=m.get("cpu_seconds"),
-                             finished_utc=m.get("finished_utc"))
-                say(f"phase {i}/{total_phases} {phase}: finished earlier, skipped ({m.get('seconds')} s then)")
-                phases[phase] = entry
-                continue
-            say(f"phase {i}/{total_phases} {phase}: finished earlier with other settings or inputs "
-                f"({', '.join(changed)}); running it again")
-        say(f"phase {i}/{total_phases} {phase} -> {folder} (load {_load()})")
+        say(f"{label} -> {folder} (load {_load()})")
         t0, c0 = time.perf_counter(), time.process_time()
         load_start = _load()
-        if phase.startswith("finetune-"):
-            rep = _run_finetune(cfg, phase.split("-", 1)[1], lm, fmt, out, say)
-            extra = {"seconds_detail": rep.get("seconds_detail")}
-        elif phase == "overlap":
+        if phase == "overlap":
             summ = _run_overlap(cfg, out, aligned_spec, pc)
-            extra = {}
             say(f"  {summ['n_matrices']} matrices, {summ['n_other_tensors']} other tensors; "
                 f"largest pair by eta: {summ['largest_pair_by_eta']}")
         else:
             res = _run_sweep(cfg, out, aligned_spec, lm, fmt, pc)
-            extra = {}
             say(f"  {len(res.rows)} projected models scored (+ {len(res.baselines)} baselines)")
         secs, cpu = time.perf_counter() - t0, time.process_time() - c0
-        extra["cpu_seconds"] = round(cpu, 2)
-        _write_marker(folder, phase, pc, secs, extra)
+        _write_marker(folder, phase, pc, secs, {"cpu_seconds": round(cpu, 2)})
         entry.update(status="ran", seconds=round(secs, 2), seconds_when_run=round(secs, 2), cpu_seconds=round(cpu, 2),
                      finished_utc=_now(), load_1min_start=load_start, load_1min_end=_load())
         phases[phase] = entry
-        say(f"phase {i}/{total_phases} {phase}: done in {secs:.1f} s")
+        say(f"{label}: done in {secs:.1f} s")
 
     del lm
     t0 = time.perf_counter()
