@@ -1,4 +1,5 @@
-"""Scaling out and scaling up: a projection sweep on ``local`` vs ``ray``, and overlap memory at two model sizes.
+"""Scaling out and scaling up: a projection sweep on ``local`` vs ``ray``, and overlap and sweep memory at two model
+sizes.
 
 Part ``sweep`` (wall time, local vs Ray). The aligned model is SmolLM2-135M-Instruct from the zoo cache (offline);
 its four "fine-tunes" (safety = the reference, useful, harmful, contaminated) are synthetic: the aligned weights
@@ -25,14 +26,30 @@ contaminate each other. If the overlap streams one tensor at a
 time, peak RSS minus the floor is a small multiple of the largest tensor (as float32) and grows with it (x1.7
 here), not with the model (x3.1).
 
+The same part measures ``weightspace sweep``'s memory beyond the model it scores, on the same checkpoints
+(``--memory-commands``; reference update ``ft1 - aligned``, fine-tune ``ft2``): a child process (this script,
+``--phase sweep-prep``) computes the reference bases of every tensor exactly as the sweep does
+(:func:`weightspace.sweep.sweep_bases`: one SVD per tensor, written to a cache folder inside the work folder,
+deleted afterwards) and then builds each grid point's projected model with the sweep's own
+:func:`weightspace.sweep.project_task` (``--sweep-rhos`` x ``--sweep-kinds``, parallel mode), each tensor rounded
+to its stored dtype and dropped instead of written into a loaded model: no model is loaded and nothing is scored.
+Its floor is the same script with ``--floor`` (the same imports, no work). With the bases on disk the peak
+above the floor follows the largest tensor (the embedding's SVD and projection); ``--sweep-bases disk,memory``
+also measures the bases kept in memory for the whole sweep (the design before issue #13), which adds every
+tensor's basis (about 1.4x the float32 model here) and grows with the model.
+
     python benchmarks/scale.py                      # both parts; writes benchmarks/results/scale.json
     python benchmarks/scale.py --part memory        # one part
     python benchmarks/scale.py --smoke              # tiny sizes, about a minute; results in a temp folder
+    python benchmarks/scale.py --part memory --sizes small-a,small-b --sweep-bases disk,memory --out /tmp/s.json
+                                                    # small sizes (a minute): the model grows, the largest tensor not
 
 Run it on a quiet machine: the sweep part takes two sweeps (about 16 models each, a few minutes per run at the
 default evaluation sizes), the memory part writes 3 x 0.92 GiB (0.5b), then 3 x 2.9 GiB (1.5b) of checkpoints
 (each size removed after it is measured) and runs exact SVDs of every matrix (tens of minutes for 1.5b;
-``--layers 0,13,27`` for a quick look: the embedding, the largest tensor, is always included).
+``--layers 0,13,27`` for a quick look: the embedding, the largest tensor, is always included); the sweep
+measurement adds one exact SVD per matrix, one projection pass per grid point, and a bases folder of about 2.5 GiB
+(0.5b) / 8.1 GiB (1.5b) while it runs.
 """
 
 from __future__ import annotations
@@ -52,6 +69,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/weightspace.py shadows the package
+sys.path.insert(0, str(HERE.parent))  # this checkout's code, here and in the children (_env), whatever is installed
 
 # name -> (layers, d_model, mlp, vocab, heads, kv_heads); Qwen2.5 shapes (tied embeddings, q/k/v biases)
 SHAPES = {
@@ -59,6 +77,9 @@ SHAPES = {
     "1.5b": (28, 1536, 8960, 151936, 12, 2),
     "tiny-a": (2, 64, 128, 512, 4, 2),
     "tiny-b": (6, 96, 192, 512, 4, 2),
+    # the same largest tensor (the 8192 x 256 embedding), 4x the layers: a quick look at what grows with the model
+    "small-a": (4, 256, 768, 8192, 4, 2),
+    "small-b": (16, 256, 768, 8192, 4, 2),
 }
 
 
@@ -67,8 +88,9 @@ def _cli(*args: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)
     return os.environ | {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                         "RAY_USAGE_STATS_ENABLED": "0"}
+                         "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": path}
 
 
 def _run(cmd: list[str], what: str) -> float:
@@ -171,14 +193,89 @@ def measured(cmd: list[str], what: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def phase_sweep_prep(argv: list[str]) -> None:
+    """The child measured for the sweep: the reference bases and every grid point's projection, no scoring."""
+    ap = argparse.ArgumentParser(prog="scale.py --phase sweep-prep")
+    ap.add_argument("--floor", action="store_true", help="the imports only (the floor)")
+    ap.add_argument("--aligned")
+    ap.add_argument("--reference", help="the reference update is REFERENCE - ALIGNED")
+    ap.add_argument("--finetuned")
+    ap.add_argument("--rhos", default="0.5")
+    ap.add_argument("--kinds", default="topk,randomk,random")
+    ap.add_argument("--bases", choices=("disk", "memory"), default="disk")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", help="the bases folder goes here (removed afterwards)")
+    ap.add_argument("--report", help="JSON with the timings and the bases' size")
+    a = ap.parse_args(argv)
+    import torch
+
+    from weightspace.basis_cache import FOLDER_PREFIX
+    from weightspace.checkpoints import open_checkpoint
+    from weightspace.deltas import DeltaSpec
+    from weightspace.plan import match_checkpoints
+    from weightspace.projection import unique_checkpoints
+    from weightspace.reference import DeltaReference
+    from weightspace.sweep import SweepConfig, SweepTask, project_task, sweep_bases
+
+    if a.floor:
+        return
+    torch.set_num_threads(max(1, a.threads))
+    aligned = open_checkpoint(a.aligned, label="aligned")
+    ft = open_checkpoint(a.finetuned, label="finetuned")
+    reference = DeltaReference(DeltaSpec("reference", open_checkpoint(a.reference, label="reference"), aligned))
+    cfg = SweepConfig(rhos=tuple(float(r) for r in a.rhos.split(",")), kinds=tuple(a.kinds.split(",")))
+    plan = match_checkpoints(unique_checkpoints(("aligned", aligned), ("finetuned", ft),
+                                                *reference.checkpoints().items()))
+    folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=a.work))
+    try:
+        t0 = time.perf_counter()
+        bases = sweep_bases(folder, reference, plan, cfg)
+        bases.fill()
+        fill_s, disk = time.perf_counter() - t0, bases.disk_bytes()
+        if a.bases == "memory":  # every tensor's basis held for the whole sweep (before issue #13)
+            bases = {n: bases[n] for n in bases.infos}
+        points = []
+        for rho in cfg.rhos:
+            for kind in cfg.kinds:
+                t1 = time.perf_counter()
+                task = SweepTask(f"exp1-finetuned-{kind}-rho{rho:g}", "finetuned", ("utility",), experiment="exp1",
+                                 mode="parallel", rho=rho, kind=kind)
+                res = project_task(task, cfg, plan, aligned, ft, reference, bases, lambda info, w: None)
+                points.append({"config": task.config, "seconds": round(time.perf_counter() - t1, 2),
+                               "energy_kept": res.energy.get("energy_kept")})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if a.report:
+        Path(a.report).write_text(json.dumps({"fill_seconds": round(fill_s, 2), "bases_disk_bytes": disk,
+                                              "n_tensors": len(plan.tensors), "n_bases": len(bases),
+                                              "points": points}))
+
+
+def _sweep_prep_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--phase", "sweep-prep", *args]
+
+
 # -- part: memory --------------------------------------------------------------------------------------------
 
 def part_memory(a: argparse.Namespace, work: Path) -> dict:
-    sizes = ["tiny-a", "tiny-b"] if a.smoke else ["0.5b", "1.5b"]
-    shard = (64 << 10) if a.smoke else (a.shard_mb << 20)
+    sizes = a.sizes.split(",") if a.sizes else ["tiny-a", "tiny-b"] if a.smoke else ["0.5b", "1.5b"]
+    bad = [s for s in sizes if s not in SHAPES]
+    if bad or len(sizes) < 1:
+        raise SystemExit(f"--sizes: unknown {bad}; valid: {', '.join(SHAPES)}")
+    commands = a.memory_commands.split(",")
+    if not commands or not set(commands) <= {"overlap", "sweep"}:
+        raise SystemExit(f"--memory-commands must name overlap and / or sweep, got {a.memory_commands!r}")
+    modes = a.sweep_bases.split(",")
+    if not modes or not set(modes) <= {"disk", "memory"}:
+        raise SystemExit(f"--sweep-bases must name disk and / or memory, got {a.sweep_bases!r}")
+    shard = (64 << 10) if a.smoke or all(z.startswith("tiny") for z in sizes) else (a.shard_mb << 20)
     floor = measured(_cli("weightspace", "overlap", "--help"), "interpreter floor")  # the same entry point, no work
     print(f"memory: interpreter floor {floor['peak_rss_bytes'] / 2**20:.0f} MiB")
+    sweep_floor = measured(_sweep_prep_cmd("--floor"), "sweep floor") if "sweep" in commands else None
+    if sweep_floor:
+        print(f"memory: sweep-prep floor {sweep_floor['peak_rss_bytes'] / 2**20:.0f} MiB")
     rows = []
+    sweep_rows = []
     for size in sizes:
         d = work / f"mem-{size}"
         t0 = time.perf_counter()
@@ -189,15 +286,39 @@ def part_memory(a: argparse.Namespace, work: Path) -> dict:
         shapes = tensor_shapes(size)
         largest = max(shapes, key=lambda n: math.prod(shapes[n]))
         n_params = sum(math.prod(s) for s in shapes.values())
+        n_shards = len(list((d / "aligned").glob("*.safetensors")))
+        largest_f32 = 4 * math.prod(shapes[largest])
+        for mode in (modes if "sweep" in commands else []):
+            report = d / f"sweep-{mode}.json"
+            cmd = _sweep_prep_cmd("--threads", str(a.threads), "--aligned", str(d / "aligned"), "--reference",
+                                  str(d / "ft1"), "--finetuned", str(d / "ft2"), "--rhos", a.sweep_rhos, "--kinds",
+                                  a.sweep_kinds, "--bases", mode, "--work", str(d), "--report", str(report))
+            m = measured(cmd, f"sweep preparation {size} ({mode})")
+            info = json.loads(report.read_text())
+            above = m["peak_rss_bytes"] - sweep_floor["peak_rss_bytes"]
+            sweep_rows.append({"size": size, "bases": mode, "n_params": n_params, "checkpoint_bytes": nbytes,
+                               "largest_tensor": largest, "largest_bytes_float32": largest_f32,
+                               "peak_rss_bytes": m["peak_rss_bytes"], "peak_above_floor_bytes": above,
+                               "peak_above_floor_over_largest_f32": round(above / largest_f32, 3),
+                               "peak_above_floor_over_model_f32": round(above / (4 * n_params), 3),
+                               "seconds": round(m["seconds"], 1), **info, "argv": cmd[2:]})
+            print(f"  {size:7} sweep preparation, bases {mode:6}: peak RSS {m['peak_rss_bytes'] / 2**30:.2f} GiB "
+                  f"({above / 2**30:.2f} above the floor = {above / largest_f32:.2f} x the largest tensor as f32); "
+                  f"bases {info['bases_disk_bytes'] / 2**30:.2f} GiB on disk in {info['fill_seconds']:.0f} s, "
+                  f"{len(info['points'])} grid points in {sum(p['seconds'] for p in info['points']):.0f} s",
+                  flush=True)
+        if "overlap" not in commands:
+            if not a.keep:
+                shutil.rmtree(d, ignore_errors=True)
+            continue
         cmd = _cli("--threads", str(a.threads), "weightspace", "overlap", "--aligned", str(d / "aligned"),
                    "--model", f"ft1={d / 'ft1'}", "--model", f"ft2={d / 'ft2'}", "--etas", a.etas,
                    "--plot-eta", a.etas.split(",")[0], "--layers", a.layers, "--nonlayer", "--out", str(d / "run"),
                    "--no-progress")
         m = measured(cmd, f"overlap {size}")
-        n_shards = len(list((d / "aligned").glob("*.safetensors")))
         row = {"size": size, "n_params": n_params, "checkpoint_bytes": nbytes, "n_checkpoints": 3,
                "shards_per_checkpoint": n_shards, "largest_tensor": largest, "largest_shape": list(shapes[largest]),
-               "largest_bytes_float32": 4 * math.prod(shapes[largest]), "peak_rss_bytes": m["peak_rss_bytes"],
+               "largest_bytes_float32": largest_f32, "peak_rss_bytes": m["peak_rss_bytes"],
                "peak_above_floor_bytes": m["peak_rss_bytes"] - floor["peak_rss_bytes"],
                "overlap_seconds": round(m["seconds"], 1), "make_seconds": round(make_s, 1), "argv": cmd[3:]}
         row["peak_above_floor_over_largest_f32"] = round(row["peak_above_floor_bytes"] / row["largest_bytes_float32"], 3)
@@ -209,16 +330,31 @@ def part_memory(a: argparse.Namespace, work: Path) -> dict:
               f"above the floor) in {m['seconds']:.0f} s", flush=True)
         if not a.keep:
             shutil.rmtree(d, ignore_errors=True)
+    out = {"floor_peak_rss_bytes": floor["peak_rss_bytes"], "sizes": rows,
+           "growth": _growth("overlap", rows),
+           "settings": {"etas": a.etas, "layers": a.layers, "threads": a.threads, "shard_bytes": shard,
+                        "dtype": "bfloat16", "synthetic_rank": 4, "synthetic_common_rank": 2, "scale": 0.01}}
+    if sweep_floor:
+        out["sweep"] = {"floor_peak_rss_bytes": sweep_floor["peak_rss_bytes"], "sizes": sweep_rows,
+                        "growth": {m: _growth(f"sweep preparation, bases {m}", [r for r in sweep_rows
+                                                                                 if r["bases"] == m])
+                                   for m in modes},
+                        "settings": {"rhos": a.sweep_rhos, "kinds": a.sweep_kinds, "mode": "parallel",
+                                     "reference": "ft1 - aligned", "finetuned": "ft2", "threads": a.threads}}
+    return out
+
+
+def _growth(what: str, rows: list[dict]) -> dict | None:
+    """From the first size to the last: model, largest tensor and peak RSS above the floor, as ratios."""
+    if len(rows) < 2:
+        return None
     a0, a1 = rows[0], rows[-1]
     growth = {"model": a1["n_params"] / a0["n_params"],
               "largest_tensor": a1["largest_bytes_float32"] / a0["largest_bytes_float32"],
               "peak_above_floor": a1["peak_above_floor_bytes"] / max(1, a0["peak_above_floor_bytes"])}
-    print(f"  growth {a0['size']} -> {a1['size']}: model x{growth['model']:.2f}, largest tensor "
+    print(f"  {what}: growth {a0['size']} -> {a1['size']}: model x{growth['model']:.2f}, largest tensor "
           f"x{growth['largest_tensor']:.2f}, peak RSS above the floor x{growth['peak_above_floor']:.2f}")
-    return {"floor_peak_rss_bytes": floor["peak_rss_bytes"], "sizes": rows,
-            "growth": {k: round(v, 3) for k, v in growth.items()},
-            "settings": {"etas": a.etas, "layers": a.layers, "threads": a.threads, "shard_bytes": shard,
-                         "dtype": "bfloat16", "synthetic_rank": 4, "synthetic_common_rank": 2, "scale": 0.01}}
+    return {k: round(v, 3) for k, v in growth.items()}
 
 
 # -- part: sweep ---------------------------------------------------------------------------------------------
@@ -328,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["--phase", "measure"]:
         phase_measure(argv[3:] if argv[2:3] == ["--"] else argv[2:])
         return 0
+    if argv[:2] == ["--phase", "sweep-prep"]:
+        phase_sweep_prep(argv[2:])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("all", "sweep", "memory"), default="all")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (a tiny Llama, tiny Qwen2 shapes): a minute")
@@ -344,6 +483,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--etas", default="0.5,0.9,0.99")
     ap.add_argument("--layers", default="all", help="overlap layers (the embedding, the largest tensor, is always in)")
     ap.add_argument("--shard-mb", type=int, default=1024, help="safetensors shard size of the synthetic checkpoints")
+    ap.add_argument("--sizes", default=None,
+                    help=f"memory part: comma-separated model sizes of {', '.join(SHAPES)} (default 0.5b,1.5b; "
+                         f"--smoke: tiny-a,tiny-b)")
+    ap.add_argument("--memory-commands", default="overlap,sweep",
+                    help="memory part: what is measured, overlap and / or sweep (the sweep's reference bases and "
+                         "projections, no scoring)")
+    ap.add_argument("--sweep-rhos", default="0.5", help="memory part, sweep: the rho grid projected")
+    ap.add_argument("--sweep-kinds", default="topk,randomk,random", help="memory part, sweep: the kinds projected")
+    ap.add_argument("--sweep-bases", default="disk",
+                    help="memory part, sweep: disk (the sweep as it is) and / or memory (every basis held for the "
+                         "whole sweep, the design before issue #13, for comparison)")
     ap.add_argument("--workdir", default=None, help="folder for checkpoints and runs (default: a temp dir, removed)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/scale.json; --smoke: in "
@@ -353,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.workdir or tempfile.mkdtemp(prefix="scale-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     out = Path(a.out) if a.out else (work / "scale.json" if a.smoke else HERE / "results" / "scale.json")
-    result: dict = {"benchmark": "scale: sweep local vs ray, overlap peak RSS at two model sizes", "smoke": a.smoke,
+    result: dict = {"benchmark": "scale: sweep local vs ray; overlap and sweep-preparation peak RSS at two model sizes",
+                    "smoke": a.smoke,
                     "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                     "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:

@@ -219,8 +219,9 @@ def projected_tensors(plan: TensorPlan, tensors: list[TensorInfo], aligned: Chec
                       prepared: dict[str, Any] | None = None) -> Iterator[tuple[TensorInfo, torch.Tensor, TensorRecord]]:
     """Yield ``(info, W_new float32 in the analysis layout, record)`` for every tensor of ``tensors``.
 
-    ``prepared`` caches the reference's per-tensor state across calls (the sweep computes each SVD once);
-    without it the state is computed and dropped tensor by tensor.
+    ``prepared`` maps tensor names to the reference's per-tensor state, reused across calls (the sweep passes
+    its :class:`weightspace.basis_cache.BasisCache`: each SVD computed once, read from disk one tensor at a
+    time); a tensor not in it has its state computed and dropped here.
     """
     spec = DeltaSpec("update", finetuned, aligned)
     selection = cfg.selection

@@ -8,7 +8,10 @@
 The aligned model is loaded once; each projected model's tensors are built from the streamed checkpoint
 tensors and written into it in memory (rounded to the stored dtype first, so the scores are those of the
 checkpoint ``weightspace project`` would write). The reference SVD of every tensor is computed once for
-the whole grid. The aligned model and every unprojected fine-tune are scored too (reference lines).
+the whole sweep and kept on disk (:class:`weightspace.basis_cache.BasisCache`, a hidden folder inside the run's
+staging folder, deleted at the end), not in memory: each projection reads one tensor's basis at a time, so the
+sweep's memory beyond the model scored is about the largest tensor's working set, not the model's size. The
+aligned model and every unprojected fine-tune are scored too (reference lines).
 Every per-item output is saved under ``evals/<config>/`` (``utility.csv``: one row per task, ``harmful.csv``: one
 row per prompt); every metric in ``results.csv`` / ``baselines.csv`` has a 95 % bootstrap interval over the items
 (``<metric>_lo``, ``<metric>_hi``; :mod:`weightspace.metrics`), and ``paired.csv`` compares TopK with each
@@ -20,8 +23,9 @@ the bootstrap intervals of :mod:`weightspace.verdicts`).
 
 Each model scored is one :class:`SweepTask` of an executor (:mod:`workbench.executors`): ``local`` runs them
 in this process in order, on the model the caller loaded, exactly as before; ``ray`` hands them to workers
-that each load the aligned model and compute the reference SVDs once (:class:`SweepWorker`). Either way only
-this process writes the run folder, and the rows are the same.
+that each load the aligned model once (:class:`SweepWorker`) and read the bases this process computed (a worker
+that cannot see the folder computes each tensor's basis when it needs it). Either way only this process writes
+the run folder, and the rows are the same.
 
 Example::
 
@@ -31,16 +35,19 @@ Example::
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from workbench.errors import WorkbenchError
 from workbench.runs import RunFolder
 
+from weightspace.basis_cache import FOLDER_PREFIX, BasisCache
 from weightspace.checkpoints import Checkpoint
 from weightspace.deltas import load_f32, to_stored
 from weightspace.evaluation import EvalConfig, EvalSets, InMemoryModel, score_model, scorer_notes
@@ -53,7 +60,7 @@ from weightspace.reference import Reference
 from weightspace.spectral import KINDS, check_grid
 
 __all__ = ["DEFAULT_RHOS", "ROLES", "SweepConfig", "SweepResult", "SweepTask", "SweepTaskResult", "SweepWorker",
-           "SweepWorkerSpec", "sweep_tasks", "run_sweep", "paired_topk_vs_controls"]
+           "SweepWorkerSpec", "project_task", "sweep_bases", "sweep_tasks", "run_sweep", "paired_topk_vs_controls"]
 
 DEFAULT_RHOS = (0.01, 0.25, 0.5, 0.75, 0.99)
 ROLES = ("useful", "harmful", "contaminated")
@@ -217,8 +224,8 @@ class SweepTaskResult:
 @dataclass(frozen=True)
 class SweepWorkerSpec:
     """What a worker on another process or machine needs to rebuild the sweep's state: checkpoint paths (the
-    :class:`Checkpoint` objects hold paths and headers only), the reference, the configs, the evaluation items
-    and how to load the aligned model."""
+    :class:`Checkpoint` objects hold paths and headers only), the reference, the configs, the evaluation items,
+    how to load the aligned model and the folder of the reference bases (:class:`BasisCache`)."""
 
     aligned: Checkpoint
     reference: Reference
@@ -227,14 +234,24 @@ class SweepWorkerSpec:
     sets: EvalSets
     fmt: Any
     model: Any  # workbench.executors.ModelSpec
+    bases: str | None = None  # the driver's BasisCache folder (None or absent here: computed when needed)
+
+
+def sweep_bases(folder: str | Path | None, reference: Reference, plan: Any, cfg: "SweepConfig") -> BasisCache:
+    """The reference bases of every tensor a sweep projects (selected and covered), prepared for all its kinds
+    and its largest rho, kept in ``folder`` (:class:`BasisCache`)."""
+    todo = [t for t in plan.select(cfg.selection) if reference.covers(t)]
+    return BasisCache(folder, reference, todo, kinds=cfg.kinds, max_rho=max(cfg.rhos))
 
 
 class SweepWorker:
     """The aligned model loaded once, its tensors swapped in place for every model scored, and the reference
-    SVD of every tensor a projection touches (computed once per worker)."""
+    bases of every tensor a projection touches, read one tensor at a time from ``bases`` (a :class:`BasisCache`
+    folder, filled as the tensors are first used where :func:`run_sweep` has not; None, or a folder this
+    machine cannot see: each basis computed when it is needed)."""
 
     def __init__(self, aligned: Checkpoint, reference: Reference, models: dict[str, Checkpoint], cfg: "SweepConfig",
-                 sets: EvalSets, fmt: Any, lm: Any, *, progress: bool = False) -> None:
+                 sets: EvalSets, fmt: Any, lm: Any, *, bases: str | Path | None = None) -> None:
         from workbench.backends import get_backend
 
         self.aligned, self.reference, self.models, self.cfg, self.sets, self.fmt = \
@@ -244,14 +261,13 @@ class SweepWorker:
         self.tensors = self.plan.tensors
         self.backend = get_backend("native", lm)
         self.state = InMemoryModel(lm, self.tensors)
-        todo = [t for t in self.plan.select(cfg.selection) if reference.covers(t)]
-        self.prepared = {t.name: reference.prepare(t, kinds=cfg.kinds, max_rho=max(cfg.rhos))
-                         for t in _progress(todo, progress, "reference SVDs", "tensor")}
+        self.bases = sweep_bases(bases, reference, self.plan, cfg)
 
     @classmethod
     def from_spec(cls, spec: SweepWorkerSpec) -> "SweepWorker":
         """Load the model from ``spec.model`` (on a worker) and build the state."""
-        return cls(spec.aligned, spec.reference, spec.models, spec.cfg, spec.sets, spec.fmt, spec.model.load())
+        return cls(spec.aligned, spec.reference, spec.models, spec.cfg, spec.sets, spec.fmt, spec.model.load(),
+                   bases=spec.bases)
 
     def load_state(self, ck: Checkpoint) -> None:
         for info in self.tensors:
@@ -260,28 +276,12 @@ class SweepWorker:
     def run(self, task: SweepTask) -> SweepTaskResult:
         """Write the task's model into the loaded one (every tensor of the plan) and score it."""
         cfg = self.cfg
-        out = SweepTaskResult({}, {})
         if task.experiment is None:
+            out = SweepTaskResult({}, {})
             self.load_state(self.aligned if task.role == "aligned" else self.models[task.role])
         else:
-            pcfg = ProjectionConfig(mode=task.mode, rho=task.rho, kind=task.kind, selection=cfg.selection,
-                                    unselected=cfg.unselected, seed=cfg.seed, write_dtype=cfg.write_dtype)
-            energy, energy_u = EnergyTable(), EnergyTable()
-            for info, w, rec in projected_tensors(self.plan, self.tensors, self.aligned, self.models[task.role],
-                                                  self.reference, pcfg, prepared=self.prepared):
-                self.state.set(info.name, to_stored(w, info, self.aligned.dtype(info.name)
-                                                    if cfg.write_dtype == "stored" else w.dtype))  # w: float32
-                if rec.selected:
-                    energy.add(info.role, kept=rec.kept, total=rec.total, expected=rec.energy_random)
-                    energy_u.add(info.role, kept=rec.kept_unrounded, total=rec.total, expected=rec.energy_random)
-                    out.tensor_rows.append({"config": task.config, "experiment": task.experiment, "model": task.role,
-                                            "mode": task.mode, "rho": task.rho, "kind": task.kind, "tensor": info.name,
-                                            "layer": info.role.layer_key, "module": info.module, "kept": rec.kept,
-                                            "kept_unrounded": rec.kept_unrounded, "total": rec.total, "k": rec.k,
-                                            "d": rec.d})
-            out.energy = energy.summary()
-            out.energy_kept_unrounded = energy_u.summary().get("energy_kept")
-            out.energy_rows = [{"config": task.config, **r} for r in energy.all_rows() if r["level"] != "tensor"]
+            out = project_task(task, cfg, self.plan, self.aligned, self.models[task.role], self.reference,
+                               self.bases, lambda info, w: self.state.set(info.name, w))
         if task.reuse is not None:  # scored before the interruption: the same items, the same interval draws
             from weightspace.metrics import metrics_with_ci
 
@@ -291,6 +291,32 @@ class SweepWorker:
             out.metrics, out.items = score_model(self.backend, self.sets, self.fmt, cfg.eval,
                                                  utility="utility" in task.scores, harm="harm" in task.scores)
         return out
+
+
+def project_task(task: SweepTask, cfg: SweepConfig, plan: Any, aligned: Checkpoint, finetuned: Checkpoint,
+                 reference: Reference, bases: Any, write: Callable[[Any, Any], None]) -> SweepTaskResult:
+    """The projected model of a grid point, tensor by tensor: ``write(info, w)`` gets each tensor as the loaded
+    model stores it (stored layout, rounded to the stored dtype, or float32 with ``write_dtype="float32"``);
+    returns the energies of what was written (no scores yet). ``bases``: :func:`sweep_bases`' cache."""
+    pcfg = ProjectionConfig(mode=task.mode, rho=task.rho, kind=task.kind, selection=cfg.selection,
+                            unselected=cfg.unselected, seed=cfg.seed, write_dtype=cfg.write_dtype)
+    out = SweepTaskResult({}, {})
+    energy, energy_u = EnergyTable(), EnergyTable()
+    for info, w, rec in projected_tensors(plan, plan.tensors, aligned, finetuned, reference, pcfg, prepared=bases):
+        write(info, to_stored(w, info, aligned.dtype(info.name) if cfg.write_dtype == "stored" else w.dtype))
+        del w  # w: float32
+        if rec.selected:
+            energy.add(info.role, kept=rec.kept, total=rec.total, expected=rec.energy_random)
+            energy_u.add(info.role, kept=rec.kept_unrounded, total=rec.total, expected=rec.energy_random)
+            out.tensor_rows.append({"config": task.config, "experiment": task.experiment, "model": task.role,
+                                    "mode": task.mode, "rho": task.rho, "kind": task.kind, "tensor": info.name,
+                                    "layer": info.role.layer_key, "module": info.module, "kept": rec.kept,
+                                    "kept_unrounded": rec.kept_unrounded, "total": rec.total, "k": rec.k,
+                                    "d": rec.d})
+    out.energy = energy.summary()
+    out.energy_kept_unrounded = energy_u.summary().get("energy_kept")
+    out.energy_rows = [{"config": task.config, **r} for r in energy.all_rows() if r["level"] != "tensor"]
+    return out
 
 
 def _run_task(worker: SweepWorker, task: SweepTask) -> SweepTaskResult:
@@ -332,8 +358,10 @@ def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Check
     ``executor`` (:mod:`workbench.executors`; default local): where the models are scored, one task per
     model (:func:`sweep_tasks`). Locally the task runs on ``lm`` in this process, exactly as before; on Ray each
     worker loads the aligned model once from ``model`` (a :class:`workbench.executors.ModelSpec`; default:
-    ``aligned``'s folder, checked against ``lm``'s checksum when given) and computes its own reference SVDs.
-    Either way this process alone writes ``run``, and the rows are the same.
+    ``aligned``'s folder, checked against ``lm``'s checksum when given). Either way this process computes the
+    reference SVDs first, once, into a hidden folder of ``run``'s staging folder (removed before returning;
+    :class:`BasisCache`), the workers read them from there, this process alone writes ``run``, and the rows are
+    the same.
 
     ``reuse`` (:func:`load_evals` of an interrupted run of the SAME sweep: the caller checks that its settings
     and inputs are unchanged): models whose per-item rows are complete there (:func:`reusable`) are not scored
@@ -357,6 +385,7 @@ def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Check
         return SweepResult([], {}, 0.0)
     executor = executor or LocalExecutor()
     built: list[SweepWorker] = []
+    folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=run.path)  # removed below, whatever happens
     if executor.in_process:
         if lm is None:
             from workbench.loading import load_model
@@ -364,12 +393,13 @@ def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Check
             lm = load_model(str(aligned.folder))
 
         def init() -> SweepWorker:
-            built.append(SweepWorker(aligned, reference, models, cfg, sets, fmt, lm, progress=progress))
+            built.append(SweepWorker(aligned, reference, models, cfg, sets, fmt, lm, bases=folder))
             return built[-1]
     else:
         if model is None:
             model = ModelSpec(str(aligned.folder), checksum=getattr(lm, "checksum", None))
-        init = partial(SweepWorker.from_spec, SweepWorkerSpec(aligned, reference, models, cfg, sets, fmt, model))
+        init = partial(SweepWorker.from_spec,
+                       SweepWorkerSpec(aligned, reference, models, cfg, sets, fmt, model, bases=folder))
 
     tasks = sweep_tasks(cfg, set(models), reference.uses_rho)
     if reuse:
@@ -385,10 +415,13 @@ def run_sweep(aligned: Checkpoint, reference: Reference, models: dict[str, Check
         _save_eval(run, tasks[i].config, res.items)
 
     try:
+        sweep_bases(folder, reference, plan, cfg).fill(partial(_progress, enabled=progress, desc="reference SVDs",
+                                                               unit="tensor"))
         with executor.pool(init) as pool:
             results = pool.map(_run_task, tasks, progress=progress, desc="sweep", on_result=save)
             worker_stats = pool.stats()
     finally:
+        shutil.rmtree(folder, ignore_errors=True)
         for w in built:
             w.load_state(aligned)  # leave the caller's model as it came
 
