@@ -623,18 +623,24 @@ def register(sub: Any) -> None:
     one_line_errors(st)
 
 
+def main_job_directions(ctx: Any) -> list[Direction]:
+    """The main job's difference-in-means directions (every layer, every post-instruction position): from its
+    shared capture when the core stage left one (``ctx.results["core_acts"]``), else captured here (32 prompts
+    per set with ``--quick``)."""
+    core = ctx.results.get("core_acts")
+    if core is not None:  # the main job's shared capture: resid_pre at every post-instruction token
+        return mean_diff_from_activations(ctx.lm, core["harmful:train"], core["harmless:train"], [], [])
+    n_train = 32 if ctx.quick else None
+    return mean_diff_directions(ctx.lm, _texts("harmful:train", n_train), _texts("harmless:train", n_train),
+                                fmt=ctx.fmt, backend=ctx.args.backend)
+
+
 def main_stage(ctx: Any) -> None:
     """Extract -> select -> evaluate (ablation and addition of the selected direction, random controls)."""
     lm, fmt, args = ctx.lm, ctx.fmt, ctx.args
     run = RunFolder(ctx.run.path / "steering", config={"stage": "steering"}, overwrite=True)
     q = ctx.quick
-    core = ctx.results.get("core_acts")
-    if core is not None:  # the main job's shared capture: resid_pre at every post-instruction token
-        dirs = mean_diff_from_activations(lm, core["harmful:train"], core["harmless:train"], [], [])
-    else:
-        n_train = 32 if q else None
-        dirs = mean_diff_directions(lm, _texts("harmful:train", n_train), _texts("harmless:train", n_train), fmt=fmt,
-                                    backend=args.backend)
+    dirs = main_job_directions(ctx)
     save_directions(run.path / "directions.safetensors", dirs)
     n_post = max(int(d.position[3:]) * -1 for d in dirs if d.position.startswith("pos-"))
     positions = [f"pos-{k}" for k in range(1, min(n_post, 1 if q else 2) + 1)]

@@ -73,8 +73,7 @@ def add_main_args(p: argparse.ArgumentParser) -> None:
 def optimize_stage(ctx: Any) -> None:
     """Search the kernel ablation, write ``<run>/optimize/`` and leave the choice in ``ctx.results["optimize"]``."""
     from steering import optimize as opt
-    from steering.cli import _optimize_index_layers, _texts
-    from steering.directions import mean_diff_directions, mean_diff_from_activations
+    from steering.cli import _optimize_index_layers, _texts, main_job_directions
     from steering.kernel import save_kernel_ablation
     from workbench.backends import get_backend
     from workbench.runs import RunFolder
@@ -93,13 +92,7 @@ def optimize_stage(ctx: Any) -> None:
                             "kl_rule": opt.DEFAULT_KL_RULE, "kl_confidence": opt.DEFAULT_KL_CONFIDENCE,
                             "index_range": [lo, hi], "n_val": [len(val_h), len(val_b)], "seed": args.seed})
     run.record_model(lm)
-    core = ctx.results.get("core_acts")
-    if core is not None:  # the main job's shared capture: resid_pre at every post-instruction token
-        dirs = mean_diff_from_activations(lm, core["harmful:train"], core["harmless:train"], [], [])
-    else:
-        n_train = 32 if q else None
-        dirs = mean_diff_directions(lm, _texts("harmful:train", n_train), _texts("harmless:train", n_train), fmt=fmt,
-                                    backend=args.backend)
+    dirs = main_job_directions(ctx)
     per_layer = sorted((d for d in dirs if d.position == "pos-1"), key=lambda d: d.layer)
     space = opt.SearchSpace.for_model(lm.n_layers, index_range=(lo, hi))
     _optimize_index_layers(per_layer, space.index, (lo, hi))

@@ -167,7 +167,8 @@ def ablation_first_order(native: NativeBackend, prompts: Sequence[str], fmt: Cha
         grads, s, _ = site_gradients(native, b, list(applies), score_fn, keep)
         for site, g in grads.items():
             total -= ((g @ R) * proj[site]).sum((0, 1)).double().cpu()
-        del grads, proj
+        del grads
+        proj.clear()  # free the projections (the closure above refills a fresh dict next batch)
         for j, i in enumerate(idx):
             scores[i] = s[j].cpu()
     return (total / len(prompts)).float(), torch.stack(scores)

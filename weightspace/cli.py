@@ -498,37 +498,25 @@ def register(subparsers: Any) -> None:
     add_chain_arguments(ch)
     ch.set_defaults(func=cmd_chain)
 
-    from weightspace.controls import __doc__ as controls_doc, add_arguments as add_controls_arguments, cmd_controls
+    import importlib
 
-    co = ws.add_parser("controls", help="positive/negative controls: planted distinct and entangled updates "
-                                        "through the chain's overlap phase and verdicts",
-                       description=controls_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_controls_arguments(co)
-    co.set_defaults(func=cmd_controls)
-
-    from weightspace.stand_in import __doc__ as stand_in_doc, add_arguments as add_stand_in_arguments, cmd_stand_in
-
-    si = ws.add_parser("stand-in", help="Exp 3 with a second stand-in for the alignment update (LoRA safety "
-                                        "fine-tune) on a finished chain",
-                       description=stand_in_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_stand_in_arguments(si)
-    si.set_defaults(func=cmd_stand_in)
-
-    from weightspace.sensitivity import __doc__ as sens_doc, add_arguments as add_sens_arguments, cmd_sensitivity
-
-    se = ws.add_parser("sensitivity", help="Exp 3 per eta / module type / layer / aggregation and Exp 2 per rho, "
-                                           "from a finished chain (no model)",
-                       description=sens_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sens_arguments(se)
-    se.set_defaults(func=cmd_sensitivity)
-
-    from weightspace.study_report import __doc__ as report_doc, add_arguments as add_report_arguments, cmd_report
-
-    rp = ws.add_parser("study-report", help="the study report (markdown + JSON) from a chain, Exp 4 runs and the "
-                                            "controls",
-                       description=report_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_report_arguments(rp)
-    rp.set_defaults(func=cmd_report)
+    # commands that live in a module of their own: (name, module, help); each module has add_arguments and the
+    # command function named here, and its docstring is the command's description
+    for name, module, func, help_ in (
+            ("controls", "weightspace.controls", "cmd_controls",
+             "positive/negative controls: planted distinct and entangled updates through the chain's overlap phase "
+             "and verdicts"),
+            ("stand-in", "weightspace.stand_in", "cmd_stand_in",
+             "Exp 3 with a second stand-in for the alignment update (LoRA safety fine-tune) on a finished chain"),
+            ("sensitivity", "weightspace.sensitivity", "cmd_sensitivity",
+             "Exp 3 per eta / module type / layer / aggregation and Exp 2 per rho, from a finished chain (no model)"),
+            ("study-report", "weightspace.study_report", "cmd_report",
+             "the study report (markdown + JSON) from a chain, Exp 4 runs and the controls")):
+        mod = importlib.import_module(module)
+        sp = ws.add_parser(name, help=help_, description=mod.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(sp)
+        sp.set_defaults(func=getattr(mod, func))
 
     register_finetune_hook(subparsers)
     one_line_errors(p)
