@@ -21,7 +21,9 @@ Phases, each in its own sub-folder of ``--out``:
    replies that pass their unit tests (:func:`weightspace.recipes.self_code_examples`). On the default model
    the reference-solution recipe *lowered* the pass rate from 0.75 to 0.22 in a chain run, which leaves
    experiment 1 no utility to preserve; the self-distilled recipe lowered it too (0.28, same fine-tuning
-   settings), so the fine-tuning itself (full, lr 5e-5) does the damage: see docs/study_default_model.md.
+   settings), so the fine-tuning itself (full, lr 5e-5) does the damage, and the full-FT safety fine-tune made
+   the model refuse every code task (docs/study_default_model_full_ft.md). With ``--lora`` (rank 8, lr 2e-4)
+   the useful fine-tune keeps the pass rate (0.72) and the safety one too (0.78): docs/study_default_model.md.
 2. ``overlap`` (experiment 3): MSO among ``Delta_S`` (the safety update, standing in for ``Delta_A``: no
    base model of the zoo models is available offline), ``Delta_useful``, ``Delta_harmful`` and
    ``Delta_contaminated`` over the eta grid, per tensor / layer / module type, heatmaps and baselines
