@@ -43,8 +43,7 @@ def chain_config(chain: str | Path) -> Any:
                              f"'workbench weightspace chain'")
     raw = _read(path).get("config", {})
     names = {f.name for f in dataclasses.fields(ChainConfig)}
-    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in names}
-    return ChainConfig(**kw)
+    return ChainConfig.from_dict({k: v for k, v in raw.items() if k in names})  # settings of older chains ignored
 
 
 def _scores(lm: Any, fmt: Any, cfg: Any, what: str) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
