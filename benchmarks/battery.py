@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layer", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=3.0, help="strength of the addition column")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--modes", default="joint,one_by_one", help="which paths to time (comma-separated)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "battery.json"))
     args = ap.parse_args(argv)
@@ -72,27 +73,35 @@ def main(argv: list[str] | None = None) -> int:
                 make_setting("random control of A", "ablation", random_like(d, seed=1), be.n_layers,
                              info={"control": True})]
     cfg = BatteryConfig()
-    times: dict[str, list[float]] = {"joint": [], "one_by_one": []}
+    modes = [m for m in ("joint", "one_by_one") if m in args.modes.split(",")]
+    if "joint" not in modes:
+        ap.error("--modes must include joint (the app's path)")
+    times: dict[str, list[float]] = {m: [] for m in modes}
     results = {}
     for _ in range(args.repeats):
-        for mode in ("joint", "one_by_one"):
+        for mode in modes:
             t = time.perf_counter()
             results[mode] = run_battery(be, ChatFormat(), settings, cfg, joint=(mode == "joint"))
             times[mode].append(time.perf_counter() - t)
-            print(f"{mode}: {times[mode][-1]:.1f} s", flush=True)
-    diffs = {}
-    for a, b in zip(results["joint"].summary, results["one_by_one"].summary):
-        diffs[a["setting"]] = {k: abs(a[k] - b[k]) for k in KEYS}
-    ja, ob = results["joint"].items, results["one_by_one"].items
-    n_reply_diff = sum(1 for x, y in zip(ja, ob) if x.get("reply") != y.get("reply"))
+            print(f"{mode}: {times[mode][-1]:.1f} s; phases {results[mode].phases}", flush=True)
+    diffs: dict[str, dict[str, float]] = {}
+    n_reply_diff = None
+    if "one_by_one" in results:
+        for a, b in zip(results["joint"].summary, results["one_by_one"].summary):
+            diffs[a["setting"]] = {k: abs(a[k] - b[k]) for k in KEYS}
+        n_reply_diff = sum(1 for x, y in zip(results["joint"].items, results["one_by_one"].items)
+                           if x.get("reply") != y.get("reply"))
+    ja = results["joint"].items
     res = {
         "model": args.model, "threads": torch.get_num_threads(), "n_layers": n, "load_seconds": round(load_s, 1),
         "config": asdict(cfg),
         "settings": [s.name for s in settings], "direction": {"layer": d.layer, "position": d.position},
         "seconds_joint": [round(x, 1) for x in times["joint"]],
-        "seconds_one_by_one": [round(x, 1) for x in times["one_by_one"]],
-        "ratio_one_by_one_over_joint": round(min(times["one_by_one"]) / min(times["joint"]), 2),
-        "max_abs_summary_difference": max(max(v.values()) for v in diffs.values()),
+        "phases_joint": results["joint"].phases,
+        "seconds_one_by_one": [round(x, 1) for x in times.get("one_by_one", [])],
+        "ratio_one_by_one_over_joint": (round(min(times["one_by_one"]) / min(times["joint"]), 2)
+                                        if "one_by_one" in times else None),
+        "max_abs_summary_difference": max(max(v.values()) for v in diffs.values()) if diffs else None,
         "replies_that_differ": n_reply_diff, "replies": len(ja),
         "summary_joint": [{k: r[k] for k in ("setting",) + KEYS + ("seconds",)} for r in results["joint"].summary],
     }

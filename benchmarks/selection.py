@@ -1,16 +1,24 @@
 """Direction selection: exhaustive (every candidate scored exactly) vs gradient-screened (one forward and
-backward pass estimates every candidate; exact scores for the top-k estimates), on the main job's candidate
-grid and validation prompts (steering/cli.py main_stage, full mode: mean-diff directions from harmful:train vs
-harmless:train at resid_pre, layers 0, 2, ... below 80 % of depth x the last two prompt tokens; 24 + 24
-validation prompts; KL <= 0.1).
+backward pass estimates every candidate; exact scores for the top-k estimates), on the main job's validation
+prompts (24 + 24; KL <= 0.1) and mean-diff directions from harmful:train vs harmless:train at resid_pre, over
+one of two candidate grids:
+
+- ``--grid full`` (default): every layer below 80 % of depth x every post-instruction token — the grid of
+  ``workbench steer select`` with its defaults (Arditi et al.'s grid); 95 candidates on the default model,
+  120 on smollm2;
+- ``--grid main``: the main job's reduced grid (steering/cli.py main_stage, full mode: layers 0, 2, ... below
+  80 % of depth x the last two prompt tokens; 18 candidates on the default model, 24 on smollm2).
+
+The screen costs the same whatever the grid; the exhaustive path grows with it.
 
     .venv/bin/python benchmarks/selection.py --model smollm2-135m-instruct --threads 2
-    .venv/bin/python benchmarks/selection.py --model qwen2.5-coder-0.5b-instruct --threads 2   # ~10 min on 2 cores
+    .venv/bin/python benchmarks/selection.py --model qwen2.5-coder-0.5b-instruct --threads 2
+    .venv/bin/python benchmarks/selection.py --model qwen2.5-coder-0.5b-instruct --grid main --threads 2
 
 Prints the time of each path, the ratio (today's exhaustive path / screened; the exhaustive run also computes
 the estimates for the rank correlation, and that pass is left out of its time for the ratio), the Spearman
 rank correlation estimate-vs-exact over the whole grid and the candidate each path selected. Results are
-merged per model into benchmarks/results/selection.json.
+merged into benchmarks/results/selection.json under "<model>" (main grid, as before) or "<model> [full grid]".
 """
 
 from __future__ import annotations
@@ -54,6 +62,9 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--n-val", type=int, default=24, help="validation prompts per set (main job: 24)")
     ap.add_argument("--kl-max", type=float, default=0.1)
+    ap.add_argument("--grid", choices=("full", "main"), default="full",
+                    help="full: every layer below 80%% x every post-instruction token (steer select's defaults); "
+                         "main: the main job's layers 0, 2, ... x the last two tokens")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "selection.json"))
     args = ap.parse_args()
     if args.threads:
@@ -64,13 +75,14 @@ def main() -> None:
     dirs = mean_diff_directions(lm, _texts("harmful:train"), _texts("harmless:train"), fmt=fmt, backend="native")
     t_extract = time.perf_counter() - t
     n_post = max(-int(d.position[3:]) for d in dirs if d.position.startswith("pos-"))
-    positions = [f"pos-{k}" for k in range(1, min(n_post, 2) + 1)]
-    layers = list(range(0, int(0.8 * lm.n_layers), 2))
+    positions = [f"pos-{k}" for k in range(1, (n_post if args.grid == "full" else min(n_post, 2)) + 1)]
+    layers = list(range(0, int(0.8 * lm.n_layers), 1 if args.grid == "full" else 2))
     cands = [d for d in dirs if d.layer in layers and d.position in positions]
     val_h, val_b = _texts("harmful:val", args.n_val), _texts("harmless:val", args.n_val)
     be = get_backend("native", lm)
     kw = dict(harmful_val=val_h, harmless_val=val_b, kl_max=args.kl_max, max_layer_frac=0.8, progress=False)
-    print(f"{args.model}: {len(cands)} candidates (layers {layers[0]}..{layers[-1]} step 2 x {positions}), "
+    print(f"{args.model}: {len(cands)} candidates, {args.grid} grid (layers {layers[0]}..{layers[-1]} step "
+          f"{layers[1] - layers[0] if len(layers) > 1 else 1} x {positions}), "
           f"{len(val_h)} + {len(val_b)} validation prompts, {torch.get_num_threads()} threads")
 
     t = time.perf_counter()
@@ -90,7 +102,7 @@ def main() -> None:
                          key=lambda r: r["ablation_score"])
     passing = [r["candidate"] for r in exact_order if not r["filtered"]]
     res = {
-        "model": args.model, "threads": torch.get_num_threads(), "n_candidates": len(cands),
+        "model": args.model, "grid": args.grid, "threads": torch.get_num_threads(), "n_candidates": len(cands),
         "layers": layers, "positions": positions, "n_val": [len(val_h), len(val_b)], "top_k": args.top_k,
         "kl_max": args.kl_max, "extract_seconds": t_extract,
         "screened_seconds": t_scr, "exhaustive_seconds": t_exh, "exhaustive_with_estimate_seconds": t_exh_total,
@@ -111,7 +123,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     allres = json.loads(out.read_text()) if out.exists() else {}
-    allres[args.model] = res
+    allres[args.model if args.grid == "main" else f"{args.model} [full grid]"] = res
     out.write_text(json.dumps(allres, indent=2, allow_nan=True) + "\n")
     print(f"ratio exhaustive/screened: {ratio:.2f}x (target >= 5x)")
     print(f"Spearman estimate vs exact over the grid: ablation {res['spearman_ablation']:.3f}, "
