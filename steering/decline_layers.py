@@ -18,6 +18,9 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.vectors import Direction
 
+from steering.screening import ZERO_NORM
+
+
 RULE_LAYER = ("ablation layer, fixed before any ablation: among the layers l with 0.2 L <= l < 0.8 L (every layer "
               "when none is), the one where the harm direction's held-out AUROC (projection score, harmful:val vs "
               "harmless:val) is highest; ties go to the larger held-out separation d' (difference of the two class "
@@ -48,12 +51,19 @@ def per_layer_rows(harm: Sequence[Direction], decline: Sequence[Direction], held
     if [d.layer for d in harm] != [d.layer for d in decline]:
         raise WorkbenchError("the harm and decline directions must cover the same layers")
     rows = []
+    nan = float("nan")
     for j, (h, c) in enumerate(zip(harm, decline)):
-        row: dict[str, Any] = {"layer": h.layer, "cosine": float(h.unit @ c.unit), "harm_norm": h.norm,
-                               "decline_norm": c.norm}
+        # a zero direction (e.g. the residual input of layer 0 at the last token, the same token in every
+        # prompt) has no cosine and no projection score: NaN, and the row says which one
+        zero = [name for name, d in (("harm", h), ("decline", c)) if d.norm <= ZERO_NORM]
+        row: dict[str, Any] = {"layer": h.layer, "cosine": nan if zero else float(h.unit @ c.unit),
+                               "harm_norm": h.norm, "decline_norm": c.norm, "zero_direction": ",".join(zero)}
         for name, vec in (("harm", h.vector), ("decline", c.vector)):
             for labels, (p, n) in (("harm", ("harmful", "harmless")), ("decline", ("declined", "answered"))):
-                s = _projection_stats(vec, held[p][:, j], held[n][:, j], n_boot=n_boot, seed=seed + h.layer)
+                if name in zero:
+                    s = {"auroc": nan, "auroc_lo": nan, "auroc_hi": nan, "dprime": nan}
+                else:
+                    s = _projection_stats(vec, held[p][:, j], held[n][:, j], n_boot=n_boot, seed=seed + h.layer)
                 pre = name if name == labels else f"{name}_on_{labels}"
                 row.update({f"{pre}_{k}": v for k, v in s.items()})
         rows.append(row)
@@ -66,9 +76,10 @@ def choose_layer(rows: Sequence[dict[str, Any]], n_layers: int, override: int | 
         if not 0 <= override < n_layers:
             raise WorkbenchError(f"--layer {override} is outside the model's 0..{n_layers - 1}")
         return int(override), f"given (--layer {override})"
-    cands = [r for r in rows if 0.2 * n_layers <= r["layer"] < 0.8 * n_layers] or list(rows)
+    scored = [r for r in rows if np.isfinite(r["harm_auroc"])]  # zero harm directions have no AUROC
+    cands = [r for r in scored if 0.2 * n_layers <= r["layer"] < 0.8 * n_layers] or scored
     if not cands:
-        raise WorkbenchError("no per-layer rows to choose a layer from")
+        raise WorkbenchError("no per-layer rows with a non-zero harm direction to choose a layer from")
     best = max(cands, key=lambda r: (r["harm_auroc"], r["harm_dprime"], -r["layer"]))
     return int(best["layer"]), (f"rule: harm AUROC {best['harm_auroc']:.3f}, d' {best['harm_dprime']:.2f} among "
                                 f"layers {cands[0]['layer']}..{cands[-1]['layer']}")

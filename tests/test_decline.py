@@ -193,6 +193,31 @@ def test_layer_rule_auroc_then_dprime_then_lower_layer_within_the_depth_range():
     assert choose_layer(mk([(0.6, 1.0)]), 1)[0] == 0  # an empty range falls back to every layer
 
 
+def test_zero_direction_layers_get_nan_rows_and_are_never_chosen():
+    """The residual input of layer 0 at the last token is the same token's embedding in every prompt: its
+    difference in means is the zero vector. Its row carries NaN (not an error), the others are unchanged."""
+    from steering.decline import per_layer_rows
+    from workbench.vectors import Direction
+
+    g = torch.Generator().manual_seed(0)
+    d = 8
+    mk = lambda v, layer: Direction(v, layer=layer, method="mean_diff", model_id="m", model_checksum="c",  # noqa: E731
+                                    d_model=d, component="resid_pre")
+    harm = [mk(torch.zeros(d), 0), mk(torch.randn(d, generator=g), 1)]
+    decline = [mk(torch.zeros(d), 0), mk(torch.randn(d, generator=g), 1)]
+    held = {k: torch.randn(6, 2, d, generator=g) for k in ("harmful", "harmless", "declined", "answered")}
+    held["harmful"][:, 1] += 20 * harm[1].unit  # layer 1 separates harmful from harmless along the harm direction
+    rows = per_layer_rows(harm, decline, held, n_boot=50)
+    assert rows[0]["zero_direction"] == "harm,decline" and rows[1]["zero_direction"] == ""
+    assert math.isnan(rows[0]["cosine"]) and math.isnan(rows[0]["harm_auroc"])
+    assert math.isnan(rows[0]["decline_on_harm_auroc"])
+    assert rows[1]["cosine"] == pytest.approx(float(harm[1].unit @ decline[1].unit))
+    assert rows[1]["harm_auroc"] == 1.0
+    assert choose_layer(rows, 2)[0] == 1  # the zero layer is never the ablation layer
+    with pytest.raises(WorkbenchError, match="non-zero harm direction"):
+        choose_layer(rows[:1], 2)
+
+
 def _rows(harm_abl, dec_abl, ctl=(0.9, 0.5)):
     """Summary rows with Wilson-like intervals +-0.1 around the given (harmful refusal, off-topic decline)."""
     out = []
