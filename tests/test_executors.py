@@ -204,6 +204,31 @@ def test_fewer_tasks_than_workers_start_fewer_workers(ray_up, tmp_path):
     assert len(_lines(log)) == 1
 
 
+def test_gpu_workers_on_a_cluster_without_the_gpus_are_refused_at_once(ray_up, tmp_path):
+    """Workers that reserve more GPUs than the cluster has would stay pending forever: refused in seconds when the
+    pool opens, no worker started (the module's Ray of 2 CPUs has no GPU on a CPU-only machine; on a GPU machine
+    one more GPU than it has is asked for)."""
+    have = ray.cluster_resources().get("GPU", 0)
+    need = int(have) + 1
+    log = tmp_path / "init.log"
+    t0 = time.perf_counter()
+    with pytest.raises(WorkbenchError, match=rf"^--ray-gpus-per-worker {need}: a worker needs {need} GPU\(s\) but the "
+                                             rf"Ray cluster has {have:g} \(CPU 2.*\); "
+                                             rf"Ray would keep the workers pending forever. Start the Ray nodes on "
+                                             rf"machines with GPUs"):
+        RayExecutor(workers=2, gpus_per_worker=need).map(_add, [1, 2], init=partial(_init, str(log)))
+    if have == 0:  # --device cuda on Ray reserves one GPU per worker by default: the same refusal
+        with pytest.raises(WorkbenchError, match=r"^--ray-gpus-per-worker 1: a worker needs 1 GPU\(s\)"):
+            get_executor("ray", workers=2, device="cuda").map(_add, [1], init=partial(_init, str(log)))
+    assert time.perf_counter() - t0 < 10
+    assert not _lines(log)  # no worker started
+    for _ in range(50):  # the actors of earlier tests are released asynchronously
+        if ray.available_resources().get("CPU") == 2:
+            break
+        time.sleep(0.1)
+    assert ray.is_initialized() and ray.available_resources().get("CPU") == 2  # nothing pending, nothing held
+
+
 # -- end to end: the same rows from both executors ----------------------------------------------------------
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

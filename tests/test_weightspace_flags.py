@@ -180,16 +180,23 @@ def test_chain_refuses_an_unusable_device_before_any_work(ckpts, tmp_path, monke
     assert not out.exists() and list(work.iterdir()) == []  # nothing written
 
 
-def test_chain_refuses_cuda_with_the_ray_executor(monkeypatch):
-    """Ray workers request CPUs only and Ray hides the GPUs from them: refused in the config check (a GPU is
-    pretended here, so the device itself passes)."""
+def test_chain_with_cuda_on_ray_reserves_a_gpu_per_worker(monkeypatch):
+    """Ray hides the GPUs from a worker that reserved none, so a CUDA chain on Ray gives each worker 1 GPU (or
+    --ray-gpus-per-worker); GPUs for workers on the CPU are refused in the config check (a GPU is pretended here,
+    so the device itself passes; no Ray starts)."""
     from weightspace.chain import ChainConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(WorkbenchError, match="--device cuda with --executor ray: the Ray workers request CPUs only"):
-        ChainConfig(device="cuda", executor="ray", workers=1).validate()
+    cfg = ChainConfig(device="cuda", executor="ray", workers=1)
+    cfg.validate()
+    assert cfg.executor_().gpus_per_worker == 1.0
+    assert ChainConfig(device="cuda:1", executor="ray", ray_gpus_per_worker=0.5).executor_().gpus_per_worker == 0.5
+    with pytest.raises(WorkbenchError, match="^--ray-gpus-per-worker 1 reserves GPUs for Ray workers that load the "
+                                             "model on --device cpu"):
+        ChainConfig(device="cpu", executor="ray", ray_gpus_per_worker=1).validate()
     ChainConfig(device="cuda").validate()  # locally it is fine
     ChainConfig(device="cpu", executor="ray", workers=1).validate()
+    assert ChainConfig(device="cpu", executor="ray").executor_().gpus_per_worker is None
 
 
 def test_chain_device_reaches_the_config_but_no_resume_key(tmp_path):

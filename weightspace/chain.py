@@ -40,8 +40,10 @@ where the aligned model is loaded once, the recipes are built (refusal direction
 fine-tunes train and the sweep scores its models. The overlap phase and the sweep's projections are SVDs of
 checkpoint files on the CPU whatever the device. The device is recorded (``chain_config.json``,
 ``chain_report.json``, each invocation in ``chain_invocations.jsonl``) but is in no phase's resume key: a chain
-started on the CPU may resume on a GPU and the other way round. ``--executor ray`` with a CUDA device is
-refused up front: the Ray workers request CPUs only, and Ray hides the GPUs from such workers.
+started on the CPU may resume on a GPU and the other way round. ``--executor ray`` with a CUDA device gives
+each Ray worker ``--ray-gpus-per-worker`` GPUs (default 1; a worker without GPUs sees none), and each worker loads
+the model on the GPU Ray reserved for it (:func:`workbench.executors.worker_device`); a cluster with fewer GPUs
+than one worker needs is refused when the workers start.
 
 ``--executor`` (``local``, the default, or ``ray``; :mod:`workbench.executors`) runs each fine-tune as a task
 (:mod:`weightspace.chain_finetunes`: ``safety``, ``useful`` and ``harmful`` at once, then ``contaminated``, which
@@ -155,6 +157,7 @@ class ChainConfig:
     executor: str = "local"
     ray_address: str | None = None
     workers: int | None = None
+    ray_gpus_per_worker: float | None = None  # None: 1 with a CUDA device, else none
     # where the model is loaded, the recipes are built, the fine-tunes train and the sweep scores (cpu, cuda,
     # cuda:N, mps); not part of any phase's resume key either: a chain started on the CPU resumes on a GPU
     device: str = "cpu"
@@ -202,17 +205,18 @@ class ChainConfig:
                                  f"got {self.embedding_orientation!r}")
         if self.write_dtype not in WRITE_DTYPES:
             raise WorkbenchError(f"write_dtype must be one of {', '.join(WRITE_DTYPES)}, got {self.write_dtype!r}")
-        self.executor_()  # an unknown executor, a malformed or silent --ray-address: refused before any work
-        if self.executor != "local" and parse_device(self.device).type == "cuda":
-            raise WorkbenchError(f"--device {self.device} with --executor {self.executor}: the Ray workers request CPUs "
-                                 f"only and Ray hides the GPUs from them; use --executor local on a GPU")
+        # an unknown executor, a malformed or silent --ray-address, GPUs for workers on a non-CUDA device: refused
+        # before any work
+        self.executor_()
         self.check_pools()
 
     def executor_(self) -> Any:
-        """The executor of the fine-tunes and the sweep (:func:`workbench.executors.get_executor`)."""
+        """The executor of the fine-tunes and the sweep (:func:`workbench.executors.get_executor`; on Ray with a
+        CUDA ``device`` each worker reserves ``ray_gpus_per_worker`` GPUs, default 1)."""
         from workbench.executors import get_executor
 
-        return get_executor(self.executor, self.ray_address, self.workers)
+        return get_executor(self.executor, self.ray_address, self.workers, gpus_per_worker=self.ray_gpus_per_worker,
+                            device=self.device)
 
     @property
     def useful_data_source(self) -> str:
@@ -868,6 +872,7 @@ def config_from_args(args: argparse.Namespace) -> ChainConfig:
         utility_task=getattr(args, "utility_task", "code"), eval_batch_size=args.eval_batch_size,
         progress=not args.no_progress, executor=getattr(args, "executor", "local") or "local",
         ray_address=getattr(args, "ray_address", None), workers=getattr(args, "workers", None),
+        ray_gpus_per_worker=getattr(args, "ray_gpus_per_worker", None),
         device=getattr(args, "device", None) or "cpu")
 
 

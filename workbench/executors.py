@@ -6,7 +6,8 @@ directions of ``steer select``) hands the work to an :class:`Executor`:
 * :class:`LocalExecutor` (``--executor local``, the default): everything in this process, in task order, exactly
   as the command ran before executors existed;
 * :class:`RayExecutor` (``--executor ray``): a pool of Ray actors, on a local Ray started for the run (and
-  shut down after it) or on an existing cluster (``--ray-address auto`` or ``HOST:PORT``).
+  shut down after it) or on an existing cluster (``--ray-address auto`` or ``HOST:PORT``); with
+  ``--ray-gpus-per-worker`` (the default with a CUDA ``--device``) each actor also reserves GPUs.
 
 The work is ``fn(state, task) -> result``. ``state`` is built once per worker by ``init()`` (loading a model
 is the expensive part) and kept for every task that worker runs; ``fn`` and ``init`` are module-level
@@ -30,11 +31,21 @@ Why actors and not plain Ray tasks: a Ray task cannot keep a loaded model betwee
 task would cost more than the scoring. Each actor reserves ``cpus_per_worker`` CPUs and sets that many torch
 threads (OpenMP threads beyond a process's share thrash: see the README's note on threads). Ray itself is
 imported only when a Ray pool opens, so the core workbench does not pay for it.
+
+GPU workers: an actor created without GPUs sees none (Ray sets its ``CUDA_VISIBLE_DEVICES`` to nothing), so a
+command whose ``--device`` is CUDA gives each worker ``gpus_per_worker`` GPUs (``--ray-gpus-per-worker``, default
+1 with a CUDA device; fractional shares such as 0.5 put two workers on one GPU). Ray then sets the worker's
+``CUDA_VISIBLE_DEVICES`` to the GPU(s) it reserved, so inside the worker ``cuda`` (``cuda:0``) *is* its GPU:
+:meth:`ModelSpec.load` on a GPU worker loads a CUDA model on ``cuda`` whatever the index the command gave
+(``--device cuda:1`` means GPU 1 for the driver's own model; each worker uses the GPU Ray reserved for it,
+:func:`worker_device`). A cluster with fewer GPUs than one worker needs is refused when the pool opens, instead
+of leaving the actors pending forever.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import socket
@@ -47,12 +58,39 @@ from typing import Any, Callable, Iterator, Sequence
 from workbench.errors import WorkbenchError
 
 __all__ = ["EXECUTORS", "Executor", "LocalExecutor", "RayExecutor", "Pool", "ModelSpec", "get_executor",
-           "add_executor_args", "executor_from_args", "parse_ray_address", "FORWARDED_ENV"]
+           "add_executor_args", "executor_from_args", "parse_ray_address", "worker_device", "gpus_for_device",
+           "FORWARDED_ENV"]
 
 EXECUTORS = ("local", "ray")
 # Environment variables a Ray worker takes over from the driver (where models are cached, offline mode).
 FORWARDED_ENV = ("WORKBENCH_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
 CONNECT_TIMEOUT = 5.0  # seconds: a HOST:PORT that does not answer within this is refused before Ray retries
+GPU_PRECISION = 1e-4  # Ray's resolution of fractional resource quantities
+# True in a Ray worker process whose actor reserved GPUs (set by _Worker; read by worker_device)
+_GPU_WORKER = False
+_CUDA = re.compile(r"^cuda(?::\d+)?$")
+
+
+def _is_cuda(device: Any) -> bool:
+    """Whether ``device`` (a ``--device`` string) names a CUDA device: ``cuda`` or ``cuda:N``."""
+    return device is not None and bool(_CUDA.match(str(device).strip()))
+
+
+def worker_device(device: str) -> str:
+    """The device a model of the command's ``device`` loads on in this process.
+
+    On a Ray worker that reserved GPUs, Ray has set ``CUDA_VISIBLE_DEVICES`` to the worker's GPU(s), whose first
+    is ``cuda:0`` in the worker: a CUDA device of any index becomes ``cuda`` there (``cuda:1`` would be another
+    worker's GPU, or none). Everywhere else (the driver, the local executor, a CPU worker) ``device`` unchanged.
+
+    Example::
+
+        >>> worker_device("cuda:1"), worker_device("cpu")  # not on a GPU worker: unchanged
+        ('cuda:1', 'cpu')
+    """
+    if _GPU_WORKER and _is_cuda(device):
+        return "cuda"
+    return str(device)
 
 
 @dataclass(frozen=True)
@@ -83,10 +121,13 @@ class ModelSpec:
                    checksum=getattr(lm, "checksum", None))
 
     def load(self) -> Any:
-        """The model (a :class:`workbench.loading.LoadedModel`); a checksum other than the driver's is refused."""
+        """The model (a :class:`workbench.loading.LoadedModel`); a checksum other than the driver's is refused.
+
+        On a Ray worker with GPUs a CUDA ``device`` is the worker's own GPU, ``cuda`` (:func:`worker_device`).
+        """
         from workbench.loading import load_model
 
-        lm = load_model(self.source, dtype=self.dtype, device=self.device, device_map=self.device_map,
+        lm = load_model(self.source, dtype=self.dtype, device=worker_device(self.device), device_map=self.device_map,
                         trust_remote_code=self.trust_remote_code, attn_implementation=self.attn_implementation)
         if self.checksum is not None and lm.checksum != self.checksum:
             raise WorkbenchError(f"the worker on {socket.gethostname()} loaded {self.source!r} with checksum "
@@ -269,6 +310,65 @@ def parse_ray_address(address: str | None) -> str | None:
     return a
 
 
+def _check_gpus(gpus: Any) -> float | None:
+    """``gpus_per_worker`` as a float Ray accepts (``None`` stays ``None``), or a clear error.
+
+    Example::
+
+        >>> _check_gpus(None), _check_gpus("0.5"), _check_gpus(2)
+        (None, 0.5, 2.0)
+        >>> _check_gpus(1.5)
+        Traceback (most recent call last):
+        ...
+        workbench.errors.WorkbenchError: --ray-gpus-per-worker above 1 must be a whole number of GPUs (a worker shares a GPU or holds whole ones), got 1.5
+    """
+    if gpus is None:
+        return None
+    try:
+        g = float(gpus)
+    except (TypeError, ValueError):
+        g = float("nan")
+    if not math.isfinite(g) or g <= 0:
+        raise WorkbenchError(f"--ray-gpus-per-worker must be a finite number > 0 (GPUs each Ray worker reserves; "
+                             f"0.5: two workers per GPU), got {gpus!r}")
+    if g < GPU_PRECISION:
+        raise WorkbenchError(f"--ray-gpus-per-worker must be at least {GPU_PRECISION:g} (Ray's resolution of "
+                             f"fractional resources), got {gpus!r}")
+    if g > 1 and not g.is_integer():
+        raise WorkbenchError(f"--ray-gpus-per-worker above 1 must be a whole number of GPUs (a worker shares a GPU "
+                             f"or holds whole ones), got {gpus!r}")
+    return g
+
+
+def gpus_for_device(device: str | None, gpus_per_worker: float | None) -> float | None:
+    """The GPUs each Ray worker of a command on ``device`` (its ``--device``) reserves.
+
+    A CUDA device without ``--ray-gpus-per-worker`` gets 1: a worker created without GPUs sees none, so a model
+    on ``cuda`` could not load there. GPUs for workers whose device is not CUDA are refused (they would hold
+    GPUs they never use). ``device`` ``None`` (not known): ``gpus_per_worker`` as given.
+
+    Example::
+
+        >>> gpus_for_device("cuda:1", None), gpus_for_device("cuda", 0.5), gpus_for_device("cpu", None)
+        (1.0, 0.5, None)
+        >>> gpus_for_device("cpu", 1)
+        Traceback (most recent call last):
+        ...
+        workbench.errors.WorkbenchError: --ray-gpus-per-worker 1 reserves GPUs for Ray workers that load the model on --device cpu, where they would hold GPUs they never use; give --device cuda (each worker then loads on the GPU Ray reserves for it) or leave out --ray-gpus-per-worker
+    """
+    gpus_per_worker = _check_gpus(gpus_per_worker)
+    if device is None:
+        return gpus_per_worker
+    if _is_cuda(device):
+        return 1.0 if gpus_per_worker is None else gpus_per_worker
+    if gpus_per_worker is not None:
+        raise WorkbenchError(f"--ray-gpus-per-worker {gpus_per_worker:g} reserves GPUs for Ray workers that load the "
+                             f"model on --device {device}, where they would hold GPUs they never use; give --device "
+                             f"cuda (each worker then loads on the GPU Ray reserves for it) or leave out "
+                             f"--ray-gpus-per-worker")
+    return None
+
+
 def _import_ray() -> Any:
     try:
         import ray
@@ -294,17 +394,26 @@ def _check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
 
 class _Worker:
     """The body of one Ray actor: builds the state once, then runs tasks on it (never raises in ``__init__``,
-    so a failed ``init`` is reported with the first task instead of as a dead actor)."""
+    so a failed ``init`` is reported with the first task instead of as a dead actor).
 
-    def __init__(self, init: Callable[[], Any] | None, threads: int, env: dict[str, str], cwd: str) -> None:
+    ``gpus``: the GPUs Ray reserved for this actor (0: none); with GPUs a CUDA model loads on the worker's own
+    GPU (:func:`worker_device`) and the stats name the GPUs Ray made visible (``CUDA_VISIBLE_DEVICES``).
+    """
+
+    def __init__(self, init: Callable[[], Any] | None, threads: int, env: dict[str, str], cwd: str,
+                 gpus: float = 0.0) -> None:
+        global _GPU_WORKER
         os.environ.update(env)
         if os.path.isdir(cwd):  # relative paths of the command line mean what they mean on the driver
             os.chdir(cwd)
+        _GPU_WORKER = bool(gpus and gpus > 0)  # this process is this actor's alone
         import torch
 
         torch.set_num_threads(max(1, int(threads)))
         self.stats = {"pid": os.getpid(), "host": socket.gethostname(), "init_seconds": 0.0, "tasks": 0,
                       "task_seconds": 0.0, "threads": torch.get_num_threads()}
+        if _GPU_WORKER:
+            self.stats.update(gpus=float(gpus), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
         self.error: BaseException | None = None
         self.state = None
         t0 = time.perf_counter()
@@ -330,8 +439,10 @@ class _Worker:
 
 
 class _RayPool(Pool):
-    def __init__(self, ray: Any, init: Callable[[], Any] | None, size: int, cpus: int, started: bool) -> None:
+    def __init__(self, ray: Any, init: Callable[[], Any] | None, size: int, cpus: int, started: bool,
+                 gpus: float | None = None) -> None:
         self.ray, self.init, self._size, self.cpus, self.started = ray, init, size, cpus, started
+        self.gpus = gpus  # GPUs each actor reserves (None: none)
         self.env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         self.actors: list[Any] = []
         self._cls = ray.remote(_Worker)
@@ -340,10 +451,17 @@ class _RayPool(Pool):
     def size(self) -> int:
         return self._size
 
+    def _options(self) -> dict[str, Any]:
+        """The Ray options of each actor: its CPUs, one task at a time and, when asked for, its GPUs."""
+        opts: dict[str, Any] = {"num_cpus": self.cpus, "max_concurrency": 1}
+        if self.gpus:
+            opts["num_gpus"] = self.gpus
+        return opts
+
     def _grow(self, n: int) -> None:
         while len(self.actors) < min(n, self._size):
-            self.actors.append(self._cls.options(num_cpus=self.cpus, max_concurrency=1)
-                               .remote(self.init, self.cpus, self.env, os.getcwd()))
+            self.actors.append(self._cls.options(**self._options())
+                               .remote(self.init, self.cpus, self.env, os.getcwd(), self.gpus or 0.0))
 
     def map(self, fn: Callable[[Any, Any], Any], tasks: Sequence[Any], *, progress: bool = False,
             desc: str = "tasks", on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
@@ -424,26 +542,35 @@ class RayExecutor(Executor):
     """A pool of Ray actors, each with ``cpus_per_worker`` CPUs (and as many torch threads) and its own state.
 
     ``address``: ``None`` starts a local Ray for the run (``num_cpus`` = the larger of this machine's CPUs and
-    ``workers``) and shuts it down afterwards; ``"auto"`` / ``"HOST:PORT"`` connect to a running cluster and leave
-    it running. When Ray is already initialised in this process (a notebook, a test fixture), that session is
-    used whatever the address and left running. ``workers``: actors at most (default: the cluster's CPUs /
-    ``cpus_per_worker``); ``cpus_per_worker`` default: the CPUs / ``workers``, at least 1.
+    ``workers``; Ray detects the GPUs itself) and shuts it down afterwards; ``"auto"`` / ``"HOST:PORT"`` connect to
+    a running cluster and leave it running. When Ray is already initialised in this process (a notebook, a test
+    fixture), that session is used whatever the address and left running. ``workers``: actors at most (default:
+    as many as the cluster's CPUs, and GPUs, hold); ``cpus_per_worker`` default: the CPUs / workers, at least 1.
+
+    ``gpus_per_worker`` (``--ray-gpus-per-worker``): GPUs each actor reserves (``num_gpus``; a fraction below 1
+    shares a GPU, e.g. 0.5: two workers per GPU; above 1 a whole number). ``None``: no GPU, and Ray hides the GPUs
+    from the worker. The pool then holds at most ``cluster GPUs / gpus_per_worker`` workers, and a cluster with
+    fewer GPUs than one worker needs is refused when the pool opens (Ray would keep the actors pending forever).
 
     Example::
 
         >>> RayExecutor(workers=2).describe()
         {'executor': 'ray', 'workers': 2, 'ray_address': None}
+        >>> RayExecutor(workers=2, gpus_per_worker=0.5).describe()
+        {'executor': 'ray', 'workers': 2, 'ray_address': None, 'gpus_per_worker': 0.5}
     """
 
     name = "ray"
     in_process = False
 
     def __init__(self, address: str | None = None, workers: int | None = None, *,
-                 cpus_per_worker: int | None = None, check_address: bool = True) -> None:
+                 cpus_per_worker: int | None = None, gpus_per_worker: float | None = None,
+                 check_address: bool = True) -> None:
         if workers is not None and int(workers) < 1:
             raise WorkbenchError(f"--workers must be >= 1, got {workers}")
         if cpus_per_worker is not None and int(cpus_per_worker) < 1:
             raise WorkbenchError(f"cpus_per_worker must be >= 1, got {cpus_per_worker}")
+        self.gpus_per_worker = _check_gpus(gpus_per_worker)
         self.address = parse_ray_address(address)
         self._workers = int(workers) if workers is not None else None
         self.cpus_per_worker = int(cpus_per_worker) if cpus_per_worker is not None else None
@@ -456,7 +583,10 @@ class RayExecutor(Executor):
         return self._workers
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "ray_address": self.address}
+        d = {**super().describe(), "ray_address": self.address}
+        if self.gpus_per_worker is not None:  # only when asked for: CPU runs record what they always did
+            d["gpus_per_worker"] = self.gpus_per_worker
+        return d
 
     def _connect(self) -> bool:
         """Initialise Ray unless it already is; True when this call started it (then it is shut down after)."""
@@ -483,18 +613,40 @@ class RayExecutor(Executor):
         return True
 
     def _size(self) -> tuple[int, int]:
-        """``(workers, cpus each)`` for the CPUs the cluster has."""
-        total = int(self._ray.cluster_resources().get("CPU", 0))
+        """``(workers, cpus each)`` for the CPUs (and, with ``gpus_per_worker``, the GPUs) the cluster has."""
+        resources = self._ray.cluster_resources()
+        total = int(resources.get("CPU", 0))
         if total < 1:
             raise WorkbenchError("the Ray cluster has no CPU resources to run workers on")
+        gpu_fit = self._gpu_fit(resources) if self.gpus_per_worker else None
         if self.cpus_per_worker is not None:
             cpus = self.cpus_per_worker
         else:
-            cpus = max(1, total // (self._workers or total))
+            target = self._workers or total
+            if gpu_fit is not None:  # the GPUs cap the workers: share the CPUs among those that will run
+                target = min(target, gpu_fit)
+            cpus = max(1, total // target)
         if cpus > total:
             raise WorkbenchError(f"a worker needs {cpus} CPUs but the Ray cluster has {total}")
         fit = max(1, total // cpus)
+        if gpu_fit is not None:
+            fit = min(fit, gpu_fit)
         return (min(self._workers, fit) if self._workers else fit), cpus
+
+    def _gpu_fit(self, resources: dict[str, Any]) -> int:
+        """How many workers of ``gpus_per_worker`` GPUs the cluster's GPUs hold (>= 1, or a clear error)."""
+        g = float(self.gpus_per_worker or 0)
+        have = float(resources.get("GPU", 0) or 0)
+        fit = int(math.floor(have / g + 1e-9)) if g > 0 else 0
+        if fit < 1:
+            nodes = ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU"))
+            where = f" at {self.address}" if self.address not in (None, "auto") else ""
+            raise WorkbenchError(
+                f"--ray-gpus-per-worker {g:g}: a worker needs {g:g} GPU(s) but the Ray cluster{where} has {have:g} "
+                f"({nodes}); Ray would keep the workers pending forever. Start the Ray nodes on machines with GPUs "
+                f"(`ray start` detects them; `--num-gpus N` sets them), lower --ray-gpus-per-worker (0.5: two "
+                f"workers per GPU), or run on the CPU (--device cpu, without --ray-gpus-per-worker)")
+        return fit
 
     def pool(self, init: Callable[[], Any] | None = None) -> _PoolContext:
         state: dict[str, Any] = {}
@@ -506,9 +658,10 @@ class RayExecutor(Executor):
                 if self._workers and size < self._workers:
                     import warnings
 
-                    warnings.warn(f"the Ray cluster has room for {size} workers of {cpus} CPU(s), not "
+                    gpus = f" and {self.gpus_per_worker:g} GPU(s)" if self.gpus_per_worker else ""
+                    warnings.warn(f"the Ray cluster has room for {size} workers of {cpus} CPU(s){gpus}, not "
                                   f"{self._workers}; running {size}", stacklevel=3)
-                pool = _RayPool(self._ray, init, size, cpus, started)
+                pool = _RayPool(self._ray, init, size, cpus, started, self.gpus_per_worker)
             except BaseException:
                 if started:
                     self._ray.shutdown()
@@ -529,11 +682,14 @@ class RayExecutor(Executor):
 
 # -- the factory and the command-line options -------------------------------------------------------------
 
-def get_executor(name: str = "local", address: str | None = None, workers: int | None = None) -> Executor:
+def get_executor(name: str = "local", address: str | None = None, workers: int | None = None, *,
+                 gpus_per_worker: float | None = None, device: str | None = None) -> Executor:
     """The executor called ``name`` (``local`` or ``ray``), validated before any work.
 
-    ``address`` and ``workers`` belong to ``ray`` only; giving them with ``local`` is refused rather than
-    ignored.
+    ``address``, ``workers`` and ``gpus_per_worker`` belong to ``ray`` only; giving them with ``local`` is refused
+    rather than ignored. ``device``: the command's ``--device``; on Ray a CUDA device reserves
+    ``gpus_per_worker`` GPUs per worker, 1 by default, and GPUs with another device are refused
+    (:func:`gpus_for_device`).
 
     Example::
 
@@ -549,13 +705,16 @@ def get_executor(name: str = "local", address: str | None = None, workers: int |
     if name == "local":
         if workers is not None or address:
             raise WorkbenchError("--workers and --ray-address need --executor ray")
+        if gpus_per_worker is not None:
+            raise WorkbenchError("--ray-gpus-per-worker needs --executor ray (the local executor runs on --device)")
         return LocalExecutor()
-    return RayExecutor(address=address, workers=workers)
+    return RayExecutor(address=address, workers=workers, gpus_per_worker=gpus_for_device(device, gpus_per_worker))
 
 
 def add_executor_args(p: argparse.ArgumentParser) -> None:
-    """``--executor {local,ray}``, ``--ray-address``, ``--workers`` (see :func:`get_executor`)."""
-    from workbench.argtypes import positive_int
+    """``--executor {local,ray}``, ``--ray-address``, ``--ray-gpus-per-worker``, ``--workers`` (see
+    :func:`get_executor`)."""
+    from workbench.argtypes import positive_float, positive_int
 
     g = p.add_argument_group("executor (where the independent tasks run)")
     g.add_argument("--executor", choices=EXECUTORS, default="local",
@@ -564,12 +723,19 @@ def add_executor_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-address", default=None,
                    help="with --executor ray: 'auto' (the cluster `ray start --head` runs on this machine, or "
                         "RAY_ADDRESS) or HOST:PORT; default: a local Ray started for this run")
+    g.add_argument("--ray-gpus-per-worker", type=positive_float, default=None, metavar="X",
+                   help="with --executor ray and a CUDA --device: GPUs each worker reserves (default 1 with --device "
+                        "cuda / cuda:N; 0.5: two workers per GPU; above 1 a whole number). Each worker loads the model "
+                        "on the GPU Ray reserves for it (its 'cuda'), whatever the N of cuda:N; refused with a "
+                        "non-CUDA --device, and when the cluster has fewer GPUs than one worker needs")
     g.add_argument("--workers", type=positive_int, default=None,
-                   help="with --executor ray: workers (default: one per CPU of the cluster); each gets CPUs / workers "
-                        "torch threads")
+                   help="with --executor ray: workers (default: one per CPU of the cluster, and with GPU workers at "
+                        "most as many as its GPUs hold); each gets CPUs / workers torch threads")
 
 
 def executor_from_args(args: argparse.Namespace) -> Executor:
-    """The executor of a command's ``--executor`` / ``--ray-address`` / ``--workers`` options."""
+    """The executor of a command's ``--executor`` / ``--ray-address`` / ``--ray-gpus-per-worker`` / ``--workers``
+    options, for its ``--device`` (a CUDA device gives each Ray worker a GPU: :func:`gpus_for_device`)."""
     return get_executor(getattr(args, "executor", "local") or "local", getattr(args, "ray_address", None),
-                        getattr(args, "workers", None))
+                        getattr(args, "workers", None), gpus_per_worker=getattr(args, "ray_gpus_per_worker", None),
+                        device=getattr(args, "device", None))
