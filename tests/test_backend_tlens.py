@@ -333,3 +333,24 @@ def test_smollm2_steered_greedy_generation_parity(smol_pair):
     assert torch.equal(a, b), (nb.decode(a), tb.decode(b))
     assert count_hooks(lm.model) == hooks
     assert not torch.equal(a, nb.generate(batch, max_new_tokens=8))  # the steering does change the text
+
+
+@pytest.mark.parametrize("name", ["native", "nnsight", "transformer_lens"])
+def test_run_unembeds_only_the_last_k_positions_when_asked(name, make_tiny):
+    """``run(logits=K)``: the last K positions of the full logits, on every backend (with an intervention)."""
+    from workbench.backends.base import logits_kept
+    from workbench.chat import ChatFormat
+    from workbench.interventions import Ablation
+    from workbench.sites import Site
+
+    lm = make_tiny("llama")
+    be = get_backend(name, lm)
+    batch = encode(lm.tokenizer, ["Tell me about the sea", "hi there", "Write a poem about rain"], ChatFormat())
+    v = torch.randn(lm.model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    ivs = [Ablation(Site(1, "resid_pre"), v)]
+    ref = be.run(batch, interventions=ivs).logits
+    for k in (1, 4, batch.width + 3):
+        got = be.run(batch, interventions=ivs, logits=k).logits
+        torch.testing.assert_close(got, ref[:, -min(k, batch.width):], atol=2e-5, rtol=1e-5)
+    with pytest.raises(WorkbenchError, match=">= 1"):
+        logits_kept(0)

@@ -129,17 +129,21 @@ def completion_nll(backend: Backend, prompts: Sequence[str], completions: Sequen
         from workbench.chat import Batch, position_ids_from_mask
 
         full = Batch(ids, mask, position_ids_from_mask(mask), mask.sum(-1), b.n_post)
+        # only the last K positions are unembedded: every row's completion is right-aligned (left padding), so
+        # its predictions sit in the last clen + 1 columns (the prompt's other positions are never scored)
+        keep = min(w, max(c for _, c in targets) + 1)
         # interventions see the completion as "prompt" positions here (teacher forcing)
-        logits = backend.run(full, interventions=interventions).logits.float()
-        logp = torch.log_softmax(logits, -1)
+        logits = backend.run(full, interventions=interventions, logits=keep).logits
+        first = w - logits.shape[1]  # absolute column of the first kept position
         for r, (plen, clen) in enumerate(targets):
             if clen == 0:
                 out[idx[r]] = (0.0, 0)
                 continue
             start = w - len(rows[r]) + plen  # absolute index of first completion token
-            pos = torch.arange(start - 1, start - 1 + clen)
+            pos = torch.arange(start - 1, start - 1 + clen) - first
             tgt = ids[r, start:start + clen]
-            out[idx[r]] = (float(-logp[r, pos, tgt].sum()), clen)
+            logp = torch.log_softmax(logits[r, pos].float(), -1)
+            out[idx[r]] = (float(-logp[torch.arange(clen), tgt].sum()), clen)
     return out
 
 

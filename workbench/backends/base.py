@@ -47,6 +47,24 @@ class RunOutput:
 SiteFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+def logits_kept(logits: bool | str | int) -> int | None:
+    """How many trailing positions :meth:`Backend.run` unembeds: 1 for ``"last"``, ``K`` for an int ``K``,
+    None for True (every position) or False (none).
+
+    >>> logits_kept("last"), logits_kept(5), logits_kept(True), logits_kept(False)
+    (1, 5, None, None)
+    """
+    if isinstance(logits, bool):
+        return None
+    if logits == "last":
+        return 1
+    if isinstance(logits, int):
+        if logits < 1:
+            raise WorkbenchError(f"logits={logits}: the number of trailing positions to unembed must be >= 1")
+        return int(logits)
+    raise WorkbenchError(f"logits={logits!r}: use True, False, 'last' or an int K >= 1")
+
+
 class Backend(ABC):
     """Run forward passes / generation with captures and interventions."""
 
@@ -122,12 +140,14 @@ class Backend(ABC):
         *,
         capture: Sequence[Site] = (),
         interventions: Sequence[Intervention] = (),
-        logits: bool | str = True,
+        logits: bool | str | int = True,
     ) -> RunOutput:
         """One forward pass over a left-padded batch (position ids from the attention mask).
 
         ``logits``: True for ``[B, T, V]``, ``"last"`` for the last position only ``[B, 1, V]`` (cheap
-        next-token scoring), False to skip the unembedding (captures only)."""
+        next-token scoring), an int ``K >= 1`` for the last ``K`` positions ``[B, min(K, T), V]`` (the
+        unembedding of the other positions is skipped: teacher-forced scoring of a completion), False to skip
+        the unembedding (captures only)."""
 
     @abstractmethod
     def generate(

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from workbench.arch import cache_kwarg
-from workbench.backends.base import Backend, RunOutput, SiteFn
+from workbench.backends.base import Backend, RunOutput, SiteFn, logits_kept
 from workbench.chat import Batch
 from workbench.interventions import HookContext, Intervention
 from workbench.sites import Site
@@ -165,10 +165,11 @@ class NativeBackend(Backend):
         *,
         capture: Sequence[Site] = (),
         interventions: Sequence[Intervention] = (),
-        logits: bool | str = True,
+        logits: bool | str | int = True,
     ) -> RunOutput:
         model = self.lm.model
         batch = batch.to(self.lm.device)
+        keep = logits_kept(logits)
         n = self.shared_prefix(batch, interventions)
         if n:
             return self._run_shared(batch, n, capture, interventions, logits)
@@ -177,7 +178,7 @@ class NativeBackend(Backend):
         fns = self.site_functions(capture, interventions, ctx, store)
         with torch.no_grad(), self.hooked(ctx, fns):
             target = model if logits else model.base_model
-            extra = {"logits_to_keep": 1} if logits == "last" else {}
+            extra = {"logits_to_keep": keep} if keep else {}
             out = target(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
@@ -188,9 +189,12 @@ class NativeBackend(Backend):
         return RunOutput(out.logits if logits else None, self._remap(store, capture, self.n_layers))
 
     def _run_shared(self, batch: Batch, n: int, capture: Sequence[Site], interventions: Sequence[Intervention],
-                    logits: bool | str) -> RunOutput:
+                    logits: bool | str | int) -> RunOutput:
         """:meth:`run` with the first ``n`` tokens (shared by every row) computed once."""
-        full = logits is True
+        keep = logits_kept(logits)
+        if keep is not None and keep > batch.width - n:
+            keep = None  # the kept positions reach into the prefix: unembed everything, keep the tail below
+        full = logits is not False and keep is None
         cache, pstore, plogits = self._prefix_pass(batch, n, interventions, capture, full)
         ids, mask, pos = self._suffix(batch, n, self.pad_id())
         ctx = HookContext(pads=batch.pads.clone(), prompt_width=batch.width, n_post=batch.n_post, offset=n, shared=n)
@@ -198,15 +202,18 @@ class NativeBackend(Backend):
         fns = self.site_functions(capture, interventions, ctx, store)
         with torch.no_grad(), self.hooked(ctx, fns):
             target = self.lm.model if logits else self.lm.model.base_model
-            extra = {"logits_to_keep": 1} if logits == "last" else {}
+            extra = {"logits_to_keep": keep} if keep else {}
             out = target(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                          **{cache_kwarg(self.lm.model): cache}, **extra)
         acts = {s: self._reassemble(pstore[s], a, batch.pads) for s, a in store.items()}
         out_logits = None
-        if logits == "last":
+        if keep is not None:
             out_logits = out.logits
         elif full:
             out_logits = self._reassemble(plogits, out.logits, batch.pads)
+            want = logits_kept(logits)
+            if want is not None:
+                out_logits = out_logits[:, -want:]
         return RunOutput(out_logits, self._remap(acts, capture, self.n_layers))
 
     def generate(

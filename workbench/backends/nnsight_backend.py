@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import torch
 
-from workbench.backends.base import Backend, RunOutput, SiteFn
+from workbench.backends.base import Backend, RunOutput, SiteFn, logits_kept
 from workbench.chat import Batch
 from workbench.interventions import HookContext, Intervention
 from workbench.loading import LoadedModel
@@ -167,7 +167,7 @@ class NNsightBackend(Backend):
         *,
         capture: Sequence[Site] = (),
         interventions: Sequence[Intervention] = (),
-        logits: bool | str = True,
+        logits: bool | str | int = True,
     ) -> RunOutput:
         nn = self.wrapper()
         batch = batch.to(self.lm.device)
@@ -178,7 +178,8 @@ class NNsightBackend(Backend):
         seen = [0]
         target = self.lm.model if logits else self.lm.model.base_model
         result = None
-        extra = {"logits_to_keep": 1} if logits == "last" else {}
+        keep = logits_kept(logits)
+        extra = {"logits_to_keep": keep} if keep else {}
         with torch.no_grad():
             with nn.trace(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                           position_ids=batch.position_ids, use_cache=False, fn=target, **extra) as tracer:

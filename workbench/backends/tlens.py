@@ -74,7 +74,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from workbench.backends.base import Backend, RunOutput, SiteFn
+from workbench.backends.base import Backend, RunOutput, SiteFn, logits_kept
 from workbench.chat import Batch
 from workbench.errors import WorkbenchError
 from workbench.interventions import HookContext, Intervention
@@ -325,7 +325,7 @@ class TransformerLensBackend(Backend):
         *,
         capture: Sequence[Site] = (),
         interventions: Sequence[Intervention] = (),
-        logits: bool | str = True,
+        logits: bool | str | int = True,
     ) -> RunOutput:
         batch = batch.to(self.lm.device)
         ctx = self.context(batch)
@@ -333,7 +333,8 @@ class TransformerLensBackend(Backend):
         fns = self.site_functions(capture, interventions, ctx, store)
         with torch.no_grad(), self.hooked(ctx, fns) as bridge:
             # logits=False: unembed one position only (the captures do not depend on it)
-            extra = {"logits_to_keep": 1} if (not logits or logits == "last") and self._keep_last else {}
+            keep = 1 if logits is False else logits_kept(logits)
+            extra = {"logits_to_keep": keep} if keep and self._keep_last else {}
             out = bridge.forward(
                 batch.input_ids,
                 return_type="logits",
@@ -342,8 +343,8 @@ class TransformerLensBackend(Backend):
                 use_cache=False,
                 **extra,
             )
-        if logits == "last":
-            out = out[:, -1:]
+        if logits is not False and keep is not None:
+            out = out[:, -keep:]
         return RunOutput(out if logits else None, self._remap(store, capture, self.n_layers))
 
     def generate(
