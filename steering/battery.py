@@ -301,6 +301,14 @@ def run_battery(base: Backend, fmt: ChatFormat | None, settings: Sequence[Batter
     code_replies, _ = decode_all(task_prompts, cfg.code_tokens, "code tasks", stop=code_block_closed)
     phases["code_decode"] = time.perf_counter() - t_ph
     decode_share = (time.perf_counter() - t_dec) / max(1, len(settings))
+    # unit tests: each distinct (task, reply) once (settings often write the same code: the unmodified model and
+    # a random control, say), every setting's replies in one pool of sandboxes
+    t_ph = time.perf_counter()
+    distinct = list(dict.fromkeys((i, r) for replies in code_replies for i, r in enumerate(replies)))
+    checked = dict(zip(distinct, check_many([r for _, r in distinct], [tasks[i] for i, _ in distinct],
+                                            workers=check_workers)))
+    phases["unit_tests"] = time.perf_counter() - t_ph
+    decode_share += phases["unit_tests"] / max(1, len(settings))  # the settings' shares of the shared work
     summary: list[dict[str, Any]] = []
     items: list[dict[str, Any]] = []
     for si, st in enumerate(settings):
@@ -343,9 +351,7 @@ def run_battery(base: Backend, fmt: ChatFormat | None, settings: Sequence[Batter
                           "judge_score": None if j is None else j.score, "judge_raw": None if j is None else j.raw})
         # utility battery
         gc = code_replies[si]
-        t_ph = time.perf_counter()
-        checks = check_many(gc, tasks, workers=check_workers)
-        phases["unit_tests"] += time.perf_counter() - t_ph
+        checks = [checked[(i, r)] for i, r in enumerate(gc)]
         t_ph = time.perf_counter()
         with lock_:
             nll = completion_nll(be, task_prompts, [t.reference_reply for t in tasks], fmt, interventions=ivs,
