@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--top-k", type=int, default=5)
+    ap.add_argument("--confirm-groups", type=int, default=1, help="groups scored after the first passing one")
     ap.add_argument("--n-val", type=int, default=24, help="validation prompts per set (main job: 24)")
     ap.add_argument("--kl-max", type=float, default=0.1)
     ap.add_argument("--grid", choices=("full", "main"), default="full",
@@ -86,7 +87,7 @@ def main() -> None:
           f"{len(val_h)} + {len(val_b)} validation prompts, {torch.get_num_threads()} threads")
 
     t = time.perf_counter()
-    scr = select_direction(be, fmt, cands, screen=True, top_k=args.top_k, **kw)
+    scr = select_direction(be, fmt, cands, screen=True, top_k=args.top_k, confirm_groups=args.confirm_groups, **kw)
     t_scr = time.perf_counter() - t
     print(f"screened:   {t_scr:7.1f} s  ({scr.screening['n_exact_ablation']} exact ablation scores, "
           f"{scr.screening['n_exact_filters']} filter checks; estimate pass {scr.screening['estimate_seconds']:.1f} s)")
@@ -104,6 +105,7 @@ def main() -> None:
     res = {
         "model": args.model, "grid": args.grid, "threads": torch.get_num_threads(), "n_candidates": len(cands),
         "layers": layers, "positions": positions, "n_val": [len(val_h), len(val_b)], "top_k": args.top_k,
+        "confirm_groups": args.confirm_groups,
         "kl_max": args.kl_max, "extract_seconds": t_extract,
         "screened_seconds": t_scr, "exhaustive_seconds": t_exh, "exhaustive_with_estimate_seconds": t_exh_total,
         "ratio": ratio, "target_ratio": 5.0,

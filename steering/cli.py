@@ -109,14 +109,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def run_selection(lm: Any, fmt: Any, run: RunFolder, candidates: list[Direction], harmful_val: list[str],
                   harmless_val: list[str], *, backend: str, kl_max: float, max_layer_frac: float,
-                  screen: bool = True, top_k: int = 5, executor: Any = None, model: Any = None) -> Direction:
+                  screen: bool = True, top_k: int = 5, executor: Any = None, model: Any = None,
+                  confirm_groups: int = 1) -> Direction:
     """Select among ``candidates`` (gradient-screened unless ``screen`` is False: then every candidate is
     scored exactly and the estimate-vs-exact rank correlation is recorded) and write the selection files.
     ``executor`` / ``model``: where the exact scores run (:func:`steering.selection.select_direction`)."""
     be = get_backend(backend, lm)
     res = select_direction(be, fmt, candidates, harmful_val=harmful_val, harmless_val=harmless_val, kl_max=kl_max,
                            max_layer_frac=max_layer_frac, screen=screen, top_k=top_k, executor=executor,
-                           model=model)
+                           model=model, confirm_groups=confirm_groups)
     run.write_csv("selection.csv", res.rows)
     run.write_json("selection.json", {"baseline": res.baseline, "rows": res.rows,
                                       "selected": res.best.record(), "screening": res.screening})
@@ -168,7 +169,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     run_selection(lm, fmt, run, cands, val_h, val_b,
                   backend=args.backend, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac,
                   screen=not args.exhaustive, top_k=args.top_k, executor=executor,
-                  model=ModelSpec.from_args(args, lm))
+                  model=ModelSpec.from_args(args, lm), confirm_groups=args.confirm_groups)
     return 0
 
 
@@ -535,6 +536,9 @@ def register(sub: Any) -> None:
                         "best estimates); also records the estimate-vs-exact rank correlation")
     p.add_argument("--top-k", type=positive_int, default=5,
                    help="candidates scored exactly per group in the screened selection (default 5)")
+    p.add_argument("--confirm-groups", type=nonnegative_int, default=1,
+                   help="groups of --top-k scored after the first group with a candidate that passes the filters "
+                        "(the estimate ranks near-ties imperfectly; default 1, 0 = stop at that group)")
     add_executor_args(p)
     p.set_defaults(func=cmd_select)
 

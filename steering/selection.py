@@ -18,8 +18,12 @@ Two paths choose the same way among the candidates they score exactly:
   ablation score, and the KL and induced-refusal filters are then checked in order of that exact score until
   one candidate passes (it is the lowest exact ablation score among the passing ones of the group, exactly
   as if the whole group had been checked; a KL above ``kl_max`` skips the steering pass, NaN). If none passes,
-  the next ``top_k`` by estimate follow; if no candidate passes at all, every candidate is scored and the
-  fallback is today's (lowest ablation score, flagged). Rows record the estimates (``ablation_score_est``, ``steering_score_est``, ``est_rank``), the exact
+  the next ``top_k`` by estimate follow. Once one passes, ``confirm_groups`` more groups (default 1) are scored
+  as well (their filters checked only where the exact score beats the current choice), so a candidate a few
+  ranks below the first passing group by estimate can still win — the estimate ranks near-ties imperfectly
+  (on the default model's full grid the exhaustive choice sat at estimate rank 13 while the first passing group
+  was ranks 6-10). If no candidate passes at all, every candidate is scored and the fallback is today's (lowest
+  ablation score, flagged). Rows record the estimates (``ablation_score_est``, ``steering_score_est``, ``est_rank``), the exact
   scores where computed (NaN elsewhere) and ``exact`` (``full`` / ``ablation`` / ``none``).
 
 The exact scores of a candidate are one :class:`ExactTask` of an executor (:mod:`workbench.executors`): in this
@@ -144,13 +148,16 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
                      harmful_val: Sequence[str], harmless_val: Sequence[str], kl_max: float = 0.1,
                      max_layer_frac: float = 0.8, alpha: float = 1.0, batch_size: int = 16,
                      progress: bool = True, screen: bool = False, top_k: int = 5, estimate: bool = True,
-                     screen_batch_size: int = 8, executor: Any = None, model: Any = None) -> SelectionResult:
+                     screen_batch_size: int = 8, executor: Any = None, model: Any = None,
+                     confirm_groups: int = 1) -> SelectionResult:
     """Select one candidate (see the module docstring for the two paths).
 
     ``screen``: gradient-screened selection (exact scores for the ``top_k`` best estimates, more groups only
     when none of them passes the filters); otherwise every candidate is scored exactly and, with ``estimate``,
     the first-order estimates and their rank correlation with the exact scores are recorded as well.
     ``screen_batch_size``: prompts per forward and backward pass of the screening (memory).
+    ``confirm_groups``: groups scored after the first group with a passing candidate (screened path; 0 stops
+    at that group).
 
     ``executor`` (:mod:`workbench.executors`; default local): where the exact scores are computed, one task
     per candidate (:class:`ExactTask`). The baselines and the gradient screen always run here, on ``backend``.
@@ -162,6 +169,8 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
         raise WorkbenchError("no candidate directions to select from")
     if top_k < 1:
         raise WorkbenchError(f"top_k must be >= 1, got {top_k}")
+    if confirm_groups < 0:
+        raise WorkbenchError(f"confirm_groups must be >= 0, got {confirm_groups}")
     n_layers = backend.n_layers
     rows: list[dict[str, Any]] = []
     for i, d in enumerate(candidates):
@@ -265,6 +274,7 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
             chosen = min(passing, key=lambda i: rows[i]["ablation_score"]) if passing else None
         else:
             eligible = [i for i in order if not layer_reason(candidates[i])]
+            confirmed = 0
             for start in range(0, len(eligible), top_k):
                 group = eligible[start:start + top_k]
                 groups += 1
@@ -273,8 +283,15 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
                     bar.refresh()
                 for i, r in zip(group, pool.map(exact_scores, [ExactTask(i, True, False) for i in group])):
                     commit_ablation(i, r)
-                chosen = first_passing(sorted(group, key=lambda i: rows[i]["ablation_score"]))
-                if chosen is not None:
+                ranked = sorted(group, key=lambda i: rows[i]["ablation_score"])
+                had = chosen is not None
+                if had:  # a confirmation group: only a lower exact score than the current choice can win
+                    ranked = [i for i in ranked if rows[i]["ablation_score"] < rows[chosen]["ablation_score"]]
+                found = first_passing(ranked)
+                if found is not None:
+                    chosen = found
+                confirmed += had
+                if chosen is not None and confirmed >= confirm_groups:
                     break
         if chosen is None:  # as today: every non-zero candidate scored, the lowest ablation score taken anyway
             rest = [i for i in nonzero if rows[i]["exact"] != "full"]
@@ -314,6 +331,7 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
         "mode": "screened" if screen else "exhaustive", "top_k": top_k if screen else None,
         "n_candidates": len(rows), "n_nonzero": len(nonzero), "n_exact_ablation": counts["ablation"],
         "n_exact_filters": counts["filters"], "groups": groups if screen else None,
+        "confirm_groups": confirm_groups if screen else None,
         "estimate_seconds": est.seconds if est is not None else None, "exact_seconds": t_exact,
         "screen_batch_size": screen_batch_size if est is not None else None,
         "executor": {**executor.describe(), "worker_stats": worker_stats},

@@ -212,11 +212,17 @@ def test_screened_selection_picks_the_exhaustive_choice_with_top_k_exact_scores(
     counts.update(ablation=0, filters=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        res = select_direction(be, FMT, cands, screen=True, top_k=3, **kw)
+        res = select_direction(be, FMT, cands, screen=True, top_k=3, confirm_groups=0, **kw)
     assert res.best is cands[k]
     assert counts["ablation"] == 3 and 1 <= counts["filters"] <= 3
     sc = res.screening
     assert (sc["mode"], sc["top_k"], sc["n_exact_ablation"], sc["groups"]) == ("screened", 3, 3, 1)
+    # the default scores one more group to confirm the choice: the same best, 6 exact ablation scores, and no
+    # filter check for the confirmation group (none of it beats the plant's exact score)
+    counts.update(ablation=0, filters=0)
+    conf = select_direction(be, FMT, cands, screen=True, top_k=3, **kw)
+    assert conf.best is cands[k] and conf.screening["groups"] == 2 and conf.screening["confirm_groups"] == 1
+    assert counts["ablation"] == 6 and counts["filters"] == sc["n_exact_filters"]
     assert sc["selected_est_rank"] == 1
     scored = [r for r in res.rows if r["exact"] != "none"]
     assert len(scored) == 3 and {r["est_rank"] for r in scored} == {1, 2, 3}
@@ -256,7 +262,7 @@ def test_screened_selection_continues_in_groups_and_falls_back_like_the_exhausti
     monkeypatch.setattr(selection, "exact_ablation_score", abl)
     monkeypatch.setattr(selection, "exact_filter_scores", filt)
     kw = dict(harmful_val=HARMFUL, harmless_val=HARMLESS, kl_max=1.0, max_layer_frac=1.0, progress=False)
-    res = select_direction(be, FMT, cands, screen=True, top_k=2, **kw)
+    res = select_direction(be, FMT, cands, screen=True, top_k=2, confirm_groups=0, **kw)
     assert res.screening["groups"] == 2 and sorted(calls["ablation"]) == sorted(order[:4])
     group2 = order[2:4]
     passing = [i for i in group2 if id(cands[i]) not in failing]
@@ -275,6 +281,42 @@ def test_screened_selection_continues_in_groups_and_falls_back_like_the_exhausti
     assert all(r["exact"] == "full" for r in res.rows)
     with pytest.raises(WorkbenchError, match="top_k"):
         select_direction(be, FMT, cands, screen=True, top_k=0, **kw)
+    with pytest.raises(WorkbenchError, match="confirm_groups"):
+        select_direction(be, FMT, cands, screen=True, confirm_groups=-1, **kw)
+
+
+def test_a_confirmation_group_lets_a_lower_ranked_candidate_win(planted, monkeypatch):
+    """The estimate ranks near-ties imperfectly: a candidate just below the first passing group (here estimate
+    rank 6, top_k 2) whose exact ablation score is lower wins with one confirmation group, as the exhaustive path
+    would choose it; without one, the first passing group's candidate is kept. Exact scores and filters stubbed."""
+    lm, cands, _ = planted
+    be = get_backend("native", lm)
+    est = screen_candidates(be, FMT, cands, harmful=HARMFUL, harmless=HARMLESS)
+    order = sorted(range(len(cands)), key=lambda i: float(est.ablation_delta[i]))
+    index = {id(d): i for i, d in enumerate(cands)}
+    score = {i: 0.0 for i in range(len(cands))}
+    score[order[3]], score[order[5]], score[order[4]] = -1.0, -10.0, 5.0
+    failing = {order[0], order[1], order[2]}
+    checked: list[int] = []
+
+    def abl(backend, fmt, d, *a, **kw):
+        return score[index[id(d)]]
+
+    def filt(backend, fmt, d, *a, **kw):
+        checked.append(index[id(d)])
+        return (5.0 if index[id(d)] in failing else 0.0), 100.0
+
+    monkeypatch.setattr(selection, "exact_ablation_score", abl)
+    monkeypatch.setattr(selection, "exact_filter_scores", filt)
+    kw = dict(harmful_val=HARMFUL, harmless_val=HARMLESS, kl_max=1.0, max_layer_frac=1.0, progress=False)
+    first = select_direction(be, FMT, cands, screen=True, top_k=2, confirm_groups=0, **kw)
+    assert first.best is cands[order[3]]
+    checked.clear()
+    conf = select_direction(be, FMT, cands, screen=True, top_k=2, **kw)
+    assert conf.best is cands[order[5]] and conf.screening["groups"] == 3
+    assert order[4] not in checked  # its exact score (5.0) cannot beat the choice: no filter pass spent on it
+    full = select_direction(be, FMT, cands, screen=False, **kw)
+    assert full.best is conf.best
 
 
 def test_spearman_and_the_module_doctests():
