@@ -12,6 +12,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray's memory monitor kills workers when the *node* is near its memory limit, whoever uses the memory: with a
+# model job beside the suite it killed the tests' tiny workers (0.1 GB each) on a 24 GB machine. The tests' Ray
+# workers hold tiny models, so its out-of-memory killer is off for them (and the CLI subprocesses they start).
+os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
 
 from pathlib import Path  # noqa: E402
 

@@ -58,10 +58,14 @@ def test_run_equals_full_forward(arch):
         torch.testing.assert_close(last_a, b.logits[:, -1:], atol=2e-5, rtol=1e-5)
         # the last K positions only: inside the suffix, reaching into the shared prefix, wider than the batch
         for k in (3, batch.width - n + 2, batch.width + 4):
+            kept = min(k, batch.width)
+            first = batch.width - kept  # the full layout's column of the first kept position
             for be in (shared, full):
                 tail = be.run(batch, interventions=ivs, logits=k).logits
-                assert tail.shape[1] == min(k, batch.width)
-                torch.testing.assert_close(tail, b.logits[:, -min(k, batch.width):], atol=2e-5, rtol=1e-5)
+                assert tail.shape[1] == kept
+                for i, p in enumerate(batch.pads.tolist()):  # each row's real (not padding) positions
+                    start = max(first, int(p))
+                    torch.testing.assert_close(tail[i, start - first:], b.logits[i, start:], atol=2e-5, rtol=1e-5)
         cap_only = shared.run(batch, capture=sites[:1], interventions=ivs, logits=False)
         assert cap_only.logits is None
         torch.testing.assert_close(cap_only.acts[sites[0]][:, -3:], b.acts[sites[0]][:, -3:], atol=2e-5, rtol=1e-5)
