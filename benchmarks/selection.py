@@ -18,7 +18,8 @@ The screen costs the same whatever the grid; the exhaustive path grows with it.
 Prints the time of each path, the ratio (today's exhaustive path / screened; the exhaustive run also computes
 the estimates for the rank correlation, and that pass is left out of its time for the ratio), the Spearman
 rank correlation estimate-vs-exact over the whole grid and the candidate each path selected. Results are
-merged into benchmarks/results/selection.json under "<model>" (main grid, as before) or "<model> [full grid]".
+merged into benchmarks/results/selection.json under "<model>" (main grid, as before) or "<model> [full grid]"
+(with ``--no-kl-screen``: "... no KL screen", the screened path before the KL screen existed).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--confirm-groups", type=int, default=1, help="groups scored after the first passing one")
+    ap.add_argument("--no-kl-screen", action="store_true",
+                    help="screened path orders by the ablation estimate alone (before the KL screen existed)")
     ap.add_argument("--n-val", type=int, default=24, help="validation prompts per set (main job: 24)")
     ap.add_argument("--kl-max", type=float, default=0.1)
     ap.add_argument("--grid", choices=("full", "main"), default="full",
@@ -87,10 +90,12 @@ def main() -> None:
           f"{len(val_h)} + {len(val_b)} validation prompts, {torch.get_num_threads()} threads")
 
     t = time.perf_counter()
-    scr = select_direction(be, fmt, cands, screen=True, top_k=args.top_k, confirm_groups=args.confirm_groups, **kw)
+    scr = select_direction(be, fmt, cands, screen=True, top_k=args.top_k, confirm_groups=args.confirm_groups,
+                           kl_screen=not args.no_kl_screen, **kw)
     t_scr = time.perf_counter() - t
     print(f"screened:   {t_scr:7.1f} s  ({scr.screening['n_exact_ablation']} exact ablation scores, "
-          f"{scr.screening['n_exact_filters']} filter checks; estimate pass {scr.screening['estimate_seconds']:.1f} s)")
+          f"{scr.screening['n_exact_filters']} filter checks, {scr.screening['n_exact_kl_only']} KL-only checks; "
+          f"estimate pass {scr.screening['estimate_seconds']:.1f} s)")
     t = time.perf_counter()
     exh = select_direction(be, fmt, cands, screen=False, estimate=True, **kw)
     t_exh_total = time.perf_counter() - t
@@ -105,12 +110,13 @@ def main() -> None:
     res = {
         "model": args.model, "grid": args.grid, "threads": torch.get_num_threads(), "n_candidates": len(cands),
         "layers": layers, "positions": positions, "n_val": [len(val_h), len(val_b)], "top_k": args.top_k,
-        "confirm_groups": args.confirm_groups,
+        "confirm_groups": args.confirm_groups, "kl_screen": not args.no_kl_screen,
         "kl_max": args.kl_max, "extract_seconds": t_extract,
         "screened_seconds": t_scr, "exhaustive_seconds": t_exh, "exhaustive_with_estimate_seconds": t_exh_total,
         "ratio": ratio, "target_ratio": 5.0,
         "spearman_ablation": exh.screening["spearman_ablation"],
         "spearman_steering": exh.screening["spearman_steering"],
+        "spearman_kl": exh.screening.get("spearman_kl"),
         "screened": {"selected": s_best, "screening": scr.screening},
         "exhaustive": {"selected": e_best, "screening": exh.screening},
         "same_selection": s_best["candidate"] == e_best["candidate"],
@@ -118,18 +124,19 @@ def main() -> None:
         "screened_choice_rank_among_passing_exact": (passing.index(s_best["candidate"]) + 1
                                                      if s_best["candidate"] in passing else None),
         "rows": [{k: r.get(k) for k in ("candidate", "layer", "position", "ablation_score_est", "ablation_score",
-                                         "steering_score_est", "steering_score", "kl", "est_rank", "filtered")}
+                                         "steering_score_est", "steering_score", "kl", "kl_est", "est_rank", "filtered")}
                  for r in exh.rows],
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     allres = json.loads(out.read_text()) if out.exists() else {}
-    allres[args.model if args.grid == "main" else f"{args.model} [full grid]"] = res
+    key = args.model if args.grid == "main" else f"{args.model} [full grid]"
+    allres[key + (" no KL screen" if args.no_kl_screen else "")] = res
     out.write_text(json.dumps(allres, indent=2, allow_nan=True) + "\n")
     print(f"ratio exhaustive/screened: {ratio:.2f}x (target >= 5x)")
     print(f"Spearman estimate vs exact over the grid: ablation {res['spearman_ablation']:.3f}, "
-          f"steering {res['spearman_steering']:.3f}")
+          f"steering {res['spearman_steering']:.3f}, KL {res['spearman_kl'] or math.nan:.3f}")
     print(f"selected: screened layer {s_best['layer']} {s_best['position']} (candidate {s_best['candidate']}), "
           f"exhaustive layer {e_best['layer']} {e_best['position']} (candidate {e_best['candidate']}, estimate rank "
           f"{e_best['est_rank']}); same: {res['same_selection']}")

@@ -5,6 +5,7 @@ main job (extract -> select -> evaluate ablation / addition against random contr
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any, Sequence
 
 from workbench.argtypes import (check_context, check_layer, finite_float, finite_float_list, input_paths,
@@ -110,20 +111,26 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def run_selection(lm: Any, fmt: Any, run: RunFolder, candidates: list[Direction], harmful_val: list[str],
                   harmless_val: list[str], *, backend: str, kl_max: float, max_layer_frac: float,
                   screen: bool = True, top_k: int = 5, executor: Any = None, model: Any = None,
-                  confirm_groups: int = 1) -> Direction:
+                  confirm_groups: int = 1, kl_screen: bool = True, kl_margin: float = 2.0) -> Direction:
     """Select among ``candidates`` (gradient-screened unless ``screen`` is False: then every candidate is
     scored exactly and the estimate-vs-exact rank correlation is recorded) and write the selection files.
     ``executor`` / ``model``: where the exact scores run (:func:`steering.selection.select_direction`)."""
     be = get_backend(backend, lm)
     res = select_direction(be, fmt, candidates, harmful_val=harmful_val, harmless_val=harmless_val, kl_max=kl_max,
                            max_layer_frac=max_layer_frac, screen=screen, top_k=top_k, executor=executor,
-                           model=model, confirm_groups=confirm_groups)
+                           model=model, confirm_groups=confirm_groups, kl_screen=kl_screen, kl_margin=kl_margin)
     run.write_csv("selection.csv", res.rows)
     run.write_json("selection.json", {"baseline": res.baseline, "rows": res.rows,
                                       "selected": res.best.record(), "screening": res.screening})
     sc = res.screening
     extra = (f"; estimate-vs-exact Spearman {sc['spearman_ablation']:.3f} over the grid"
              if sc.get("spearman_ablation") is not None else "")
+    if sc.get("spearman_kl") is not None:
+        extra += f" (KL estimate {sc['spearman_kl']:.3f})"
+    if sc.get("kl_screen"):
+        k = sc["kl_screen"]
+        extra += (f"; KL screen: {k['checks']} exact KLs by bisection, {k['boundary_rank']} candidates below the "
+                  f"KL boundary, {k['likely']} ordered first")
     print(f"{sc['mode']} selection: {sc['n_exact_ablation']} of {sc['n_nonzero']} candidates scored exactly "
           f"(gradient estimate {sc['estimate_seconds'] or 0:.1f} s, exact scoring {sc['exact_seconds']:.1f} s){extra}")
     run.save_figure("selection.png", selection_heatmaps(res.rows, f"{lm.model_id}: direction selection"))
@@ -140,6 +147,8 @@ def _candidates(dirs: Sequence[Direction], layers: Any, positions: Sequence[str]
 
 
 def cmd_select(args: argparse.Namespace) -> int:
+    if not (math.isfinite(args.kl_margin) and args.kl_margin >= 1.0):
+        raise WorkbenchError(f"--kl-margin must be a finite number >= 1, got {args.kl_margin}")
     positions = [p.strip() for p in args.positions.split(",") if p.strip()] if args.positions else None
     dirs = load_directions(args.directions) if args.directions else None
     if dirs is not None and positions:
@@ -169,7 +178,8 @@ def cmd_select(args: argparse.Namespace) -> int:
     run_selection(lm, fmt, run, cands, val_h, val_b,
                   backend=args.backend, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac,
                   screen=not args.exhaustive, top_k=args.top_k, executor=executor,
-                  model=ModelSpec.from_args(args, lm), confirm_groups=args.confirm_groups)
+                  model=ModelSpec.from_args(args, lm), confirm_groups=args.confirm_groups,
+                  kl_screen=not args.no_kl_screen, kl_margin=args.kl_margin)
     return 0
 
 
@@ -539,6 +549,12 @@ def register(sub: Any) -> None:
     p.add_argument("--confirm-groups", type=nonnegative_int, default=1,
                    help="groups of --top-k scored after the first group with a candidate that passes the filters "
                         "(the estimate ranks near-ties imperfectly; default 1, 0 = stop at that group)")
+    p.add_argument("--no-kl-screen", action="store_true",
+                   help="screened selection: order by the ablation estimate alone (default: candidates likely to "
+                        "pass --kl-max first, from second-order KL estimates and a bisection on exact KLs)")
+    p.add_argument("--kl-margin", type=float, default=2.0,
+                   help="KL screen: this many times as many lowest-KL-estimate candidates as lie below the bisected "
+                        "KL boundary are ordered first (default 2, >= 1)")
     add_executor_args(p)
     p.set_defaults(func=cmd_select)
 

@@ -66,6 +66,8 @@ class ScreeningEstimates:
     refusal score on the harmless prompts when ``alpha * vector`` is added at the candidate's layer.
     ``harmful_scores`` / ``harmless_scores``: per-prompt refusal scores of the unmodified model (prompt order);
     ``harmless_logprobs``: its next-token log-probabilities on the harmless prompts ``[N, V]`` (a KL reference).
+    ``ablation_kl`` (when asked for): the second-order estimate of each candidate's mean KL under ablation on
+    the harmless prompts (:func:`ablation_kl_second_order`; it ranks well but its scale is not the KL's).
     """
 
     ablation_delta: torch.Tensor
@@ -75,6 +77,8 @@ class ScreeningEstimates:
     harmless_logprobs: torch.Tensor
     alpha: float
     seconds: float
+    ablation_kl: torch.Tensor | None = None  # [C] second-order KL estimates (NaN for zero candidates), if asked
+    kl_seconds: float = 0.0
 
 
 @contextmanager
@@ -98,17 +102,17 @@ def _native(x: Backend | LoadedModel) -> NativeBackend:
     return NativeBackend(lm)
 
 
-def site_gradients(native: NativeBackend, batch: Batch, sites: Sequence[Site],
-                   score_fn: Callable[[torch.Tensor], torch.Tensor],
-                   on_forward: Callable[[Site, torch.Tensor], None] | None = None
-                   ) -> tuple[dict[Site, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """One forward and backward pass over ``batch``: ``(grads, scores, last_logits)``.
-
-    ``grads[site]`` is ``d sum(scores) / d act_site`` ``[B, T, d]`` (float32) for every site;
-    ``score_fn`` maps the last-position logits ``[B, V]`` to one differentiable score per row;
-    ``on_forward(site, act)`` sees each site's (detached) activation during the forward pass.
-    Rows are independent (left padding, masked attention), so row ``b``'s gradient is that of its own score.
-    """
+def site_vjps(native: NativeBackend, batch: Batch, sites: Sequence[Site],
+              scalars_fn: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+              on_grads: Callable[[int, dict[Site, torch.Tensor]], None],
+              on_forward: Callable[[Site, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """One forward pass over ``batch`` and one backward pass per scalar of ``scalars_fn(last_logits)``
+    (``last_logits`` ``[B, V]`` float32, differentiable); ``on_grads(k, grads)`` receives scalar ``k``'s
+    gradients ``grads[site]`` ``[B, T, d]`` (float32) with respect to every site's output before the next
+    backward pass (so only one set is held at a time). ``on_forward(site, act)`` sees each site's (detached)
+    activation during the forward pass. Returns the last-position logits (detached).
+    Rows are independent (left padding, masked attention): a scalar that sums per-row terms gives each row
+    the gradient of its own term."""
     model = native.lm.model
     batch = batch.to(native.lm.device)
     ctx = native.context(batch)
@@ -133,16 +137,42 @@ def site_gradients(native: NativeBackend, batch: Batch, sites: Sequence[Site],
             out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                         position_ids=batch.position_ids, use_cache=False, logits_to_keep=1)
             logits = out.logits[:, -1].float()
-            scores = score_fn(logits)
             missing = [s for s in sites if s not in deltas]
             if missing:
                 raise WorkbenchError(f"sites {missing} were not reached in the forward pass")
-            grads = torch.autograd.grad(scores.sum(), [deltas[s] for s in sites], allow_unused=True)
-        res = {s: (g.float() if g is not None else torch.zeros_like(deltas[s], dtype=torch.float32))
-               for s, g in zip(sites, grads)}
-        return res, scores.detach(), logits.detach()
+            scalars = list(scalars_fn(logits))
+            for k, y in enumerate(scalars):
+                grads = torch.autograd.grad(y, [deltas[s] for s in sites], allow_unused=True,
+                                            retain_graph=k < len(scalars) - 1)
+                on_grads(k, {s: (g.float() if g is not None else torch.zeros_like(deltas[s], dtype=torch.float32))
+                             for s, g in zip(sites, grads)})
+                del grads
+        return logits.detach()
     finally:
         deltas.clear()  # drop the leaves (and with them any graph still referenced)
+
+
+def site_gradients(native: NativeBackend, batch: Batch, sites: Sequence[Site],
+                   score_fn: Callable[[torch.Tensor], torch.Tensor],
+                   on_forward: Callable[[Site, torch.Tensor], None] | None = None
+                   ) -> tuple[dict[Site, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One forward and backward pass over ``batch``: ``(grads, scores, last_logits)``.
+
+    ``grads[site]`` is ``d sum(scores) / d act_site`` ``[B, T, d]`` (float32) for every site;
+    ``score_fn`` maps the last-position logits ``[B, V]`` to one differentiable score per row;
+    ``on_forward(site, act)`` sees each site's (detached) activation during the forward pass
+    (:func:`site_vjps` with one scalar)."""
+    kept: dict[str, Any] = {}
+
+    def scalars(logits: torch.Tensor) -> list[torch.Tensor]:
+        kept["scores"] = score_fn(logits)
+        return [kept["scores"].sum()]
+
+    def take(_: int, grads: dict[Site, torch.Tensor]) -> None:
+        kept["grads"] = grads
+
+    logits = site_vjps(native, batch, sites, scalars, take, on_forward)
+    return kept["grads"], kept["scores"].detach(), logits
 
 
 def ablation_first_order(native: NativeBackend, prompts: Sequence[str], fmt: ChatFormat | None,
@@ -172,6 +202,65 @@ def ablation_first_order(native: NativeBackend, prompts: Sequence[str], fmt: Cha
         for j, i in enumerate(idx):
             scores[i] = s[j].cpu()
     return (total / len(prompts)).float(), torch.stack(scores)
+
+
+def ablation_kl_second_order(native: NativeBackend, prompts: Sequence[str], fmt: ChatFormat | None,
+                             units: torch.Tensor, *, samples: int = 4, seed: int = 0,
+                             batch_size: int = 8) -> torch.Tensor:
+    """Second-order estimate of the mean next-token KL(unmodified || ablated) on ``prompts`` when each column
+    of ``units`` ``[d, C]`` is ablated at every site of :func:`ablation_everywhere`. Returns ``[C]``.
+
+    To first order ablation moves the last-position logits by ``dz = J dh`` (``dh``: the ablation's change at
+    every site and position), and ``KL ~ 1/2 dz^T F dz`` with ``F = diag(p) - p p^T`` (``p``: the unmodified
+    next-token distribution; the first-order term of a KL vanishes). ``F`` is estimated with ``samples``
+    random cotangents ``u = (diag(sqrt p) - p sqrt(p)^T) eps``, ``eps ~ N(0, I)`` (``E[u u^T] = F``): one
+    backward pass each gives ``J^T u`` at every site, and ``u . dz = sum_s sum_t (g_s . r)(h_s . r)`` (up to
+    sign) for every candidate at once, so ``KL ~ 1/2 mean_u (u . dz)^2``. Seeded (``seed``) and unbiased for
+    the quadratic form; it is a screen, not a measurement: the exact KL still decides the filter.
+
+    >>> import torch
+    >>> from workbench.tiny import build_tiny
+    >>> from workbench.loading import from_memory
+    >>> lm = from_memory(*build_tiny("llama"))
+    >>> R = torch.nn.functional.normalize(torch.randn(64, 3, generator=torch.Generator().manual_seed(0)), dim=0)
+    >>> est = ablation_kl_second_order(_native(lm), ["Bake bread", "Name a colour"], None, R)
+    >>> est.shape, bool((est >= 0).all())
+    (torch.Size([3]), True)
+    """
+    if samples < 1:
+        raise WorkbenchError(f"samples must be >= 1, got {samples}")
+    template = ablation_everywhere(torch.ones(native.arch.d_model), native.n_layers)
+    applies = {Site(native.arch.check_layer(iv.site.layer), iv.site.component): iv.apply_to for iv in template}
+    R = units.float().to(native.lm.device)
+    gen = torch.Generator().manual_seed(int(seed))
+    total = torch.zeros(R.shape[1], dtype=torch.float64)
+    for idx, b in batches(native, prompts, fmt, batch_size):
+        ctx = native.context(b)
+        proj: dict[Site, torch.Tensor] = {}
+        acc: dict[str, torch.Tensor] = {}
+
+        def keep(site: Site, act: torch.Tensor) -> None:
+            m = ctx.mask(applies[site], act.shape[1], act.device).unsqueeze(-1)
+            proj[site] = (act.float() @ R) * m  # [B, T, C]
+
+        def cotangents(logits: torch.Tensor) -> list[torch.Tensor]:
+            p = torch.softmax(logits.detach().double(), -1)
+            sp = p.sqrt()
+            out = []
+            for _ in range(samples):
+                eps = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device)
+                u = sp * eps - p * (sp * eps).sum(-1, keepdim=True)
+                out.append((logits * u.float()).sum())
+            return out
+
+        def take(_: int, grads: dict[Site, torch.Tensor]) -> None:
+            a = sum(((g @ R) * proj[s]).sum(1) for s, g in grads.items())  # [B, C]: u . dz per row
+            acc["sq"] = acc.get("sq", 0) + a.double() ** 2
+
+        site_vjps(native, b, list(applies), cotangents, take, keep)
+        total += (0.5 * acc["sq"] / samples).sum(0).cpu()
+        proj.clear()
+    return (total / len(prompts)).float()
 
 
 def addition_first_order(native: NativeBackend, prompts: Sequence[str], fmt: ChatFormat | None,
@@ -230,12 +319,14 @@ def _unhashable(apply_to: Any) -> Any:
 
 def screen_candidates(backend: Backend | LoadedModel, fmt: ChatFormat | None, candidates: Sequence[Direction], *,
                       harmful: Sequence[str], harmless: Sequence[str], alpha: float = 1.0,
-                      batch_size: int = 8) -> ScreeningEstimates:
-    """First-order ablation and addition estimates for every candidate (see the module docstring).
+                      batch_size: int = 8, kl_samples: int = 0, seed: int = 0) -> ScreeningEstimates:
+    """First-order ablation and addition estimates for every candidate (see the module docstring), and with
+    ``kl_samples > 0`` the second-order KL estimates of :func:`ablation_kl_second_order` (seeded by ``seed``).
 
     Costs one forward and backward pass over the harmful prompts and one over the harmless prompts (in
-    batches of ``batch_size``), whatever the number of candidates. Any backend's model is screened through
-    native hooks (the backends agree numerically)."""
+    batches of ``batch_size``), plus one forward and ``kl_samples`` backward passes over the harmless prompts
+    for the KL, whatever the number of candidates. Any backend's model is screened through native hooks (the
+    backends agree numerically)."""
     if not candidates:
         raise WorkbenchError("no candidate directions to screen")
     if not harmful or not harmless:
@@ -258,7 +349,14 @@ def screen_candidates(backend: Backend | LoadedModel, fmt: ChatFormat | None, ca
     zero = torch.ones(len(candidates), dtype=torch.bool)
     zero[nonzero] = False
     abl[zero] = math.nan
-    return ScreeningEstimates(abl, add, s_h, s_b, logp, float(alpha), time.perf_counter() - t0)
+    kl = None
+    t_kl = 0.0
+    if kl_samples > 0:
+        t1 = time.perf_counter()
+        kl = ablation_kl_second_order(native, harmless, fmt, R, samples=kl_samples, seed=seed, batch_size=batch_size)
+        kl[zero] = math.nan
+        t_kl = time.perf_counter() - t1
+    return ScreeningEstimates(abl, add, s_h, s_b, logp, float(alpha), time.perf_counter() - t0, kl, t_kl)
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -295,4 +393,4 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 __all__ = ["ScreeningEstimates", "screen_candidates", "ablation_first_order", "addition_first_order",
-           "site_gradients", "frozen_parameters", "spearman"]
+           "site_gradients", "site_vjps", "ablation_kl_second_order", "frozen_parameters", "spearman"]

@@ -66,14 +66,23 @@ def exact_ablation_score(backend: Backend, fmt: ChatFormat | None, direction: Di
                                 batch_size=batch_size).mean())
 
 
+def exact_kl(backend: Backend, fmt: ChatFormat | None, direction: Direction, harmless_val: Sequence[str], *,
+             reference: torch.Tensor, batch_size: int = 16) -> float:
+    """Mean next-token KL on the harmless prompts with the direction ablated everywhere, against ``reference``
+    (the unmodified model's log-probabilities; one batched pass)."""
+    return float(kl_divergence(backend, harmless_val, fmt, interventions=ablation(direction, backend.n_layers),
+                               reference=reference, batch_size=batch_size).mean())
+
+
 def exact_filter_scores(backend: Backend, fmt: ChatFormat | None, direction: Direction, harmless_val: Sequence[str],
                         *, reference: torch.Tensor, alpha: float, batch_size: int = 16,
-                        kl_max: float | None = None) -> tuple[float, float]:
-    """``(kl, steering_score)`` on the harmless prompts: mean KL under ablation (against ``reference``
-    log-probabilities) and mean refusal score with ``alpha * vector`` added at the direction's layer.
-    With ``kl_max``, a KL above it already fails the candidate and the steering pass is skipped (NaN)."""
-    kl = float(kl_divergence(backend, harmless_val, fmt, interventions=ablation(direction, backend.n_layers),
-                             reference=reference, batch_size=batch_size).mean())
+                        kl_max: float | None = None, known_kl: float | None = None) -> tuple[float, float]:
+    """``(kl, steering_score)`` on the harmless prompts: mean KL under ablation (:func:`exact_kl`, or
+    ``known_kl`` when it was already measured) and mean refusal score with ``alpha * vector`` added at the
+    direction's layer. With ``kl_max``, a KL above it already fails the candidate and the steering pass is
+    skipped (NaN)."""
+    kl = known_kl if known_kl is not None else exact_kl(backend, fmt, direction, harmless_val, reference=reference,
+                                                        batch_size=batch_size)
     if kl_max is not None and kl > kl_max:
         return kl, math.nan
     steer = float(refusal_scores(backend, harmless_val, fmt, interventions=addition(direction, alpha),
@@ -84,12 +93,15 @@ def exact_filter_scores(backend: Backend, fmt: ChatFormat | None, direction: Dir
 @dataclass(frozen=True)
 class ExactTask:
     """Exact scores of one candidate (an executor task): its ablation score and / or its filter scores (KL and
-    steering score; with ``kl_max``, a KL above it skips the steering pass)."""
+    steering score; with ``kl_max``, a KL above it skips the steering pass; ``known_kl``: a KL already
+    measured, not measured again), or with ``kl_only`` its KL alone."""
 
     candidate: int
     ablation: bool
     filters: bool
     kl_max: float | None = None
+    kl_only: bool = False
+    known_kl: float | None = None
 
 
 @dataclass
@@ -137,10 +149,14 @@ def exact_scores(state: _Scorer, task: ExactTask) -> dict[str, float]:
     if task.ablation:
         out["ablation_score"] = exact_ablation_score(state.backend, state.fmt, d, state.harmful_val,
                                                      batch_size=state.batch_size)
+    if task.kl_only:
+        out["kl"] = exact_kl(state.backend, state.fmt, d, state.harmless_val, reference=state.reference,
+                             batch_size=state.batch_size)
     if task.filters:
         out["kl"], out["steering_score"] = exact_filter_scores(state.backend, state.fmt, d, state.harmless_val,
                                                                reference=state.reference, alpha=state.alpha,
-                                                               batch_size=state.batch_size, kl_max=task.kl_max)
+                                                               batch_size=state.batch_size, kl_max=task.kl_max,
+                                                               known_kl=task.known_kl)
     return out
 
 
@@ -149,7 +165,8 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
                      max_layer_frac: float = 0.8, alpha: float = 1.0, batch_size: int = 16,
                      progress: bool = True, screen: bool = False, top_k: int = 5, estimate: bool = True,
                      screen_batch_size: int = 8, executor: Any = None, model: Any = None,
-                     confirm_groups: int = 1) -> SelectionResult:
+                     confirm_groups: int = 1, kl_screen: bool = True, kl_margin: float = 2.0,
+                     kl_samples: int = 4) -> SelectionResult:
     """Select one candidate (see the module docstring for the two paths).
 
     ``screen``: gradient-screened selection (exact scores for the ``top_k`` best estimates, more groups only
@@ -158,6 +175,10 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
     ``screen_batch_size``: prompts per forward and backward pass of the screening (memory).
     ``confirm_groups``: groups scored after the first group with a passing candidate (screened path; 0 stops
     at that group).
+    ``kl_screen`` (screened path): order the candidates likely to pass the KL filter first (second-order KL
+    estimates from ``kl_samples`` random backward passes, their boundary found by bisection on exact KLs, the
+    ``kl_margin`` times as many lowest-estimate candidates as lie below it counted as likely); with the
+    exhaustive path and ``estimate`` the KL estimates are computed for their rank correlation only.
 
     ``executor`` (:mod:`workbench.executors`; default local): where the exact scores are computed, one task
     per candidate (:class:`ExactTask`). The baselines and the gradient screen always run here, on ``backend``.
@@ -171,6 +192,10 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
         raise WorkbenchError(f"top_k must be >= 1, got {top_k}")
     if confirm_groups < 0:
         raise WorkbenchError(f"confirm_groups must be >= 0, got {confirm_groups}")
+    if kl_screen and not (kl_margin >= 1.0 and math.isfinite(kl_margin)):
+        raise WorkbenchError(f"kl_margin must be a finite number >= 1, got {kl_margin}")
+    if kl_screen and kl_samples < 1:
+        raise WorkbenchError(f"kl_samples must be >= 1 with the KL screen, got {kl_samples}")
     n_layers = backend.n_layers
     rows: list[dict[str, Any]] = []
     for i, d in enumerate(candidates):
@@ -185,7 +210,7 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
     est = None
     if screen or estimate:
         est = screen_candidates(backend, fmt, candidates, harmful=harmful_val, harmless=harmless_val, alpha=alpha,
-                                batch_size=screen_batch_size)
+                                batch_size=screen_batch_size, kl_samples=kl_samples if kl_screen else 0)
         base_h_est, base_b_est = float(est.harmful_scores.mean()), float(est.harmless_scores.mean())
         order = sorted(nonzero, key=lambda i: (math.isnan(float(est.ablation_delta[i])), float(est.ablation_delta[i])))
         rank = {i: k + 1 for k, i in enumerate(order)}
@@ -193,6 +218,8 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
             r["ablation_score_est"] = base_h_est + float(est.ablation_delta[i])
             r["steering_score_est"] = base_b_est + float(est.addition_delta[i])
             r["est_rank"] = rank.get(i, math.nan)
+            if est.ablation_kl is not None:
+                r["kl_est"] = float(est.ablation_kl[i])
     if screen:
         assert est is not None
         baseline = {"harmful_refusal_score": float(est.harmful_scores.mean()),
@@ -213,7 +240,9 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(nonzero) if not screen else min(top_k, len(nonzero)), desc="select", unit="candidate")
-    counts = {"ablation": 0, "filters": 0}
+    counts = {"ablation": 0, "filters": 0, "kl": 0}
+    known_kl: dict[int, float] = {}
+    kl_cal: dict[str, Any] = {}
     t_exact = time.perf_counter()
     from workbench.executors import LocalExecutor
 
@@ -254,11 +283,36 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
         after it are dropped (a local pool checks one at a time, exactly as before)."""
         for start in range(0, len(order), pool.size):
             wave = order[start:start + pool.size]
-            res = pool.map(exact_scores, [ExactTask(i, False, True, kl_max) for i in wave])
+            res = pool.map(exact_scores, [ExactTask(i, False, True, kl_max, known_kl=known_kl.get(i)) for i in wave])
             for i, r in zip(wave, res):
                 if commit_filters(i, r):
                     return i
         return None
+
+    def kl_first(eligible: list[int], kl_est: torch.Tensor) -> list[int]:
+        """``eligible`` (in estimate order) with the candidates likely to pass the KL filter first: bisection over
+        the KL-estimate order finds where the exact KL crosses ``kl_max`` (one exact KL per step, kept for the
+        filter check later); the ``kl_margin`` times as many lowest estimates as lie below it are "likely"."""
+        bykl = sorted(eligible, key=lambda i: float(kl_est[i]))
+        lo, hi = 0, len(bykl)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            i = bykl[mid]
+            (res,) = pool.map(exact_scores, [ExactTask(i, False, False, kl_only=True)])
+            known_kl[i] = rows[i]["kl"] = res["kl"]
+            counts["kl"] += 1
+            if rows[i]["exact"] == "none":
+                rows[i]["exact"] = "kl"
+            if res["kl"] <= kl_max:
+                lo = mid + 1
+            else:
+                hi = mid
+        likely = set(bykl[:math.ceil(lo * kl_margin)])
+        kl_cal.update(boundary_rank=lo, checks=counts["kl"], likely=len(likely), margin=kl_margin,
+                      samples=kl_samples)
+        for k, i in enumerate(bykl):
+            rows[i]["kl_est_rank"] = k + 1
+        return sorted(eligible, key=lambda i: i not in likely)  # stable: estimate order within each part
 
     chosen: int | None = None
     groups = 0
@@ -274,6 +328,9 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
             chosen = min(passing, key=lambda i: rows[i]["ablation_score"]) if passing else None
         else:
             eligible = [i for i in order if not layer_reason(candidates[i])]
+            if kl_screen and eligible:
+                assert est is not None and est.ablation_kl is not None
+                eligible = kl_first(eligible, est.ablation_kl)
             confirmed = 0
             for start in range(0, len(eligible), top_k):
                 group = eligible[start:start + top_k]
@@ -303,8 +360,8 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
                     commit_ablation(rest[k], r)
                 commit_filters(rest[k], r)
 
-            pool.map(exact_scores, [ExactTask(i, rows[i]["exact"] == "none", True, kl_max if screen else None)
-                                    for i in rest], on_result=rest_done)
+            pool.map(exact_scores, [ExactTask(i, rows[i]["exact"] in ("none", "kl"), True, kl_max if screen else None,
+                                              known_kl=known_kl.get(i)) for i in rest], on_result=rest_done)
         worker_stats = pool.stats()
     fallback = chosen is None
     if fallback:
@@ -316,10 +373,10 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
     t_exact = time.perf_counter() - t_exact
     for i in nonzero:  # rows the screened path did not check completely say why
         r = rows[i]
-        if r["exact"] == "none":
+        if r["exact"] in ("none", "kl"):
+            what = "only its KL measured (KL bisection)" if r["exact"] == "kl" else "not scored exactly"
             r["filtered"] = "; ".join(x for x in [layer_reason(candidates[i]),
-                                                   f"screened out (estimate rank {r['est_rank']}, not scored exactly)"]
-                                      if x)
+                                                   f"screened out (estimate rank {r['est_rank']}, {what})"] if x)
         elif r["exact"] == "ablation":
             r["filtered"] = "not filter-checked (exact ablation score above the selected candidate's)"
     best_row = rows[chosen]
@@ -330,9 +387,11 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
     screening: dict[str, Any] = {
         "mode": "screened" if screen else "exhaustive", "top_k": top_k if screen else None,
         "n_candidates": len(rows), "n_nonzero": len(nonzero), "n_exact_ablation": counts["ablation"],
-        "n_exact_filters": counts["filters"], "groups": groups if screen else None,
+        "n_exact_filters": counts["filters"], "n_exact_kl_only": counts["kl"], "groups": groups if screen else None,
         "confirm_groups": confirm_groups if screen else None,
         "estimate_seconds": est.seconds if est is not None else None, "exact_seconds": t_exact,
+        "kl_screen": ({**kl_cal, "estimate_seconds": est.kl_seconds if est is not None else None} if screen and kl_screen
+                      else None),
         "screen_batch_size": screen_batch_size if est is not None else None,
         "executor": {**executor.describe(), "worker_stats": worker_stats},
     }
@@ -342,6 +401,8 @@ def select_direction(backend: Backend, fmt: ChatFormat | None, candidates: Seque
             screening["spearman_ablation"] = spearman([r["ablation_score_est"] for r in rows], exact_abl)
             screening["spearman_steering"] = spearman([r["steering_score_est"] for r in rows],
                                                       [r["steering_score"] for r in rows])
+            if est.ablation_kl is not None:
+                screening["spearman_kl"] = spearman([r["kl_est"] for r in rows], [r["kl"] for r in rows])
     return SelectionResult(rows, candidates[chosen], baseline, screening)
 
 

@@ -224,13 +224,16 @@ def test_screened_selection_picks_the_exhaustive_choice_with_top_k_exact_scores(
     assert conf.best is cands[k] and conf.screening["groups"] == 2 and conf.screening["confirm_groups"] == 1
     assert counts["ablation"] == 6 and counts["filters"] == sc["n_exact_filters"]
     assert sc["selected_est_rank"] == 1
-    scored = [r for r in res.rows if r["exact"] != "none"]
+    scored = [r for r in res.rows if r["exact"] not in ("none", "kl")]
     assert len(scored) == 3 and {r["est_rank"] for r in scored} == {1, 2, 3}
+    for r, f in zip(res.rows, full.rows):  # KLs measured by the screen's bisection are the exact ones
+        if r["exact"] == "kl":
+            assert r["kl"] == pytest.approx(f["kl"], abs=1e-5) and "KL bisection" in r["filtered"]
     for r, f in zip(res.rows, full.rows):
         # estimates in every row, the same in both paths; exact scores where computed equal the exhaustive ones
         assert r["ablation_score_est"] == pytest.approx(f["ablation_score_est"], abs=1e-5)
         assert r["steering_score_est"] == pytest.approx(f["steering_score_est"], abs=1e-5)
-        if r["exact"] == "none":
+        if r["exact"] in ("none", "kl"):
             assert math.isnan(r["ablation_score"]) and r["filtered"].startswith("screened out")
         else:
             assert r["ablation_score"] == pytest.approx(f["ablation_score"], abs=1e-6)
@@ -319,6 +322,110 @@ def test_a_confirmation_group_lets_a_lower_ranked_candidate_win(planted, monkeyp
     assert full.best is conf.best
 
 
+# -- (4) the KL screen: a second-order estimate of each candidate's KL, and the ordering it drives -------------
+
+def test_kl_estimate_is_the_quadratic_form_of_the_first_order_logit_change():
+    """``ablation_kl_second_order`` estimates ``1/2 dz^T (diag p - p p^T) dz`` with ``dz`` the first-order change of
+    the next-token logits under the ablation; ``dz`` is measured here independently, by central differences of
+    partial ablations (weight +-eps at every site), and the quadratic form computed exactly."""
+    from steering.screening import _native, ablation_kl_second_order
+    from workbench.interventions import Ablation
+    from workbench.loading import from_memory
+    from workbench.scoring import next_token_logprobs
+    from workbench.tiny import build_tiny
+
+    lm = from_memory(*build_tiny("llama", seed=3))
+    be = get_backend("native", lm)
+    g = torch.Generator().manual_seed(5)
+    R = torch.nn.functional.normalize(torch.randn(lm.model.config.hidden_size, 3, generator=g), dim=0)
+    est = ablation_kl_second_order(_native(lm), HARMLESS, FMT, R, samples=600, seed=1, batch_size=2)
+    lp0 = next_token_logprobs(be, HARMLESS, FMT)
+    p = lp0.double().exp()
+    eps = 1e-2
+    for c in range(R.shape[1]):
+        def lp(w: float) -> torch.Tensor:
+            ivs = [Ablation(iv.site, iv.direction, weight=w) for iv in ablation(
+                _direction(lm, R[:, c], 0), lm.n_layers)]
+            return next_token_logprobs(be, HARMLESS, FMT, interventions=ivs).double()
+
+        dz = (lp(eps) - lp(-eps)) / (2 * eps)  # log-softmax shifts each row by a constant: F ignores it
+        quad = 0.5 * ((p * dz * dz).sum(-1) - (p * dz).sum(-1) ** 2)
+        assert float(est[c]) == pytest.approx(float(quad.mean()), rel=0.2), (c, est, quad)
+    # seeded: the same seed gives the same estimate, another seed a different one
+    again = ablation_kl_second_order(_native(lm), HARMLESS, FMT, R, samples=600, seed=1, batch_size=2)
+    assert torch.equal(again, est)
+    with pytest.raises(WorkbenchError, match="samples"):
+        ablation_kl_second_order(_native(lm), HARMLESS, FMT, R, samples=0)
+
+
+def test_the_kl_screen_orders_candidates_likely_to_pass_the_kl_filter_first(planted, monkeypatch):
+    """KL estimates and exact scores are stubbed: only the two candidates with the worst ablation estimates pass
+    the KL filter (and have the lowest KL estimates). Ordered by the ablation estimate alone every candidate is
+    scored before they are reached; with the KL screen a bisection on exact KLs finds the boundary, they come
+    first, the exhaustive choice is made with fewer exact scores, and KLs the bisection measured are reused."""
+    lm, cands, _ = planted
+    be = get_backend("native", lm)
+    n = len(cands)
+    real_screen = selection.screen_candidates
+    est0 = real_screen(be, FMT, cands, harmful=HARMFUL, harmless=HARMLESS)
+    order = sorted(range(n), key=lambda i: float(est0.ablation_delta[i]))
+    p1, p2 = order[-2], order[-1]  # the passing pair: the worst two ablation estimates
+    kl_est = torch.arange(10.0, 10.0 + n)
+    kl_est[p1], kl_est[p2] = 0.2, 0.1
+
+    def screen(*a, **kw):
+        est = real_screen(*a, **kw)
+        if kw.get("kl_samples", 0):
+            assert est.ablation_kl is not None and est.ablation_kl.shape == (n,)
+            est.ablation_kl = kl_est.clone()
+        return est
+
+    index = {id(d): i for i, d in enumerate(cands)}
+    score = {i: 0.0 for i in range(n)}
+    score[p1], score[p2] = -1.0, -2.0
+    calls = {"ablation": [], "kl": [], "filters": []}
+
+    def abl(backend, fmt, d, *a, **kw):
+        calls["ablation"].append(index[id(d)])
+        return score[index[id(d)]]
+
+    def kl(backend, fmt, d, *a, **kw):
+        calls["kl"].append(index[id(d)])
+        return 0.0 if index[id(d)] in (p1, p2) else 5.0
+
+    def filt(backend, fmt, d, *a, known_kl=None, **kw):
+        i = index[id(d)]
+        calls["filters"].append((i, known_kl))
+        return (known_kl if known_kl is not None else kl(backend, fmt, d)), 100.0
+
+    monkeypatch.setattr(selection, "screen_candidates", screen)
+    monkeypatch.setattr(selection, "exact_ablation_score", abl)
+    monkeypatch.setattr(selection, "exact_kl", kl)
+    monkeypatch.setattr(selection, "exact_filter_scores", filt)
+    kw = dict(harmful_val=HARMFUL, harmless_val=HARMLESS, kl_max=1.0, max_layer_frac=1.0, progress=False)
+    full = select_direction(be, FMT, cands, screen=False, **kw)
+    assert full.best is cands[p2]
+    plain = select_direction(be, FMT, cands, screen=True, top_k=2, confirm_groups=0, kl_screen=False, **kw)
+    assert plain.best is cands[p2] and plain.screening["n_exact_ablation"] == n  # reached only at the very end
+    for k in calls:
+        calls[k].clear()
+    res = select_direction(be, FMT, cands, screen=True, top_k=2, confirm_groups=0, **kw)
+    sc = res.screening
+    assert res.best is cands[p2] and sc["n_exact_ablation"] <= 4 < n
+    bykl = sorted(range(n), key=lambda i: float(kl_est[i]))
+    bisected = calls["kl"][: sc["n_exact_kl_only"]]
+    assert sc["kl_screen"]["boundary_rank"] == 2 and sc["kl_screen"]["likely"] == 4
+    assert len(bisected) == sc["n_exact_kl_only"] <= math.ceil(math.log2(n + 1)) and bykl[1] in bisected
+    for i, known in calls["filters"]:  # a KL the bisection measured is passed on, not measured again
+        assert (known is not None) == (i in bisected)
+    assert res.rows[p2]["kl_est_rank"] == 1 and res.rows[p2]["kl_est"] == pytest.approx(0.1)
+    for i in bisected:
+        if res.rows[i]["exact"] == "kl":
+            assert res.rows[i]["kl"] == 5.0 and "KL bisection" in res.rows[i]["filtered"]
+    with pytest.raises(WorkbenchError, match="kl_margin"):
+        select_direction(be, FMT, cands, screen=True, kl_margin=0.5, **kw)
+
+
 def test_spearman_and_the_module_doctests():
     assert spearman([1, 2, 3, 4], [2, 4, 6, 100]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -364,13 +471,13 @@ def test_steer_select_screened_and_exhaustive_through_the_console_script(tmp_pat
     # screened: estimates for every non-zero candidate, exact scores for groups of 2 in estimate order
     sc = scr["screening"]
     assert (sc["mode"], sc["top_k"]) == ("screened", 2)
-    exact_rows = [r for r in scr["rows"] if r["exact"] != "none"]
+    exact_rows = [r for r in scr["rows"] if r["exact"] not in ("none", "kl")]
     assert sc["n_exact_ablation"] == len(exact_rows) == min(2 * sc["groups"], len(nonzero))
     assert sorted(r["est_rank"] for r in exact_rows) == list(range(1, len(exact_rows) + 1))
     for s_row, e_row in zip(scr["rows"], exh["rows"]):
         if s_row["norm"] > 0:
             assert s_row["ablation_score_est"] == pytest.approx(e_row["ablation_score_est"], abs=1e-4)
-        if s_row["exact"] != "none":
+        if s_row["exact"] not in ("none", "kl"):
             assert s_row["ablation_score"] == pytest.approx(e_row["ablation_score"], abs=1e-5)
     # each selected row is the lowest exact ablation score among the rows it kept (or flagged as a fallback)
     for res in (scr, exh):
