@@ -23,7 +23,16 @@ Two paths choose the same way among the candidates they score exactly:
   ranks below the first passing group by estimate can still win — the estimate ranks near-ties imperfectly
   (on the default model's full grid the exhaustive choice sat at estimate rank 13 while the first passing group
   was ranks 6-10). If no candidate passes at all, every candidate is scored and the fallback is today's (lowest
-  ablation score, flagged). Rows record the estimates (``ablation_score_est``, ``steering_score_est``, ``est_rank``), the exact
+  ablation score, flagged).
+
+  **KL screen** (``kl_screen``, default on): where few candidates pass the KL filter the ablation estimate alone
+  wastes exact scores on candidates that fail it (smollm2's full grid: 10 of 138 pass, the exhaustive choice sat at
+  ablation-estimate rank 66). The screen also estimates every candidate's KL to second order
+  (:func:`steering.screening.ablation_kl_second_order`: it ranks well, Spearman 0.91-0.94, but its scale is off by
+  10-40x), finds by bisection over that order where the *exact* KL crosses ``kl_max`` (about log2(n) exact KL
+  passes, each kept for the candidate's filter check), and puts the ``kl_margin`` (2) times as many
+  lowest-estimate candidates first, in ablation-estimate order; the rest follow in that order. Nothing is
+  dropped: a wrong KL estimate costs exact scores, not a wrong filter decision. Rows record the estimates (``ablation_score_est``, ``steering_score_est``, ``est_rank``), the exact
   scores where computed (NaN elsewhere) and ``exact`` (``full`` / ``ablation`` / ``none``).
 
 The exact scores of a candidate are one :class:`ExactTask` of an executor (:mod:`workbench.executors`): in this

@@ -492,3 +492,12 @@ def test_steer_select_screened_and_exhaustive_through_the_console_script(tmp_pat
     if scr["rows"][e_best["candidate"]]["exact"] == "full" and not e_best["selected_despite_filters"]:
         (s_best,) = [r for r in scr["rows"] if r["selected"]]
         assert s_best["candidate"] == e_best["candidate"]
+
+
+def test_steer_select_refuses_a_kl_margin_below_one(tmp_path, capsys):
+    from workbench.cli import main
+
+    for bad in ("0.5", "nan", "inf"):
+        rc = main(["steer", "select", "--model", "no-such-model", "--kl-margin", bad, "--out", str(tmp_path / "s")])
+        assert rc == 2 and "--kl-margin must be a finite number >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
