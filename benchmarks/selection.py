@@ -111,7 +111,7 @@ def main() -> None:
         "model": args.model, "grid": args.grid, "threads": torch.get_num_threads(), "n_candidates": len(cands),
         "layers": layers, "positions": positions, "n_val": [len(val_h), len(val_b)], "top_k": args.top_k,
         "confirm_groups": args.confirm_groups, "kl_screen": not args.no_kl_screen,
-        "kl_max": args.kl_max, "extract_seconds": t_extract,
+        "kl_max": args.kl_max, "extract_seconds": t_extract, "baseline": exh.baseline,
         "screened_seconds": t_scr, "exhaustive_seconds": t_exh, "exhaustive_with_estimate_seconds": t_exh_total,
         "ratio": ratio, "target_ratio": 5.0,
         "spearman_ablation": exh.screening["spearman_ablation"],

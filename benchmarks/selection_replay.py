@@ -50,9 +50,8 @@ class _Recorded:
 def replay(rec: dict[str, Any], kl_max: float, *, kl_screen: bool, top_k: int = 5, confirm_groups: int = 1,
            kl_margin: float = 2.0) -> dict[str, Any]:
     rows = rec["rows"]
-    n = len(rows)
-    base_b = rec["exhaustive"]["screening"].get("baseline_harmless")
-    if base_b is None:  # the induced-refusal threshold: the harmless baseline score, bracketed by the rows
+    base_b = (rec.get("baseline") or {}).get("harmless_refusal_score")
+    if base_b is None:  # older records: the induced-refusal threshold bracketed by the rows' filter reasons
         fails = [r["steering_score"] for r in rows if "no induced refusal" in (r.get("filtered") or "")]
         oks = [r["steering_score"] for r in rows if r.get("filtered") is not None and math.isfinite(r["steering_score"])
                and "no induced refusal" not in r["filtered"]]
