@@ -501,3 +501,33 @@ def test_steer_select_refuses_a_kl_margin_below_one(tmp_path, capsys):
         rc = main(["steer", "select", "--model", "no-such-model", "--kl-margin", bad, "--out", str(tmp_path / "s")])
         assert rc == 2 and "--kl-margin must be a finite number >= 1" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_the_selection_replay_runs_the_shipped_selection_on_recorded_scores():
+    """benchmarks/selection_replay.py: a synthetic record where only the two worst ablation estimates pass KL.
+    The replay must reach the exhaustive choice both ways, with fewer exact passes with the KL screen (without
+    it every group of 2 is scored before the passing pair), and count the passes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "selection_replay", Path(__file__).resolve().parent.parent / "benchmarks" / "selection_replay.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = []
+    for i in range(8):  # ablation estimate rises with i; exact KL passes (<= 0.1) only for 6 and 7
+        passing = i >= 6
+        rows.append({"candidate": i, "layer": i, "position": "pos-1", "ablation_score_est": float(i),
+                     "ablation_score": {6: -1.0, 7: -2.0}.get(i, -5.0), "steering_score_est": 1.0,
+                     "steering_score": 1.0, "kl": 0.05 if passing else 3.0, "kl_est": 0.5 if passing else 10.0 + i,
+                     "filtered": "" if passing else "KL 3.000 > 0.1"})
+    rows.append({"candidate": 8, "layer": 0, "position": "pos-2", "ablation_score_est": None, "ablation_score": math.nan,
+                 "steering_score_est": None, "steering_score": math.nan, "kl": math.nan, "kl_est": None,
+                 "filtered": "zero direction"})
+    rec = {"rows": rows, "baseline": {"harmless_refusal_score": 0.0}}
+    on = mod.replay(rec, 0.1, kl_screen=True, top_k=2, confirm_groups=0)
+    off = mod.replay(rec, 0.1, kl_screen=False, top_k=2, confirm_groups=0)
+    assert (on["n"], on["n_pass"], on["exhaustive_choice"], on["exhaustive_passes"]) == (8, 2, 7, 24)
+    assert on["same"] and on["chosen"] == 7 and on["passes"] < off["passes"] < 24
+    assert off["same"] and off["chosen"] == 7  # found too, but only after every other group (8 ablations)
+    tight = mod.replay(rec, 0.01, kl_screen=True, top_k=2)  # nothing passes: the flagged fallback, as selection does
+    assert tight["exhaustive_choice"] is None and not tight["same"] and tight["chosen"] in range(6)
