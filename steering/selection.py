@@ -32,8 +32,11 @@ Two paths choose the same way among the candidates they score exactly:
   10-40x), finds by bisection over that order where the *exact* KL crosses ``kl_max`` (about log2(n) exact KL
   passes, each kept for the candidate's filter check), and puts the ``kl_margin`` (2) times as many
   lowest-estimate candidates first, in ablation-estimate order; the rest follow in that order. Nothing is
-  dropped: a wrong KL estimate costs exact scores, not a wrong filter decision. Rows record the estimates (``ablation_score_est``, ``steering_score_est``, ``est_rank``), the exact
-  scores where computed (NaN elsewhere) and ``exact`` (``full`` / ``ablation`` / ``none``).
+  dropped: a wrong KL estimate costs exact scores, not a wrong filter decision.
+
+  Rows record the estimates (``ablation_score_est``, ``steering_score_est``, ``est_rank``; with the KL screen
+  ``kl_est`` and ``kl_est_rank``), the exact scores where computed (NaN elsewhere) and ``exact`` (``full`` /
+  ``ablation`` / ``kl``: only its KL, measured by the bisection / ``none``).
 
 The exact scores of a candidate are one :class:`ExactTask` of an executor (:mod:`workbench.executors`): in this
 process (default) or on Ray workers that each load the model once; the baselines and the gradient screen always
