@@ -175,25 +175,36 @@ def site_gradients(native: NativeBackend, batch: Batch, sites: Sequence[Site],
     return kept["grads"], kept["scores"].detach(), logits
 
 
+def _ablation_sites(native: NativeBackend) -> dict[Site, Any]:
+    """Every site :func:`ablation_everywhere` touches, with the positions it applies to there."""
+    template = ablation_everywhere(torch.ones(native.arch.d_model), native.n_layers)
+    return {Site(native.arch.check_layer(iv.site.layer), iv.site.component): iv.apply_to for iv in template}
+
+
+def _projector(ctx: Any, applies: dict[Site, Any], R: torch.Tensor,
+               proj: dict[Site, torch.Tensor]) -> Callable[[Site, torch.Tensor], None]:
+    """An ``on_forward`` callback that stores ``proj[site]`` ``[B, T, C]``: each activation's projection on every
+    column of ``R`` at the positions the ablation touches there (0 elsewhere)."""
+    def keep(site: Site, act: torch.Tensor) -> None:
+        m = ctx.mask(applies[site], act.shape[1], act.device).unsqueeze(-1)
+        proj[site] = (act.float() @ R) * m
+
+    return keep
+
+
 def ablation_first_order(native: NativeBackend, prompts: Sequence[str], fmt: ChatFormat | None,
                          units: torch.Tensor, *, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """First-order change of the mean refusal score under directional ablation of each column of
     ``units`` ``[d, C]`` at every site of :func:`ablation_everywhere` (its positions), and the per-prompt
     refusal scores of the unmodified model. Returns ``(delta [C], scores [N])``."""
-    template = ablation_everywhere(torch.ones(native.arch.d_model), native.n_layers)
-    applies = {Site(native.arch.check_layer(iv.site.layer), iv.site.component): iv.apply_to for iv in template}
+    applies = _ablation_sites(native)
     score_fn = _refusal_logodds(refusal_token_ids(native.lm.tokenizer))
     R = units.float().to(native.lm.device)
     total = torch.zeros(R.shape[1], dtype=torch.float64)
     scores: list[Any] = [None] * len(prompts)
     for idx, b in batches(native, prompts, fmt, batch_size):
-        ctx = native.context(b)
-        proj: dict[Site, torch.Tensor] = {}
-
-        def keep(site: Site, act: torch.Tensor) -> None:
-            m = ctx.mask(applies[site], act.shape[1], act.device).unsqueeze(-1)
-            proj[site] = (act.float() @ R) * m  # [B, T, C]: h_s . r at the ablated positions, 0 elsewhere
-
+        proj: dict[Site, torch.Tensor] = {}  # h_s . r at the ablated positions, 0 elsewhere
+        keep = _projector(native.context(b), applies, R, proj)
         grads, s, _ = site_gradients(native, b, list(applies), score_fn, keep)
         for site, g in grads.items():
             total -= ((g @ R) * proj[site]).sum((0, 1)).double().cpu()
@@ -229,19 +240,13 @@ def ablation_kl_second_order(native: NativeBackend, prompts: Sequence[str], fmt:
     """
     if samples < 1:
         raise WorkbenchError(f"samples must be >= 1, got {samples}")
-    template = ablation_everywhere(torch.ones(native.arch.d_model), native.n_layers)
-    applies = {Site(native.arch.check_layer(iv.site.layer), iv.site.component): iv.apply_to for iv in template}
+    applies = _ablation_sites(native)
     R = units.float().to(native.lm.device)
     gen = torch.Generator().manual_seed(int(seed))
     total = torch.zeros(R.shape[1], dtype=torch.float64)
     for idx, b in batches(native, prompts, fmt, batch_size):
-        ctx = native.context(b)
         proj: dict[Site, torch.Tensor] = {}
         acc: dict[str, torch.Tensor] = {}
-
-        def keep(site: Site, act: torch.Tensor) -> None:
-            m = ctx.mask(applies[site], act.shape[1], act.device).unsqueeze(-1)
-            proj[site] = (act.float() @ R) * m  # [B, T, C]
 
         def cotangents(logits: torch.Tensor) -> list[torch.Tensor]:
             p = torch.softmax(logits.detach().double(), -1)
@@ -257,7 +262,7 @@ def ablation_kl_second_order(native: NativeBackend, prompts: Sequence[str], fmt:
             a = sum(((g @ R) * proj[s]).sum(1) for s, g in grads.items())  # [B, C]: u . dz per row
             acc["sq"] = acc.get("sq", 0) + a.double() ** 2
 
-        site_vjps(native, b, list(applies), cotangents, take, keep)
+        site_vjps(native, b, list(applies), cotangents, take, _projector(native.context(b), applies, R, proj))
         total += (0.5 * acc["sq"] / samples).sum(0).cpu()
         proj.clear()
     return (total / len(prompts)).float()
