@@ -16,6 +16,10 @@ number of candidates. The gradients are taken with respect to zero "delta" tenso
 native backend's hooks (removed in a ``finally`` block), inside ``torch.enable_grad`` only, with the model's
 parameters temporarily frozen (no weight gradients are computed or stored).
 
+The KL of each candidate's ablation is estimated to second order the same way
+(:func:`ablation_kl_second_order`: one forward and a few backward passes with random cotangents); the
+selection uses it to order candidates likely to pass its KL filter first (:mod:`steering.selection`).
+
 >>> import torch
 >>> from workbench.tiny import build_tiny
 >>> from workbench.loading import from_memory
