@@ -39,12 +39,10 @@ from workbench.vectors import Direction  # noqa: E402
 
 
 class _Recorded:
-    """Stands in for a backend: ``n_layers`` only (the layer filter)."""
+    """Stands in for a backend: ``n_layers`` only, for the layer filter, which the replay switches off (the
+    records hold only candidates below the grid's depth limit)."""
 
-    name = "native"
-
-    def __init__(self, n_layers: int) -> None:
-        self.n_layers = n_layers
+    n_layers = 10 ** 6
 
 
 def replay(rec: dict[str, Any], kl_max: float, *, kl_screen: bool, top_k: int = 5, confirm_groups: int = 1,
@@ -95,7 +93,7 @@ def replay(rec: dict[str, Any], kl_max: float, *, kl_screen: bool, top_k: int = 
             mock.patch.object(selection, "exact_ablation_score", abl), mock.patch.object(selection, "exact_kl", kl), \
             mock.patch.object(selection, "exact_filter_scores", filt), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = selection.select_direction(_Recorded(rec.get("n_layers") or 10 ** 6), None, cands, harmful_val=["-"],
+        res = selection.select_direction(_Recorded(), None, cands, harmful_val=["-"],
                                          harmless_val=["-"], kl_max=kl_max, max_layer_frac=1.0, progress=False,
                                          screen=True, top_k=top_k, confirm_groups=confirm_groups,
                                          kl_screen=kl_screen, kl_margin=kl_margin)

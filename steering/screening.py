@@ -250,7 +250,7 @@ def ablation_kl_second_order(native: NativeBackend, prompts: Sequence[str], fmt:
     total = torch.zeros(R.shape[1], dtype=torch.float64)
     for idx, b in batches(native, prompts, fmt, batch_size):
         proj: dict[Site, torch.Tensor] = {}
-        acc: dict[str, torch.Tensor] = {}
+        sq = torch.zeros(b.size, R.shape[1], dtype=torch.float64)  # per row: sum over samples of (u . dz)^2
 
         def cotangents(logits: torch.Tensor) -> list[torch.Tensor]:
             p = torch.softmax(logits.detach().double(), -1)
@@ -264,10 +264,10 @@ def ablation_kl_second_order(native: NativeBackend, prompts: Sequence[str], fmt:
 
         def take(_: int, grads: dict[Site, torch.Tensor]) -> None:
             a = sum(((g @ R) * proj[s]).sum(1) for s, g in grads.items())  # [B, C]: u . dz per row
-            acc["sq"] = acc.get("sq", 0) + a.double() ** 2
+            sq.add_(a.double().cpu() ** 2)
 
         site_vjps(native, b, list(applies), cotangents, take, _projector(native.context(b), applies, R, proj))
-        total += (0.5 * acc["sq"] / samples).sum(0).cpu()
+        total += (0.5 * sq / samples).sum(0)
         proj.clear()
     return (total / len(prompts)).float()
 
