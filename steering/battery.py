@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from workbench.arch import cache_kwarg, new_cache  # noqa: F401  (re-exported: the app's decoding uses them)
+from workbench.arch import cache_kwarg, crop_cache, new_cache  # noqa: F401  (re-exported: the app's decoding uses them)
 from workbench.backends.base import Backend
 from workbench.chat import ChatFormat, encode
 from workbench.errors import WorkbenchError
@@ -128,20 +128,41 @@ def code_block_closed(text: str) -> bool:
     return first >= 0 and text.find("```", first + 3) >= 0
 
 
+def teacher_forcing_exact(backend: Backend, interventions: Sequence[Intervention]) -> bool:
+    """Whether answers teacher-forced in :func:`greedy_decode`'s prefill score as
+    :func:`workbench.scoring.completion_nll` does: every intervention touches every position (``apply_to='all'``,
+    so an answer's tokens count the same as prompt or as generated ones) and the model's cache is a plain one
+    that can be cut back (no sliding window)."""
+    cfg = backend.lm.model.config
+    if any(k != "full_attention" for k in (getattr(cfg, "layer_types", None) or [])) or \
+            getattr(cfg, "use_sliding_window", False):
+        return False
+    return all(getattr(iv, "inner", iv).apply_to == "all" and iv.apply_to == "all" for iv in interventions)
+
+
 def greedy_decode(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | None, *, max_new_tokens: int,
                   interventions: Sequence[Intervention] = (), lock: Lock | None = None, batch_size: int = 8,
                   stop: Callable[[str], bool] | None = None,
                   on_batch: Callable[[int], None] | None = None,
-                  first_step: list[torch.Tensor] | None = None) -> list[str]:
+                  first_step: list[torch.Tensor] | None = None,
+                  answers: Sequence[str] | None = None,
+                  answer_nll: list[list[tuple[float, int]]] | None = None) -> list[str]:
     """Greedy replies for every prompt (batches of prompts of similar length, left-padded), each step a
     forward pass with the KV cache taken under ``lock`` with the hooks registered inside it. A row ends at
     an end-of-sequence token, after ``max_new_tokens``, or when ``stop(text so far)`` is true; ended rows
-    leave the batch (and its KV cache), so the remaining rows' steps get cheaper.
+    leave the batch (and its KV cache), so the remaining rows' steps get cheaper. The prompts' shared
+    leading tokens run once per setting (the native backend's shared prefix, :meth:`prefill_shared`).
 
     Interventions see the caller's row ids (:attr:`workbench.interventions.HookContext.rows`: the index of the
     prompt in ``prompts``), so :class:`~workbench.interventions.OnRows` can steer some prompts only. With
     ``first_step`` (a list), the next-token log-probabilities ``[len(prompts), V]`` at each prompt's last
-    position (interventions active) are appended to it: what a forward over the prompts alone gives."""
+    position (interventions active) are appended to it: what a forward over the prompts alone gives.
+
+    With ``answers`` (one text per prompt) and ``answer_nll`` (a list), each answer is teacher-forced right
+    after its prompt in the same prefill (the cache is cut back to the prompt before decoding) and the list of
+    every prompt's (summed NLL, answer tokens) is appended to ``answer_nll``: what
+    :func:`workbench.scoring.completion_nll` gives, without a second pass over the prompts. Only where that is
+    exact (:func:`teacher_forcing_exact`; raised otherwise)."""
     if max_new_tokens < 1:
         raise WorkbenchError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     lock = lock if lock is not None else nullcontext()
@@ -151,24 +172,58 @@ def greedy_decode(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | No
     model = lm.model
     with lock:
         full = encode(tok, prompts, fmt, max_positions=lm.max_positions)
+        answer_ids = None
+        if answers is not None:
+            if answer_nll is None or len(answers) != len(prompts):
+                raise WorkbenchError(f"answers need an answer_nll list and one answer per prompt "
+                                     f"({len(prompts)} prompts, {len(answers)} answers)")
+            if not teacher_forcing_exact(backend, interventions):
+                raise WorkbenchError("answers can be teacher-forced in the decoding prefill only when every "
+                                     "intervention applies to all positions and the model has no sliding window; "
+                                     "score them with workbench.scoring.completion_nll")
+            answer_ids = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
+            for i, a in enumerate(answer_ids):
+                if lm.max_positions and int(full.lengths[i]) + len(a) > lm.max_positions:
+                    raise WorkbenchError(f"prompt {i} and its answer take {int(full.lengths[i]) + len(a)} tokens, "
+                                         f"more than the model's context of {lm.max_positions}")
     order = sorted(range(len(prompts)), key=lambda i: int(full.lengths[i]))
     out = [""] * len(prompts)
     first: list[torch.Tensor | None] = [None] * len(prompts)
+    nlls: list[tuple[float, int]] = [(0.0, 0)] * len(prompts)
     eos = set(backend.eos_ids())
     kw_name = cache_kwarg(model)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
+        rows = torch.tensor(idx, dtype=torch.long)
         with lock:
             batch = encode(tok, [prompts[i] for i in idx], fmt).to(lm.device)
+            # the prompts' shared leading tokens (system prompt, user header) once per setting in the batch
+            prefill = getattr(backend, "prefill_shared", None)
+            n, cache, nxt, mask, pos = (prefill(batch, list(interventions), rows) if prefill is not None
+                                        else (0, None, batch.input_ids, batch.attention_mask, batch.position_ids))
         ctx = backend.context(batch)
-        ctx.rows = torch.tensor(idx, dtype=torch.long)
+        ctx.rows, ctx.offset, ctx.shared = rows, n, n
         fns = backend.site_functions((), list(interventions), ctx, None)
-        cache = new_cache(model)
-        nxt, mask, pos = batch.input_ids, batch.attention_mask, batch.position_ids
-        offset = 0
+        cache = cache if cache is not None else new_cache(model)
+        width = int(mask.shape[1])  # prefix + the prompts' padded width: the cache's length after the prefill
+        # the first step's inputs: the prompts, then (teacher forcing) each row's answer, right-padded
+        inp, inp_mask, inp_pos, keep = nxt, mask, pos, 1
+        batch_answers = [answer_ids[i] for i in idx] if answer_ids is not None else []
+        n_ans = max((len(a) for a in batch_answers), default=0)
+        if n_ans:
+            a_ids = torch.full((len(idx), n_ans), backend.pad_id(), dtype=nxt.dtype)
+            a_mask = torch.zeros((len(idx), n_ans), dtype=mask.dtype)
+            for r, a in enumerate(batch_answers):
+                a_ids[r, :len(a)] = torch.tensor(a, dtype=nxt.dtype)
+                a_mask[r, :len(a)] = 1
+            inp = torch.cat([nxt, a_ids.to(nxt.device)], dim=1)
+            inp_mask = torch.cat([mask, a_mask.to(mask.device)], dim=1)
+            inp_pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(n_ans, device=pos.device)], dim=1)
+            keep = n_ans + 1
+        offset = n
         live = list(range(len(idx)))  # batch-local row of each row still generating
         ids: list[list[int]] = [[] for _ in idx]
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             off = offset
 
             def wrap(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -179,9 +234,17 @@ def greedy_decode(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | No
                 return g
 
             with lock, torch.no_grad(), backend.hooked(ctx, {k: wrap(f) for k, f in fns.items()}):
-                logits = model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                               **{kw_name: cache}).logits[:, -1]
-                if offset == 0 and first_step is not None:
+                logits = model(input_ids=inp, attention_mask=inp_mask, position_ids=inp_pos, use_cache=True,
+                               logits_to_keep=keep, **{kw_name: cache}).logits
+                if keep > 1:  # teacher-forced answers: their NLL, then the cache back to the prompts
+                    for r, a in enumerate(batch_answers):
+                        if a:
+                            lp = torch.log_softmax(logits[r, :len(a)].float(), -1)
+                            tgt = torch.tensor(a, dtype=torch.long, device=lp.device)
+                            nlls[idx[r]] = (float(-lp[torch.arange(len(a)), tgt].sum()), len(a))
+                    crop_cache(cache, width)
+                logits = logits[:, 0] if keep > 1 else logits[:, -1]
+                if step == 0 and first_step is not None:
                     lp = torch.log_softmax(logits.float(), -1).cpu()
                     for r, i in enumerate(idx):
                         first[i] = lp[r]
@@ -196,20 +259,22 @@ def greedy_decode(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | No
                     if stop is not None and stop(tok.decode(ids[r], skip_special_tokens=True)):
                         ended.append(j)
             offset += int(nxt.shape[1])
+            keep = 1
             if len(ended) == len(live):
                 break
             if ended:  # drop the ended rows from the batch and the cache
                 gone = set(ended)
-                keep = [j for j in range(len(live)) if j not in gone]
-                sel = torch.tensor(keep, dtype=torch.long, device=mask.device)
+                kept = [j for j in range(len(live)) if j not in gone]
+                sel = torch.tensor(kept, dtype=torch.long, device=mask.device)
                 cache.batch_select_indices(sel)
                 mask, pos = mask[sel], pos[sel]
                 ctx.pads, ctx.rows = ctx.pads[sel.cpu()], ctx.rows[sel.cpu()]
-                new = [new[j] for j in keep]
-                live = [live[j] for j in keep]
+                new = [new[j] for j in kept]
+                live = [live[j] for j in kept]
             nxt = torch.tensor([new], dtype=batch.input_ids.dtype, device=mask.device).T
             mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=mask.device)], dim=1)
             pos = pos[:, -1:] + 1
+            inp, inp_mask, inp_pos = nxt, mask, pos
         with lock:
             for r, i in enumerate(idx):
                 out[i] = tok.decode(ids[r], skip_special_tokens=True)
@@ -217,6 +282,8 @@ def greedy_decode(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | No
             on_batch(len(idx))
     if first_step is not None:
         first_step.append(torch.stack(first))  # type: ignore[arg-type]
+    if answer_nll is not None and answer_ids is not None:
+        answer_nll.append(nlls)
     return out
 
 
@@ -266,39 +333,51 @@ def run_battery(base: Backend, fmt: ChatFormat | None, settings: Sequence[Batter
         ref_lp = next_token_logprobs(base, harmless, fmt, batch_size=16)
     phases["reference"] = time.perf_counter() - t_ph
 
-    def decode_all(prompts: list[str], max_new_tokens: int, what: str,
-                   stop: Callable[[str], bool] | None = None) -> tuple[list[list[str]], list[torch.Tensor]]:
-        """Every setting's greedy replies and prefill log-probabilities. The settings on the base model share
-        one batched decoding (each prompt once per setting, each setting's interventions on its own rows);
-        a setting with its own backend decodes alone."""
+    def decode_all(prompts: list[str], max_new_tokens: int, what: str, stop: Callable[[str], bool] | None = None,
+                   answers: list[str] | None = None
+                   ) -> tuple[list[list[str]], list[torch.Tensor], list[list[tuple[float, int]] | None]]:
+        """Every setting's greedy replies, prefill log-probabilities and (``answers``: teacher-forced in the
+        same prefill, where that is exact) answer NLLs. The settings on the base model share one batched
+        decoding (each prompt once per setting, each setting's interventions on its own rows); a setting with
+        its own backend decodes alone."""
         n = len(prompts)
         replies: list[list[str]] = [[] for _ in settings]
         firsts: list[torch.Tensor] = [torch.empty(0)] * len(settings)
+        nlls: list[list[tuple[float, int]] | None] = [None] * len(settings)
         on_base = [i for i, st in enumerate(settings) if st.backend is None] if joint else []
         if on_base:
             ivs = [OnRows(iv, range(k * n, (k + 1) * n)) for k, i in enumerate(on_base)
                    for iv in settings[i].interventions]
             fs: list[torch.Tensor] = []
+            ans = answers if answers is not None and teacher_forcing_exact(base, ivs) else None
+            nl: list[list[tuple[float, int]]] = []
             out = greedy_decode(base, prompts * len(on_base), fmt, max_new_tokens=max_new_tokens, interventions=ivs,
                                 lock=lock, batch_size=cfg.batch_size * len(on_base), stop=stop, first_step=fs,
+                                answers=None if ans is None else ans * len(on_base), answer_nll=nl,
                                 on_batch=lambda m: tick(m, f"{what} ({len(on_base)} settings in one batch)"))
             for k, i in enumerate(on_base):
                 replies[i], firsts[i] = out[k * n:(k + 1) * n], fs[0][k * n:(k + 1) * n]
+                nlls[i] = nl[0][k * n:(k + 1) * n] if nl else None
         for i, st in enumerate(settings):
             if i not in on_base:
-                fs = []
-                replies[i] = greedy_decode(st.backend or base, prompts, fmt, max_new_tokens=max_new_tokens,
-                                           interventions=list(st.interventions) if st.backend is None else [],
+                fs, nl = [], []
+                be = st.backend or base
+                ivs = list(st.interventions) if st.backend is None else []
+                ans = answers if answers is not None and teacher_forcing_exact(be, ivs) else None
+                replies[i] = greedy_decode(be, prompts, fmt, max_new_tokens=max_new_tokens, interventions=ivs,
                                            lock=lock, batch_size=cfg.batch_size, stop=stop, first_step=fs,
+                                           answers=ans, answer_nll=nl,
                                            on_batch=lambda m, _n=st.name: tick(m, f"{_n}: {what}"))
-                firsts[i] = fs[0]
-        return replies, firsts
+                firsts[i], nlls[i] = fs[0], (nl[0] if nl else None)
+        return replies, firsts, nlls
 
     t_dec = time.perf_counter()
-    harm_replies, harm_first = decode_all(harmful, cfg.harm_tokens, "harmful prompts")
+    harm_replies, harm_first, _ = decode_all(harmful, cfg.harm_tokens, "harmful prompts")
     phases["harm_decode"] = time.perf_counter() - t_dec
     t_ph = time.perf_counter()
-    code_replies, _ = decode_all(task_prompts, cfg.code_tokens, "code tasks", stop=code_block_closed)
+    # the reference solutions are teacher-forced in the code decoding's prefill (their answer NLL)
+    code_replies, _, code_nll = decode_all(task_prompts, cfg.code_tokens, "code tasks", stop=code_block_closed,
+                                           answers=[t.reference_reply for t in tasks])
     phases["code_decode"] = time.perf_counter() - t_ph
     decode_share = (time.perf_counter() - t_dec) / max(1, len(settings))
     # unit tests: each distinct (task, reply) once (settings often write the same code: the unmodified model and
@@ -353,9 +432,11 @@ def run_battery(base: Backend, fmt: ChatFormat | None, settings: Sequence[Batter
         gc = code_replies[si]
         checks = [checked[(i, r)] for i, r in enumerate(gc)]
         t_ph = time.perf_counter()
-        with lock_:
-            nll = completion_nll(be, task_prompts, [t.reference_reply for t in tasks], fmt, interventions=ivs,
-                                 batch_size=cfg.batch_size)
+        nll = code_nll[si]
+        if nll is None:  # not exact in the decoding's prefill (an intervention on some positions only)
+            with lock_:
+                nll = completion_nll(be, task_prompts, [t.reference_reply for t in tasks], fmt, interventions=ivs,
+                                     batch_size=cfg.batch_size)
         phases["answer_nll"] += time.perf_counter() - t_ph
         tick(1, f"{tag}: unit tests and answer NLL")
         per_tok = [s / max(c, 1) for s, c in nll]

@@ -74,3 +74,34 @@ def test_ended_rows_leave_the_batch_without_changing_the_others():
     assert batched == one_by_one
     assert len({len(t) for t in batched}) > 1  # really different lengths: rows ended at different steps
     assert all(stop(t) for t in batched)  # every row ended by the rule, none ran on
+
+
+def test_answers_teacher_forced_in_the_prefill_score_as_completion_nll():
+    """The reference answers scored in the decoding's prefill give completion_nll's numbers (alone and with
+    settings on their own rows), and the replies are those of a decoding without answers."""
+    import pytest
+
+    from workbench.errors import WorkbenchError
+    from workbench.scoring import completion_nll
+
+    be = _backend("qwen2")
+    d = be.lm.model.config.hidden_size
+    answers = ["def f(x):\n    return x + 1", "", "Paris.", "Rain falls\non the roofs of the town", "Step downhill."]
+    ivs = [Ablation(Site(1, "resid_pre"), _vec(d, 4)), Addition(Site(2, "resid_pre"), _vec(d, 5), 2.0)]
+    n = len(PROMPTS)
+    for settings in ([[]], [[], ivs]):
+        joint = [OnRows(iv, range(k * n, (k + 1) * n)) for k, s in enumerate(settings) for iv in s]
+        prompts = PROMPTS * len(settings)
+        nll: list = []
+        got = greedy_decode(be, prompts, FMT, max_new_tokens=5, batch_size=4, interventions=joint,
+                            answers=answers * len(settings), answer_nll=nll)
+        assert got == greedy_decode(be, prompts, FMT, max_new_tokens=5, batch_size=4, interventions=joint)
+        for k, s in enumerate(settings):
+            want = completion_nll(be, PROMPTS, answers, FMT, interventions=s)
+            for (a, ca), (b, cb) in zip(nll[0][k * n:(k + 1) * n], want):
+                assert ca == cb and a == pytest.approx(b, rel=1e-5, abs=1e-5)
+        assert nll[0][1] == (0.0, 0) and all(c > 0 for i, (_, c) in enumerate(nll[0]) if i % n != 1)
+    assert nll[0][0] != nll[0][n]  # the steered setting scores the answers differently
+    last = [Addition(Site(1, "resid_pre"), _vec(d, 6), 2.0, apply_to="last")]
+    with pytest.raises(WorkbenchError, match="all positions"):
+        greedy_decode(be, PROMPTS, FMT, max_new_tokens=2, interventions=last, answers=answers, answer_nll=[])

@@ -114,3 +114,46 @@ def test_non_position_wise_intervention_gives_full_forward_result():
     a = shared.run(batch, interventions=iv, logits="last").logits
     b = full.run(batch, interventions=iv, logits="last").logits
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_settings_on_their_own_rows_share_the_prefix_once_per_setting(arch):
+    """OnRows around position-wise interventions (several settings in one batch): the prefix runs once per
+    setting and every row's captures and logits equal one full forward; the battery's decoder takes the same
+    path and gives the same replies and prefill log-probabilities as without a shared prefix."""
+    from steering.battery import greedy_decode
+    from workbench.backends.native import prefix_groups
+    from workbench.interventions import OnRows
+
+    lm, shared, full = _pair(arch)
+    d = lm.model.config.hidden_size
+    g = torch.Generator().manual_seed(3)
+    v, w = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    k = len(PROMPTS)
+    prompts = PROMPTS * 3  # unmodified, an addition, an ablation + addition on rows k.., 2k..
+    ivs = [OnRows(Addition(Site(0, "resid_pre"), v, 3.0), range(k, 2 * k)),
+           OnRows(Ablation(Site(1, "resid_pre"), w), range(2 * k, 3 * k)),
+           OnRows(Addition(Site(2, "attn_out"), w, -2.0), range(2 * k, 3 * k))]
+    reps, group = prefix_groups(ivs, torch.arange(3 * k))
+    assert reps.tolist() == [0, k, 2 * k] and group.tolist() == [0] * k + [1] * k + [2] * k
+    batch = encode(lm.tokenizer, prompts, FMT)
+    assert shared.shared_prefix(batch, ivs) >= MIN_SHARED
+    sites = [Site(0, "resid_post"), Site(2, "mlp_out")]
+    a = shared.run(batch, capture=sites, interventions=ivs)
+    b = full.run(batch, capture=sites, interventions=ivs)
+    for x, y in zip(_real(a.logits, batch.pads), _real(b.logits, batch.pads)):
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
+    for s in sites:
+        for x, y in zip(_real(a.acts[s], batch.pads), _real(b.acts[s], batch.pads)):
+            torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(a.logits[k, -1], a.logits[0, -1])  # the settings differ
+    # an intervention that is not position-wise inside OnRows keeps the whole batch in one pass
+    fn = FunctionIntervention(Site(0, "resid_pre"), lambda x: x - x.mean(1, keepdim=True))
+    assert shared.shared_prefix(batch, [OnRows(fn, range(k))]) == 0
+    # the battery's decoder, rows in a shuffled order across two batches
+    fs: list[torch.Tensor] = []
+    ft: list[torch.Tensor] = []
+    ra = greedy_decode(shared, prompts, FMT, max_new_tokens=8, interventions=ivs, batch_size=8, first_step=fs)
+    rb = greedy_decode(full, prompts, FMT, max_new_tokens=8, interventions=ivs, batch_size=8, first_step=ft)
+    assert ra == rb and ra[k:2 * k] != ra[:k]
+    torch.testing.assert_close(fs[0], ft[0], atol=2e-5, rtol=1e-5)

@@ -151,6 +151,17 @@ def cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def crop_cache(cache: Any, length: int) -> None:
+    """Cut a KV cache back to its first ``length`` positions (e.g. after teacher-forced tokens scored in a
+    prefill); raises when the cache cannot be cut exactly."""
+    extra = int(cache.get_seq_length()) - int(length)
+    if extra > 0:
+        cache.crop(-extra)
+    if int(cache.get_seq_length()) != int(length):
+        raise WorkbenchError(f"could not cut the KV cache back to {length} positions "
+                             f"(it holds {cache.get_seq_length()})")
+
+
 def new_cache(model: Any) -> Any:
     """An empty KV cache for ``model``."""
     from transformers import DynamicCache

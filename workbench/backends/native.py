@@ -10,7 +10,10 @@ compute those tokens once (batch 1, interventions active), repeat their KV cache
 the rest; captures and full logits are put back into the batch's usual left-padded layout, so callers see
 the same tensors as from one full forward (to float rounding; pad columns hold no defined values either way).
 It is used only when it cannot change a result: every intervention is position-wise
-(:attr:`~workbench.interventions.Intervention.position_wise`), no ``last``/``post_instruction``/negative-index
+(:attr:`~workbench.interventions.Intervention.position_wise`) or restricted to some rows
+(:class:`~workbench.interventions.OnRows`, several settings in one batch) around a position-wise one, in which
+case the prefix runs once per distinct set of interventions (one row per setting, :func:`prefix_groups`), no
+``last``/``post_instruction``/negative-index
 position falls inside the prefix of any row, and the model's cache is a plain (non-sliding) one. Set
 ``backend.share_prefix = False`` to turn it off.
 """
@@ -25,7 +28,7 @@ import torch
 from workbench.arch import cache_kwarg
 from workbench.backends.base import Backend, RunOutput, SiteFn, logits_kept
 from workbench.chat import Batch
-from workbench.interventions import HookContext, Intervention
+from workbench.interventions import HookContext, Intervention, OnRows
 from workbench.sites import Site
 
 #: the fewest shared leading tokens worth a separate prefix pass
@@ -42,6 +45,37 @@ def _replace_first(out: Any, new: torch.Tensor) -> Any:
     return new
 
 
+def prefix_safe(iv: Intervention) -> bool:
+    """Whether ``iv`` may run on a shared prefix computed apart from the rest of the row: position-wise, or
+    :class:`OnRows` around a position-wise intervention (then the prefix runs once per row group)."""
+    return iv.position_wise or (isinstance(iv, OnRows) and iv.inner.position_wise)
+
+
+def prefix_groups(interventions: Sequence[Intervention], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that get the same interventions share a prefix computation: ``(reps, group)`` with ``reps`` [G] the
+    caller's id of one row per distinct set of :class:`OnRows` restrictions that covers it and ``group`` [B]
+    each row's index into ``reps``. Without :class:`OnRows` every row is in one group.
+
+    >>> from workbench.interventions import Addition
+    >>> from workbench.sites import Site
+    >>> a = OnRows(Addition(Site(0, "resid_pre"), torch.ones(2)), rows=[2, 3])
+    >>> reps, group = prefix_groups([a], torch.tensor([0, 2, 1, 3]))
+    >>> reps.tolist(), group.tolist()
+    ([0, 2], [0, 1, 0, 1])
+    """
+    on_rows = [iv.rows.tolist() for iv in interventions if isinstance(iv, OnRows)]
+    sigs = [tuple(k for k, r in enumerate(on_rows) if int(row) in r) for row in rows.tolist()]
+    first: dict[tuple[int, ...], int] = {}
+    reps: list[int] = []
+    group: list[int] = []
+    for row, sig in zip(rows.tolist(), sigs):
+        if sig not in first:
+            first[sig] = len(reps)
+            reps.append(int(row))
+        group.append(first[sig])
+    return torch.tensor(reps, dtype=torch.long), torch.tensor(group, dtype=torch.long)
+
+
 class NativeBackend(Backend):
     """Plain PyTorch hooks (the default and fastest backend)."""
 
@@ -55,7 +89,7 @@ class NativeBackend(Backend):
 
     def shared_prefix(self, batch: Batch, interventions: Sequence[Intervention]) -> int:
         """How many leading tokens every row of ``batch`` shares and may be computed once (0: do not split)."""
-        if not self.share_prefix or batch.size < 2 or not all(iv.position_wise for iv in interventions):
+        if not self.share_prefix or batch.size < 2 or not all(prefix_safe(iv) for iv in interventions):
             return 0
         kinds = getattr(self.lm.model.config, "layer_types", None) or []
         if any(k != "full_attention" for k in kinds) or getattr(self.lm.model.config, "use_sliding_window", False):
@@ -76,21 +110,43 @@ class NativeBackend(Backend):
         return n if n >= MIN_SHARED else 0
 
     def _prefix_pass(self, batch: Batch, n: int, interventions: Sequence[Intervention], capture: Sequence[Site],
-                     logits: bool) -> tuple[Any, dict[Site, torch.Tensor], torch.Tensor | None]:
-        """Run the shared prefix (batch 1) with the interventions: its KV cache repeated over the batch, its
-        captures ``[1, n, d]`` and (``logits``) its logits ``[1, n, V]``."""
-        ids = batch.input_ids[:1, int(batch.pads[0]):int(batch.pads[0]) + n]
-        ctx = HookContext(pads=torch.zeros(1, dtype=torch.long), prompt_width=int(batch.lengths.min()),
-                          n_post=batch.n_post, offset=0)
+                     logits: bool, rows: torch.Tensor | None = None
+                     ) -> tuple[Any, dict[Site, torch.Tensor], torch.Tensor | None, torch.Tensor]:
+        """Run the shared prefix once per row group (:func:`prefix_groups` of the caller's row ids ``rows``,
+        default 0..B-1) with the interventions: its KV cache spread over the batch, its captures ``[G, n, d]``,
+        (``logits``) its logits ``[G, n, V]`` and each row's group ``[B]``."""
+        rows = torch.arange(batch.size) if rows is None else rows.cpu()
+        reps, group = prefix_groups(interventions, rows)
+        g = int(reps.shape[0])
+        ids = batch.input_ids[:1, int(batch.pads[0]):int(batch.pads[0]) + n].expand(g, n)
+        ctx = HookContext(pads=torch.zeros(g, dtype=torch.long), prompt_width=int(batch.lengths.min()),
+                          n_post=batch.n_post, offset=0, rows=reps)
         store: dict[Site, torch.Tensor] = {}
         fns = self.site_functions(capture, interventions, ctx, store)
         with torch.no_grad(), self.hooked(ctx, fns):
             target = self.lm.model if logits else self.lm.model.base_model
             out = target(input_ids=ids, attention_mask=torch.ones_like(ids),
-                         position_ids=torch.arange(n, device=ids.device).unsqueeze(0), use_cache=True)
+                         position_ids=torch.arange(n, device=ids.device).unsqueeze(0).expand(g, n), use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values
-        cache.batch_repeat_interleave(batch.size)
-        return cache, store, (out.logits if logits else None)
+        if g == 1:
+            cache.batch_repeat_interleave(batch.size)
+        else:
+            cache.batch_select_indices(group.to(ids.device))
+        return cache, store, (out.logits if logits else None), group
+
+    def prefill_shared(self, batch: Batch, interventions: Sequence[Intervention], rows: torch.Tensor | None = None
+                       ) -> tuple[int, Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a decoding loop of its own (``steering.battery.greedy_decode``): ``(n, cache, ids, mask, pos)``
+        with the shared prefix's ``n`` tokens already in ``cache`` and the inputs of the rest (run them with
+        ``HookContext(offset=n, shared=n)``); ``n == 0`` (cache None, the batch's own inputs) when no prefix
+        may be split off."""
+        batch = batch.to(self.lm.device)
+        n = self.shared_prefix(batch, interventions)
+        if not n:
+            return 0, None, batch.input_ids, batch.attention_mask, batch.position_ids
+        cache, _, _, _ = self._prefix_pass(batch, n, interventions, (), False, rows)
+        ids, mask, pos = self._suffix(batch, n, self.pad_id())
+        return n, cache, ids, mask, pos
 
     @staticmethod
     def _suffix(batch: Batch, n: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,11 +162,15 @@ class NativeBackend(Backend):
         return ids, mask, pos
 
     @staticmethod
-    def _reassemble(prefix: torch.Tensor, rest: torch.Tensor, pads: torch.Tensor) -> torch.Tensor:
-        """``[B, T, ...]`` in the batch's left-padded layout from the prefix ``[1, n, ...]`` and the rest
-        ``[B, T - n, ...]`` (row ``i``: pads, prefix, its own tokens)."""
+    def _reassemble(prefix: torch.Tensor, rest: torch.Tensor, pads: torch.Tensor,
+                    group: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T, ...]`` in the batch's left-padded layout from the prefix ``[G, n, ...]`` (row ``i`` takes
+        the prefix of its ``group[i]``; G = 1 without groups) and the rest ``[B, T - n, ...]`` (row ``i``: pads,
+        prefix, its own tokens)."""
         n = prefix.shape[1]
         b = rest.shape[0]
+        if group is not None and prefix.shape[0] > 1:
+            prefix = prefix[group.to(prefix.device)]
         out = torch.cat([rest.new_zeros((b, n) + tuple(rest.shape[2:])), rest], dim=1)
         cols = pads.to(rest.device).unsqueeze(1) + torch.arange(n, device=rest.device).unsqueeze(0)
         idx = cols.view(b, n, *([1] * (rest.dim() - 2))).expand(b, n, *rest.shape[2:])
@@ -195,7 +255,7 @@ class NativeBackend(Backend):
         if keep is not None and keep > batch.width - n:
             keep = None  # the kept positions reach into the prefix: unembed everything, keep the tail below
         full = logits is not False and keep is None
-        cache, pstore, plogits = self._prefix_pass(batch, n, interventions, capture, full)
+        cache, pstore, plogits, group = self._prefix_pass(batch, n, interventions, capture, full)
         ids, mask, pos = self._suffix(batch, n, self.pad_id())
         ctx = HookContext(pads=batch.pads.clone(), prompt_width=batch.width, n_post=batch.n_post, offset=n, shared=n)
         store: dict[Site, torch.Tensor] = {}
@@ -205,12 +265,12 @@ class NativeBackend(Backend):
             extra = {"logits_to_keep": keep} if keep else {}
             out = target(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                          **{cache_kwarg(self.lm.model): cache}, **extra)
-        acts = {s: self._reassemble(pstore[s], a, batch.pads) for s, a in store.items()}
+        acts = {s: self._reassemble(pstore[s], a, batch.pads, group) for s, a in store.items()}
         out_logits = None
         if keep is not None:
             out_logits = out.logits
         elif full:
-            out_logits = self._reassemble(plogits, out.logits, batch.pads)
+            out_logits = self._reassemble(plogits, out.logits, batch.pads, group)
             want = logits_kept(logits)
             if want is not None:
                 out_logits = out_logits[:, -want:]
@@ -236,7 +296,7 @@ class NativeBackend(Backend):
         n = self.shared_prefix(batch, interventions)
         gen_in: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         if n:  # the shared prefix once; generate continues from its repeated cache
-            cache, _, _ = self._prefix_pass(batch, n, interventions, (), False)
+            cache, _, _, _ = self._prefix_pass(batch, n, interventions, (), False)
             ids, mask, _ = self._suffix(batch, n, self.pad_id())
             prefix = batch.input_ids[:1, int(batch.pads[0]):int(batch.pads[0]) + n].expand(batch.size, n)
             gen_in = {"input_ids": torch.cat([prefix, ids], dim=1), "attention_mask": mask, cache_kwarg(self.lm.model): cache}
