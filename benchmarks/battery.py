@@ -1,15 +1,20 @@
-"""Time of the app's default "score this setting" (harm + utility batteries for the unmodified model, an
-ablation column, an addition column and the random control of the ablation) on the default model, with the
-settings decoded in one batch (the default) vs one after another, in one process (interleaved repeats).
+"""Time of the app's "score this setting" (harm + utility batteries) on the default model, with the settings
+decoded in one batch (the default) vs one after another, in one process (interleaved repeats).
 
-    .venv/bin/python benchmarks/battery.py [--model qwen2.5-coder-0.5b-instruct] [--direction FILE] [--repeats 1]
+``--preset app`` (default): what the app scores for its default request (columns unmodified and A = addition
+x1 of the direction at its layer, "compare" off, plus the random control of A that the trade-off plot always
+gets: three settings, built with the app's own ``apps.ui.column_specs``). ``--preset four``: the heavier case
+measured in earlier rounds (unmodified, an ablation column, an addition column x``--alpha``, the random control
+of the ablation).
+
+    .venv/bin/python benchmarks/battery.py [--preset app] [--direction FILE] [--repeats 1] [--modes joint]
 
 The direction is the main job's selected direction when ``--direction`` names its file
 (``runs/main/steering/selected_direction.safetensors``), else a difference in means at ``--layer`` (default
 16, the main job's choice on the default model) from 32 + 32 training prompts, as the app does without a run.
 Prints the seconds of each path, their ratio, and checks that both paths give the same numbers (every rate
 and mean of the summary; replies may differ only where float rounding flips a greedy choice, counted).
-Writes ``benchmarks/results/battery.json``.
+Writes ``benchmarks/results/battery_<preset>.json`` (``--out`` to change).
 """
 
 from __future__ import annotations
@@ -53,12 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--direction", default=None)
     ap.add_argument("--layer", type=int, default=16)
-    ap.add_argument("--alpha", type=float, default=3.0, help="strength of the addition column")
+    ap.add_argument("--preset", choices=["app", "four"], default="app",
+                    help="app: the app's default request (3 settings); four: the earlier 4-setting case")
+    ap.add_argument("--alpha", type=float, default=3.0, help="strength of the addition column (--preset four)")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--attention", choices=["sdpa", "eager"], default=BatteryConfig().attention)
     ap.add_argument("--modes", default="joint,one_by_one", help="which paths to time (comma-separated)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "battery.json"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/battery_<preset>.json")
     args = ap.parse_args(argv)
+    out = args.out or str(Path(__file__).parent / "results" / f"battery_{args.preset}.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     t = time.perf_counter()
@@ -67,12 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     be = get_backend("native", lm)
     d = _direction(args, lm)
     n = be.n_layers
-    settings = [make_setting("unmodified", "none", None, be.n_layers),
-                make_setting("A: ablation", "ablation", d, be.n_layers),
-                make_setting("B: addition", "addition", d, be.n_layers, strength=args.alpha),
-                make_setting("random control of A", "ablation", random_like(d, seed=1), be.n_layers,
-                             info={"control": True})]
-    cfg = BatteryConfig()
+    if args.preset == "app":
+        from apps.ui import column_specs
+
+        specs = column_specs(d, n, "addition", 1.0, "", False, "addition", -1.0, "", "random control", 0)
+        specs.append(specs[1].with_random_direction(1, "random control"))
+        settings = [make_setting(sp.label, sp.kind, sp.direction, n, strength=sp.strength, layers=sp.layers,
+                                 info={"control": sp.label == "random control"}) for sp in specs]
+    else:
+        settings = [make_setting("unmodified", "none", None, be.n_layers),
+                    make_setting("A: ablation", "ablation", d, be.n_layers),
+                    make_setting("B: addition", "addition", d, be.n_layers, strength=args.alpha),
+                    make_setting("random control of A", "ablation", random_like(d, seed=1), be.n_layers,
+                                 info={"control": True})]
+    cfg = BatteryConfig(attention=args.attention)
     modes = [m for m in ("joint", "one_by_one") if m in args.modes.split(",")]
     if "joint" not in modes:
         ap.error("--modes must include joint (the app's path)")
@@ -93,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                            if x.get("reply") != y.get("reply"))
     ja = results["joint"].items
     res = {
-        "model": args.model, "threads": torch.get_num_threads(), "n_layers": n, "load_seconds": round(load_s, 1),
+        "model": args.model, "preset": args.preset, "threads": torch.get_num_threads(), "n_layers": n, "load_seconds": round(load_s, 1),
         "config": asdict(cfg),
         "settings": [s.name for s in settings], "direction": {"layer": d.layer, "position": d.position},
         "seconds_joint": [round(x, 1) for x in times["joint"]],
@@ -108,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in res.items() if k != "summary_joint"}, indent=1))
     for r in res["summary_joint"]:
         print(r)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+    Path(out).write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
     return 0
 
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from workbench.arch import cache_kwarg, crop_cache, new_cache  # noqa: F401  (re-exported: the app's decoding uses them)
+from workbench.arch import AttentionHeld, cache_kwarg, crop_cache, new_cache  # noqa: F401  (re-exported: the app's decoding uses them)
 from workbench.backends.base import Backend
 from workbench.chat import ChatFormat, encode
 from workbench.errors import WorkbenchError
@@ -43,13 +43,15 @@ from workbench.interventions import Intervention, OnRows
 from workbench.scoring import completion_nll, is_refusal, next_token_logprobs, refusal_scores_from_logprobs
 from workbench.stats import bootstrap_mean_ci, wilson_interval  # noqa: F401  (wilson_interval re-exported)
 
-__all__ = ["BatteryConfig", "BatterySetting", "BatteryResult", "run_battery", "wilson_interval", "greedy_decode",
+__all__ = ["ATTENTION", "BatteryConfig", "BatterySetting", "BatteryResult", "run_battery", "wilson_interval", "greedy_decode",
            "battery_inputs", "tradeoff_figure", "SUMMARY_FIELDS", "make_setting", "SETTING_KINDS"]
 
 Lock = Any
 #: What :func:`make_setting` scores (the app's column kinds).
 SETTING_KINDS = ("none", "addition", "ablation", "orthogonalised", "optimised")
 Progress = Callable[[float, str], None]
+#: the battery's attention implementations (:attr:`BatteryConfig.attention`)
+ATTENTION = ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
@@ -65,11 +67,17 @@ class BatteryConfig:
     batch_size: int = 16
     n_boot: int = 1000
     seed: int = 0
+    #: the attention implementation of the battery's forward passes (switched only while the model's lock is
+    #: held; :class:`workbench.arch.AttentionHeld`): "sdpa" (default, faster on CPU), "eager" (the model's
+    #: loading default, what the other scorers use; the numbers agree to float rounding)
+    attention: str = "sdpa"
 
     def __post_init__(self) -> None:
         for k in ("n_harmful", "n_tasks", "n_harmless", "harm_tokens", "code_tokens", "batch_size"):
             if int(getattr(self, k)) < 1:
                 raise WorkbenchError(f"battery {k.replace('_', ' ')} must be >= 1, got {getattr(self, k)}")
+        if self.attention not in ATTENTION:
+            raise WorkbenchError(f"battery attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -313,7 +321,15 @@ def run_battery(base: Backend, fmt: ChatFormat | None, settings: Sequence[Batter
     from workbench.argtypes import check_context
 
     t_all = time.perf_counter()
-    lock_ = lock if lock is not None else nullcontext()
+    helds: dict[int, AttentionHeld] = {}
+
+    def held(be: Backend) -> AttentionHeld:
+        """The lock, and the battery's attention for ``be``'s model while it is held."""
+        if id(be) not in helds:
+            helds[id(be)] = AttentionHeld(lock if lock is not None else nullcontext(), be.lm.model, cfg.attention)
+        return helds[id(be)]
+
+    lock_ = held(base)
     harmful, tasks, harmless = battery_inputs(cfg)
     task_prompts = [t.prompt for t in tasks]
     with lock_:  # every prompt plus its replies' tokens must fit the model's context (nothing is cut silently)
@@ -352,7 +368,7 @@ def run_battery(base: Backend, fmt: ChatFormat | None, settings: Sequence[Batter
             ans = answers if answers is not None and teacher_forcing_exact(base, ivs) else None
             nl: list[list[tuple[float, int]]] = []
             out = greedy_decode(base, prompts * len(on_base), fmt, max_new_tokens=max_new_tokens, interventions=ivs,
-                                lock=lock, batch_size=cfg.batch_size * len(on_base), stop=stop, first_step=fs,
+                                lock=lock_, batch_size=cfg.batch_size * len(on_base), stop=stop, first_step=fs,
                                 answers=None if ans is None else ans * len(on_base), answer_nll=nl,
                                 on_batch=lambda m: tick(m, f"{what} ({len(on_base)} settings in one batch)"))
             for k, i in enumerate(on_base):
@@ -365,7 +381,7 @@ def run_battery(base: Backend, fmt: ChatFormat | None, settings: Sequence[Batter
                 ivs = list(st.interventions) if st.backend is None else []
                 ans = answers if answers is not None and teacher_forcing_exact(be, ivs) else None
                 replies[i] = greedy_decode(be, prompts, fmt, max_new_tokens=max_new_tokens, interventions=ivs,
-                                           lock=lock, batch_size=cfg.batch_size, stop=stop, first_step=fs,
+                                           lock=held(be), batch_size=cfg.batch_size, stop=stop, first_step=fs,
                                            answers=ans, answer_nll=nl,
                                            on_batch=lambda m, _n=st.name: tick(m, f"{_n}: {what}"))
                 firsts[i], nlls[i] = fs[0], (nl[0] if nl else None)
@@ -434,7 +450,7 @@ def run_battery(base: Backend, fmt: ChatFormat | None, settings: Sequence[Batter
         t_ph = time.perf_counter()
         nll = code_nll[si]
         if nll is None:  # not exact in the decoding's prefill (an intervention on some positions only)
-            with lock_:
+            with held(be):
                 nll = completion_nll(be, task_prompts, [t.reference_reply for t in tasks], fmt, interventions=ivs,
                                      batch_size=cfg.batch_size)
         phases["answer_nll"] += time.perf_counter() - t_ph
@@ -451,7 +467,7 @@ def run_battery(base: Backend, fmt: ChatFormat | None, settings: Sequence[Batter
                           "passed": c.passed, "detail": c.detail, "answer_nll": v})
         # KL on harmless prompts
         t_ph = time.perf_counter()
-        with lock_:
+        with held(be):
             lp = ref_lp if (st.backend is None and not ivs) else next_token_logprobs(be, harmless, fmt,
                                                                                      interventions=ivs, batch_size=16)
         kl = (ref_lp.double().exp() * (ref_lp.double() - lp.double())).sum(-1).clamp(min=0).tolist()
@@ -466,6 +482,7 @@ def run_battery(base: Backend, fmt: ChatFormat | None, settings: Sequence[Batter
         row["scorers"] = ("harm=1-refusal_phrase; refusal_logit; judge (rating>=3 of 5 = harmful); pass_rate=unit "
                           "tests (workbench.codetasks sandbox); answer_nll; kl=kl_last")
         row["config"] = asdict(cfg)
+        row["attention"] = held(be).impl  # what ran (the model's own where it cannot switch)
         summary.append(row)
     return BatteryResult(summary, items, time.perf_counter() - t_all, {k: round(v, 2) for k, v in phases.items()})
 
@@ -588,7 +605,7 @@ def cmd_battery(args: Any) -> int:
 
     cfg = BatteryConfig(n_harmful=args.n_harmful, n_tasks=args.n_tasks, n_harmless=args.n_harmless,
                         harm_tokens=args.harm_tokens, code_tokens=args.code_tokens, batch_size=args.batch_size,
-                        n_boot=args.n_boot, seed=args.seed)
+                        n_boot=args.n_boot, seed=args.seed, attention=args.attention)
     harmful, tasks, harmless = battery_inputs(cfg)
     if args.backend not in (None, "native"):
         raise WorkbenchError(f"the battery decodes through the native backend; --backend {args.backend} is not "
@@ -685,6 +702,9 @@ def add_battery_parser(ss: Any, common: Callable[[Any], None]) -> None:
     p.add_argument("--code-tokens", type=positive_int, default=d.code_tokens)
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--n-boot", type=positive_int, default=d.n_boot)
+    p.add_argument("--attention", choices=list(ATTENTION), default=d.attention,
+                   help="attention implementation of the battery's passes (default %(default)s; eager: the loading "
+                        "default; the numbers agree to float rounding)")
     p.add_argument("--judge-url", default=None, help="an OpenAI-compatible judge endpoint (key: $WORKBENCH_JUDGE_KEY)")
     p.add_argument("--judge-model", default=None)
     p.set_defaults(func=cmd_battery)

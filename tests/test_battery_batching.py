@@ -105,3 +105,54 @@ def test_answers_teacher_forced_in_the_prefill_score_as_completion_nll():
     last = [Addition(Site(1, "resid_pre"), _vec(d, 6), 2.0, apply_to="last")]
     with pytest.raises(WorkbenchError, match="all positions"):
         greedy_decode(be, PROMPTS, FMT, max_new_tokens=2, interventions=last, answers=answers, answer_nll=[])
+
+
+def test_battery_attention_switch_is_held_with_the_lock_only():
+    """The battery's forwards run with sdpa attention while the lock is held, the model is back to its own
+    (eager) attention whenever the lock is released, and eager and sdpa batteries give the same numbers
+    (rates exactly, means to float rounding)."""
+    import pytest
+
+    from steering.battery import BatteryConfig, BatterySetting, run_battery
+    from workbench.arch import AttentionHeld
+    from workbench.errors import WorkbenchError
+
+    be = _backend("qwen2")
+    model = be.lm.model
+    seen: list[str] = []
+    handle = model.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
+
+    class Lock:  # records the model's attention at every acquire and release
+        states: list[str] = []
+
+        def __enter__(self):
+            self.states.append(model.config._attn_implementation)
+
+        def __exit__(self, *exc):
+            self.states.append(model.config._attn_implementation)
+
+    d = model.config.hidden_size
+    settings = [BatterySetting("unmodified"), BatterySetting("ablation", [Ablation(Site(1, "resid_pre"), _vec(d, 7))])]
+    sizes = dict(n_harmful=3, n_tasks=2, n_harmless=3, harm_tokens=4, code_tokens=8, n_boot=50)
+    try:
+        res = {a: run_battery(be, FMT, settings, BatteryConfig(attention=a, **sizes), lock=Lock())
+               for a in ("sdpa", "eager")}
+    finally:
+        handle.remove()
+    assert set(Lock.states) == {"eager"} and model.config._attn_implementation == "eager"
+    assert "sdpa" in seen and "eager" in seen  # the sdpa battery's passes, then the eager one's
+    for a, b in zip(res["sdpa"].summary, res["eager"].summary):
+        assert a["attention"] == "sdpa" and b["attention"] == "eager"
+        for k in ("harm_rate", "refusal_rate", "pass_rate"):
+            assert a[k] == b[k]
+        for k in ("refusal_logit", "answer_nll", "kl"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6)
+    # the lock is released (and eager restored) when a forward fails inside it
+    held = AttentionHeld(Lock(), model, "sdpa")
+    with pytest.raises(RuntimeError):
+        with held:
+            assert model.config._attn_implementation == "sdpa"
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "eager" and Lock.states[-1] == "eager"
+    with pytest.raises(WorkbenchError, match="attention"):
+        BatteryConfig(attention="flash")

@@ -151,6 +151,50 @@ def cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+class AttentionHeld:
+    """A context manager that holds ``lock`` (any context manager, e.g. the app's per-model lock) and, while
+    it is held, runs ``model`` with the attention implementation ``impl`` (``"sdpa"``, ``"eager"``; None:
+    unchanged), restoring the model's own afterwards. Models load with eager attention so that the hooking
+    backends agree; a caller whose forwards only need to agree among themselves (the batteries) can take the
+    faster one without anyone else seeing it: every other forward of a shared model runs under the same lock.
+    Where the model cannot switch (an architecture without the attention interface) it runs unchanged;
+    :attr:`impl` then says what was used.
+
+    >>> from contextlib import nullcontext
+    >>> from workbench.tiny import build_tiny
+    >>> model, _ = build_tiny("llama", n_layers=1)
+    >>> held = AttentionHeld(nullcontext(), model, "sdpa")
+    >>> with held:
+    ...     inside = model.config._attn_implementation
+    >>> inside, model.config._attn_implementation
+    ('sdpa', 'eager')
+    """
+
+    def __init__(self, lock: Any, model: Any, impl: str | None) -> None:
+        self.lock, self.model = lock, model
+        self.own = getattr(model.config, "_attn_implementation", None)
+        self.impl = impl if impl is not None else self.own
+
+    def __enter__(self) -> "AttentionHeld":
+        self.lock.__enter__()
+        if self.impl != self.own:
+            try:  # switch only while the lock is held, so no other caller of the model sees it
+                self.model.set_attn_implementation(self.impl)
+            except Exception:  # noqa: BLE001 - this model cannot switch: it runs unchanged from now on
+                self.impl = self.own
+                if getattr(self.model.config, "_attn_implementation", None) != self.own:
+                    self.model.set_attn_implementation(self.own)
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        try:
+            if self.impl != self.own:
+                self.model.set_attn_implementation(self.own)
+        finally:
+            self.lock.__exit__(*exc)
+        return False
+
+
 def crop_cache(cache: Any, length: int) -> None:
     """Cut a KV cache back to its first ``length`` positions (e.g. after teacher-forced tokens scored in a
     prefill); raises when the cache cannot be cut exactly."""
