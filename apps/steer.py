@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from workbench.arch import cache_kwarg as _cache_kwarg
+from workbench.arch import new_cache as _new_cache
 from workbench.backends.base import Backend
 from workbench.chat import Batch, ChatFormat, encode, position_ids_from_mask
 from workbench.errors import WorkbenchError
@@ -39,8 +41,6 @@ from workbench.scoring import is_refusal, refusal_token_ids
 from workbench.sites import Site, parse_layers
 from workbench.vectors import Direction
 
-from steering.battery import cache_kwarg as _cache_kwarg  # shared with the batteries' batched decoding
-from steering.battery import new_cache as _new_cache
 from steering.kernel import KernelAblation
 
 KINDS = ("none", "addition", "ablation", "orthogonalised", "optimised")

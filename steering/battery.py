@@ -35,9 +35,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from workbench.arch import AttentionHeld, cache_kwarg, crop_cache, new_cache  # noqa: F401  (re-exported: the app's decoding uses them)
+from steering.decoding import greedy_decode, teacher_forcing_exact  # noqa: F401  (re-exported)
+from workbench.kernels import ATTENTION, LINEAR, KernelsHeld
 from workbench.backends.base import Backend
-from workbench.chat import ChatFormat, encode
+from workbench.chat import ChatFormat
 from workbench.errors import WorkbenchError
 from workbench.interventions import Intervention, OnRows
 from workbench.scoring import completion_nll, is_refusal, next_token_logprobs, refusal_scores_from_logprobs
@@ -50,8 +51,6 @@ Lock = Any
 #: What :func:`make_setting` scores (the app's column kinds).
 SETTING_KINDS = ("none", "addition", "ablation", "orthogonalised", "optimised")
 Progress = Callable[[float, str], None]
-#: the battery's attention implementations (:attr:`BatteryConfig.attention`)
-ATTENTION = ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
@@ -67,10 +66,12 @@ class BatteryConfig:
     batch_size: int = 16
     n_boot: int = 1000
     seed: int = 0
-    #: the attention implementation of the battery's forward passes (switched only while the model's lock is
-    #: held; :class:`workbench.arch.AttentionHeld`): "sdpa" (default, faster on CPU), "eager" (the model's
-    #: loading default, what the other scorers use; the numbers agree to float rounding)
+    #: the kernels of the battery's forward passes (:mod:`workbench.kernels`; switched only while the model's
+    #: lock is held): attention "sdpa" (default) or "eager" (the model's loading default, what the other scorers
+    #: use); float32 linear layers on "onednn" (default; 2.3-2.6x faster than MKL on this project's CPUs) or
+    #: "default". The numbers agree to float rounding either way.
     attention: str = "sdpa"
+    linear: str = "onednn"
 
     def __post_init__(self) -> None:
         for k in ("n_harmful", "n_tasks", "n_harmless", "harm_tokens", "code_tokens", "batch_size"):
@@ -78,6 +79,8 @@ class BatteryConfig:
                 raise WorkbenchError(f"battery {k.replace('_', ' ')} must be >= 1, got {getattr(self, k)}")
         if self.attention not in ATTENTION:
             raise WorkbenchError(f"battery attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+        if self.linear not in LINEAR:
+            raise WorkbenchError(f"battery linear must be one of {', '.join(LINEAR)}, got {self.linear!r}")
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -128,7 +131,7 @@ def battery_inputs(cfg: BatteryConfig) -> tuple[list[str], list[Any], list[str]]
     return harmful[:cfg.n_harmful], tasks[:cfg.n_tasks], harmless[:cfg.n_harmless]
 
 
-# -- batched greedy decoding, one locked forward pass per step --------------------------------------
+# -- decoding (steering.decoding) ------------------------------------------------------------------
 
 def code_block_closed(text: str) -> bool:
     """Stop rule for code replies: an opening ``` fence followed by a closing one."""
@@ -136,166 +139,47 @@ def code_block_closed(text: str) -> bool:
     return first >= 0 and text.find("```", first + 3) >= 0
 
 
-def teacher_forcing_exact(backend: Backend, interventions: Sequence[Intervention]) -> bool:
-    """Whether answers teacher-forced in :func:`greedy_decode`'s prefill score as
-    :func:`workbench.scoring.completion_nll` does: every intervention touches every position (``apply_to='all'``,
-    so an answer's tokens count the same as prompt or as generated ones) and the model's cache is a plain one
-    that can be cut back (no sliding window)."""
-    cfg = backend.lm.model.config
-    if any(k != "full_attention" for k in (getattr(cfg, "layer_types", None) or [])) or \
-            getattr(cfg, "use_sliding_window", False):
-        return False
-    return all(getattr(iv, "inner", iv).apply_to == "all" and iv.apply_to == "all" for iv in interventions)
-
-
-def greedy_decode(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | None, *, max_new_tokens: int,
-                  interventions: Sequence[Intervention] = (), lock: Lock | None = None, batch_size: int = 8,
-                  stop: Callable[[str], bool] | None = None,
-                  on_batch: Callable[[int], None] | None = None,
-                  first_step: list[torch.Tensor] | None = None,
-                  answers: Sequence[str] | None = None,
-                  answer_nll: list[list[tuple[float, int]]] | None = None) -> list[str]:
-    """Greedy replies for every prompt (batches of prompts of similar length, left-padded), each step a
-    forward pass with the KV cache taken under ``lock`` with the hooks registered inside it. A row ends at
-    an end-of-sequence token, after ``max_new_tokens``, or when ``stop(text so far)`` is true; ended rows
-    leave the batch (and its KV cache), so the remaining rows' steps get cheaper. The prompts' shared
-    leading tokens run once per setting (the native backend's shared prefix, :meth:`prefill_shared`).
-
-    Interventions see the caller's row ids (:attr:`workbench.interventions.HookContext.rows`: the index of the
-    prompt in ``prompts``), so :class:`~workbench.interventions.OnRows` can steer some prompts only. With
-    ``first_step`` (a list), the next-token log-probabilities ``[len(prompts), V]`` at each prompt's last
-    position (interventions active) are appended to it: what a forward over the prompts alone gives.
-
-    With ``answers`` (one text per prompt) and ``answer_nll`` (a list), each answer is teacher-forced right
-    after its prompt in the same prefill (the cache is cut back to the prompt before decoding) and the list of
-    every prompt's (summed NLL, answer tokens) is appended to ``answer_nll``: what
-    :func:`workbench.scoring.completion_nll` gives, without a second pass over the prompts. Only where that is
-    exact (:func:`teacher_forcing_exact`; raised otherwise)."""
-    if max_new_tokens < 1:
-        raise WorkbenchError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    lock = lock if lock is not None else nullcontext()
-    prompts = list(prompts)
-    lm = backend.lm
-    tok = lm.tokenizer
-    model = lm.model
-    with lock:
-        full = encode(tok, prompts, fmt, max_positions=lm.max_positions)
-        answer_ids = None
-        if answers is not None:
-            if answer_nll is None or len(answers) != len(prompts):
-                raise WorkbenchError(f"answers need an answer_nll list and one answer per prompt "
-                                     f"({len(prompts)} prompts, {len(answers)} answers)")
-            if not teacher_forcing_exact(backend, interventions):
-                raise WorkbenchError("answers can be teacher-forced in the decoding prefill only when every "
-                                     "intervention applies to all positions and the model has no sliding window; "
-                                     "score them with workbench.scoring.completion_nll")
-            answer_ids = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
-            for i, a in enumerate(answer_ids):
-                if lm.max_positions and int(full.lengths[i]) + len(a) > lm.max_positions:
-                    raise WorkbenchError(f"prompt {i} and its answer take {int(full.lengths[i]) + len(a)} tokens, "
-                                         f"more than the model's context of {lm.max_positions}")
-    order = sorted(range(len(prompts)), key=lambda i: int(full.lengths[i]))
-    out = [""] * len(prompts)
-    first: list[torch.Tensor | None] = [None] * len(prompts)
-    nlls: list[tuple[float, int]] = [(0.0, 0)] * len(prompts)
-    eos = set(backend.eos_ids())
-    kw_name = cache_kwarg(model)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        rows = torch.tensor(idx, dtype=torch.long)
-        with lock:
-            batch = encode(tok, [prompts[i] for i in idx], fmt).to(lm.device)
-            # the prompts' shared leading tokens (system prompt, user header) once per setting in the batch
-            prefill = getattr(backend, "prefill_shared", None)
-            n, cache, nxt, mask, pos = (prefill(batch, list(interventions), rows) if prefill is not None
-                                        else (0, None, batch.input_ids, batch.attention_mask, batch.position_ids))
-        ctx = backend.context(batch)
-        ctx.rows, ctx.offset, ctx.shared = rows, n, n
-        fns = backend.site_functions((), list(interventions), ctx, None)
-        cache = cache if cache is not None else new_cache(model)
-        width = int(mask.shape[1])  # prefix + the prompts' padded width: the cache's length after the prefill
-        # the first step's inputs: the prompts, then (teacher forcing) each row's answer, right-padded
-        inp, inp_mask, inp_pos, keep = nxt, mask, pos, 1
-        batch_answers = [answer_ids[i] for i in idx] if answer_ids is not None else []
-        n_ans = max((len(a) for a in batch_answers), default=0)
-        if n_ans:
-            a_ids = torch.full((len(idx), n_ans), backend.pad_id(), dtype=nxt.dtype)
-            a_mask = torch.zeros((len(idx), n_ans), dtype=mask.dtype)
-            for r, a in enumerate(batch_answers):
-                a_ids[r, :len(a)] = torch.tensor(a, dtype=nxt.dtype)
-                a_mask[r, :len(a)] = 1
-            inp = torch.cat([nxt, a_ids.to(nxt.device)], dim=1)
-            inp_mask = torch.cat([mask, a_mask.to(mask.device)], dim=1)
-            inp_pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(n_ans, device=pos.device)], dim=1)
-            keep = n_ans + 1
-        offset = n
-        live = list(range(len(idx)))  # batch-local row of each row still generating
-        ids: list[list[int]] = [[] for _ in idx]
-        for step in range(max_new_tokens):
-            off = offset
-
-            def wrap(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-                def g(act: torch.Tensor) -> torch.Tensor:
-                    ctx.offset = off  # the absolute index of this step's first token
-                    return fn(act)
-
-                return g
-
-            with lock, torch.no_grad(), backend.hooked(ctx, {k: wrap(f) for k, f in fns.items()}):
-                logits = model(input_ids=inp, attention_mask=inp_mask, position_ids=inp_pos, use_cache=True,
-                               logits_to_keep=keep, **{kw_name: cache}).logits
-                if keep > 1:  # teacher-forced answers: their NLL, then the cache back to the prompts
-                    for r, a in enumerate(batch_answers):
-                        if a:
-                            lp = torch.log_softmax(logits[r, :len(a)].float(), -1)
-                            tgt = torch.tensor(a, dtype=torch.long, device=lp.device)
-                            nlls[idx[r]] = (float(-lp[torch.arange(len(a)), tgt].sum()), len(a))
-                    crop_cache(cache, width)
-                logits = logits[:, 0] if keep > 1 else logits[:, -1]
-                if step == 0 and first_step is not None:
-                    lp = torch.log_softmax(logits.float(), -1).cpu()
-                    for r, i in enumerate(idx):
-                        first[i] = lp[r]
-                new = logits.argmax(-1).tolist()
-                ended = []
-                for j, t in enumerate(new):
-                    r = live[j]
-                    if t in eos:
-                        ended.append(j)
-                        continue
-                    ids[r].append(int(t))
-                    if stop is not None and stop(tok.decode(ids[r], skip_special_tokens=True)):
-                        ended.append(j)
-            offset += int(nxt.shape[1])
-            keep = 1
-            if len(ended) == len(live):
-                break
-            if ended:  # drop the ended rows from the batch and the cache
-                gone = set(ended)
-                kept = [j for j in range(len(live)) if j not in gone]
-                sel = torch.tensor(kept, dtype=torch.long, device=mask.device)
-                cache.batch_select_indices(sel)
-                mask, pos = mask[sel], pos[sel]
-                ctx.pads, ctx.rows = ctx.pads[sel.cpu()], ctx.rows[sel.cpu()]
-                new = [new[j] for j in kept]
-                live = [live[j] for j in kept]
-            nxt = torch.tensor([new], dtype=batch.input_ids.dtype, device=mask.device).T
-            mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=mask.device)], dim=1)
-            pos = pos[:, -1:] + 1
-            inp, inp_mask, inp_pos = nxt, mask, pos
-        with lock:
-            for r, i in enumerate(idx):
-                out[i] = tok.decode(ids[r], skip_special_tokens=True)
-        if on_batch is not None:
-            on_batch(len(idx))
-    if first_step is not None:
-        first_step.append(torch.stack(first))  # type: ignore[arg-type]
-    if answer_nll is not None and answer_ids is not None:
-        answer_nll.append(nlls)
-    return out
-
-
 # -- the battery -------------------------------------------------------------------------------------
+
+class _Checks:
+    """The unit tests of code replies in a pool of ``workers`` sandboxes, each distinct (task, reply) once
+    (settings often write the same code: the unmodified model and a random control, say), each started when
+    :meth:`submit` gets it; :meth:`results` waits for them all, :meth:`cancel` drops what has not started."""
+
+    def __init__(self, tasks: Sequence[Any], workers: int) -> None:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.tasks = tasks
+        self.pool = ThreadPoolExecutor(max_workers=max(1, int(workers)))
+        self.running: dict[tuple[int, str], Any] = {}
+        self.seconds = 0.0
+        self._lock = threading.Lock()
+
+    def _check(self, task: int, reply: str) -> Any:
+        from workbench.codetasks import check_completion
+
+        t = time.perf_counter()
+        try:
+            return check_completion(reply, self.tasks[task])
+        finally:
+            with self._lock:
+                self.seconds += time.perf_counter() - t
+
+    def submit(self, task: int, reply: str) -> None:
+        if (task, reply) not in self.running:
+            self.running[(task, reply)] = self.pool.submit(self._check, task, reply)
+
+    def results(self) -> dict[tuple[int, str], Any]:
+        """Every check's result (waits for the running ones)."""
+        try:
+            return {key: f.result() for key, f in self.running.items()}
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def cancel(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
 
 def _mean_ci(values: Sequence[float], cfg: BatteryConfig, salt: int) -> tuple[float, float, float]:
     v = [float(x) for x in values]
@@ -316,17 +200,16 @@ def run_battery(base: Backend, fmt: ChatFormat | None, settings: Sequence[Batter
     ``base`` is the unmodified model's backend (the KL reference); a setting with its own ``backend`` (an
     orthogonalised copy) runs there without interventions. ``judge``: an object with
     ``score(prompts, completions) -> [JudgeResult]`` (``workbench.scoring``), or None."""
-    from workbench.codetasks import check_many
-
     from workbench.argtypes import check_context
 
     t_all = time.perf_counter()
-    helds: dict[int, AttentionHeld] = {}
+    helds: dict[int, KernelsHeld] = {}
 
-    def held(be: Backend) -> AttentionHeld:
-        """The lock, and the battery's attention for ``be``'s model while it is held."""
+    def held(be: Backend) -> KernelsHeld:
+        """The lock, and the battery's kernels for ``be``'s model while it is held."""
         if id(be) not in helds:
-            helds[id(be)] = AttentionHeld(lock if lock is not None else nullcontext(), be.lm.model, cfg.attention)
+            helds[id(be)] = KernelsHeld(lock if lock is not None else nullcontext(), be.lm.model, cfg.attention,
+                                        cfg.linear)
         return helds[id(be)]
 
     lock_ = held(base)
@@ -335,7 +218,7 @@ def run_battery(base: Backend, fmt: ChatFormat | None, settings: Sequence[Batter
     with lock_:  # every prompt plus its replies' tokens must fit the model's context (nothing is cut silently)
         check_context(base.lm, fmt, [harmful, harmless], cfg.harm_tokens, flag="the battery's harm tokens")
         check_context(base.lm, fmt, [task_prompts], cfg.code_tokens, flag="the battery's code tokens")
-    units = max(1, len(settings) * (len(harmful) + len(tasks) + 3))
+    units = max(1, len(settings) * (len(harmful) + len(tasks) + len(harmless) + 3))
     done_units = [0]
 
     def tick(n: int, msg: str) -> None:
@@ -343,67 +226,97 @@ def run_battery(base: Backend, fmt: ChatFormat | None, settings: Sequence[Batter
         if progress is not None:
             progress(min(1.0, done_units[0] / units), msg)
 
-    phases = dict.fromkeys(("reference", "harm_decode", "code_decode", "judge", "unit_tests", "answer_nll", "kl"), 0.0)
+    phases = dict.fromkeys(("decode", "reference", "judge", "unit_tests", "answer_nll", "kl"), 0.0)
+    # the three prompt sets: harmful (greedy replies + the prefill's refusal logits), code tasks (replies until the
+    # block closes, the reference solutions teacher-forced in the prefill), harmless (the prefill's next-token
+    # log-probabilities only, for KL); each set is prefilled on its own, then all rows decode in one loop
+    sets = [("harm", harmful, cfg.harm_tokens, None, None),
+            ("code", task_prompts, cfg.code_tokens, code_block_closed, [t.reference_reply for t in tasks]),
+            ("kl", harmless, 1, None, None)]
+    replies: dict[str, list[list[str]]] = {name: [[] for _ in settings] for name, *_ in sets}
+    firsts: dict[str, list[torch.Tensor]] = {name: [torch.empty(0)] * len(settings) for name, *_ in sets}
+    code_nll: list[list[tuple[float, int]] | None] = [None] * len(settings)
+    # the settings on the base model share one batched decoding (each prompt once per setting, each setting's
+    # interventions on its own rows); a setting with its own backend (or every one, without ``joint``) decodes alone
+    on_base = [i for i, st in enumerate(settings) if st.backend is None]
+    groups = ([on_base] if joint and on_base else []) + [[i] for i in range(len(settings)) if not joint or
+                                                         settings[i].backend is not None]
+    def decode_group(g: list[int]) -> tuple[list[tuple[str, int, int, int]], list[str], list[torch.Tensor],
+                                             list[list[tuple[float, int]]]]:
+        """One group of settings decoded together: every set's prompts once per setting (rows in ``spans``:
+        set, setting, first row, rows), the settings' interventions on their own rows."""
+        be = settings[g[0]].backend or base
+        prompts: list[str] = []
+        limits: list[int] = []
+        stops: list[Callable[[str], bool] | None] = []
+        answers: list[str | None] = []
+        parts: list[int] = []
+        spans: list[tuple[str, int, int, int]] = []  # (set, setting, first row, rows)
+        rows_of: dict[int, list[int]] = {i: [] for i in g}
+        for k, (name, ps, limit, stop_rule, ans) in enumerate(sets):
+            for i in g:
+                spans.append((name, i, len(prompts), len(ps)))
+                rows_of[i] += range(len(prompts), len(prompts) + len(ps))
+                prompts += ps
+                limits += [limit] * len(ps)
+                stops += [stop_rule] * len(ps)
+                answers += list(ans) if ans is not None else [None] * len(ps)
+                parts += [k] * len(ps)
+        if be is not base:
+            ivs = []
+        elif len(g) == 1:
+            ivs = list(settings[g[0]].interventions)
+        else:
+            ivs = [OnRows(iv, rows_of[i]) for i in g for iv in settings[i].interventions]
+        fs: list[torch.Tensor] = []
+        nl: list[list[tuple[float, int]]] = []
+        what = f"{len(g)} settings in one batch" if len(g) > 1 else settings[g[0]].name
+        code_task = {start + j: j for name, _, start, n in spans if name == "code" for j in range(n)}
+
+        def on_row(row: int, reply: str, _code: dict[int, int] = code_task) -> None:
+            if row in _code:
+                checks.submit(_code[row], reply)
+
+        out = greedy_decode(be, prompts, fmt, max_new_tokens=limits, interventions=ivs, lock=held(be),
+                            batch_size=cfg.batch_size * len(g), stop=stops, first_step=fs, parts=parts,
+                            answers=answers if teacher_forcing_exact(be, ivs) else None, answer_nll=nl,
+                            on_batch=lambda m, _w=what: tick(m, f"decoding ({_w})"), on_row=on_row)
+        return spans, out, fs, nl
+
+    # unit tests: started as soon as a code reply is final, while the rest decode
+    checks = _Checks(tasks, check_workers)
     t_ph = time.perf_counter()
-    with lock_:
-        ref_lp = next_token_logprobs(base, harmless, fmt, batch_size=16)
+    try:
+        decoded = [decode_group(g) for g in groups]
+    except BaseException:
+        checks.cancel()
+        raise
+    for g, (spans, out, fs, nl) in zip(groups, decoded):
+        for name, i, start, n in spans:
+            replies[name][i] = out[start:start + n]
+            firsts[name][i] = fs[0][start:start + n]
+            if name == "code" and nl:
+                code_nll[i] = nl[0][start:start + n]
+    phases["decode"] = time.perf_counter() - t_ph
+
+    harm_replies, harm_first, code_replies = replies["harm"], firsts["harm"], replies["code"]
+    # the KL reference: the unmodified model's harmless log-probabilities (an unmodified setting's own rows when
+    # there is one, else a pass of their own)
+    t_ph = time.perf_counter()
+    plain = [i for i, st in enumerate(settings) if st.backend is None and not list(st.interventions)]
+    if plain:
+        ref_lp = firsts["kl"][plain[0]]
+    else:
+        with lock_:
+            ref_lp = next_token_logprobs(base, harmless, fmt, batch_size=16)
     phases["reference"] = time.perf_counter() - t_ph
-
-    def decode_all(prompts: list[str], max_new_tokens: int, what: str, stop: Callable[[str], bool] | None = None,
-                   answers: list[str] | None = None
-                   ) -> tuple[list[list[str]], list[torch.Tensor], list[list[tuple[float, int]] | None]]:
-        """Every setting's greedy replies, prefill log-probabilities and (``answers``: teacher-forced in the
-        same prefill, where that is exact) answer NLLs. The settings on the base model share one batched
-        decoding (each prompt once per setting, each setting's interventions on its own rows); a setting with
-        its own backend decodes alone."""
-        n = len(prompts)
-        replies: list[list[str]] = [[] for _ in settings]
-        firsts: list[torch.Tensor] = [torch.empty(0)] * len(settings)
-        nlls: list[list[tuple[float, int]] | None] = [None] * len(settings)
-        on_base = [i for i, st in enumerate(settings) if st.backend is None] if joint else []
-        if on_base:
-            ivs = [OnRows(iv, range(k * n, (k + 1) * n)) for k, i in enumerate(on_base)
-                   for iv in settings[i].interventions]
-            fs: list[torch.Tensor] = []
-            ans = answers if answers is not None and teacher_forcing_exact(base, ivs) else None
-            nl: list[list[tuple[float, int]]] = []
-            out = greedy_decode(base, prompts * len(on_base), fmt, max_new_tokens=max_new_tokens, interventions=ivs,
-                                lock=lock_, batch_size=cfg.batch_size * len(on_base), stop=stop, first_step=fs,
-                                answers=None if ans is None else ans * len(on_base), answer_nll=nl,
-                                on_batch=lambda m: tick(m, f"{what} ({len(on_base)} settings in one batch)"))
-            for k, i in enumerate(on_base):
-                replies[i], firsts[i] = out[k * n:(k + 1) * n], fs[0][k * n:(k + 1) * n]
-                nlls[i] = nl[0][k * n:(k + 1) * n] if nl else None
-        for i, st in enumerate(settings):
-            if i not in on_base:
-                fs, nl = [], []
-                be = st.backend or base
-                ivs = list(st.interventions) if st.backend is None else []
-                ans = answers if answers is not None and teacher_forcing_exact(be, ivs) else None
-                replies[i] = greedy_decode(be, prompts, fmt, max_new_tokens=max_new_tokens, interventions=ivs,
-                                           lock=held(be), batch_size=cfg.batch_size, stop=stop, first_step=fs,
-                                           answers=ans, answer_nll=nl,
-                                           on_batch=lambda m, _n=st.name: tick(m, f"{_n}: {what}"))
-                firsts[i], nlls[i] = fs[0], (nl[0] if nl else None)
-        return replies, firsts, nlls
-
-    t_dec = time.perf_counter()
-    harm_replies, harm_first, _ = decode_all(harmful, cfg.harm_tokens, "harmful prompts")
-    phases["harm_decode"] = time.perf_counter() - t_dec
+    decode_share = (time.perf_counter() - t_ph + phases["decode"]) / max(1, len(settings))
     t_ph = time.perf_counter()
-    # the reference solutions are teacher-forced in the code decoding's prefill (their answer NLL)
-    code_replies, _, code_nll = decode_all(task_prompts, cfg.code_tokens, "code tasks", stop=code_block_closed,
-                                           answers=[t.reference_reply for t in tasks])
-    phases["code_decode"] = time.perf_counter() - t_ph
-    decode_share = (time.perf_counter() - t_dec) / max(1, len(settings))
-    # unit tests: each distinct (task, reply) once (settings often write the same code: the unmodified model and
-    # a random control, say), every setting's replies in one pool of sandboxes
-    t_ph = time.perf_counter()
-    distinct = list(dict.fromkeys((i, r) for replies in code_replies for i, r in enumerate(replies)))
-    checked = dict(zip(distinct, check_many([r for _, r in distinct], [tasks[i] for i, _ in distinct],
-                                            workers=check_workers)))
-    phases["unit_tests"] = time.perf_counter() - t_ph
-    decode_share += phases["unit_tests"] / max(1, len(settings))  # the settings' shares of the shared work
+    checked = checks.results()
+    # the sandboxes' own time (mostly while the decoding ran) and the wait for them after it
+    phases["unit_tests"] = checks.seconds
+    phases["unit_tests_wait"] = time.perf_counter() - t_ph
+    decode_share += phases["unit_tests_wait"] / max(1, len(settings))  # the settings' shares of the shared work
     summary: list[dict[str, Any]] = []
     items: list[dict[str, Any]] = []
     for si, st in enumerate(settings):
@@ -465,11 +378,9 @@ def run_battery(base: Backend, fmt: ChatFormat | None, settings: Sequence[Batter
             items.append({"setting": st.name, "set": "code", "index": i, "prompt": t.prompt, "reply": reply,
                           "task_id": t.id, "status": c.status, "tests_passed": c.n_passed, "tests": c.n_tests,
                           "passed": c.passed, "detail": c.detail, "answer_nll": v})
-        # KL on harmless prompts
+        # KL on harmless prompts (the setting's next-token log-probabilities from the decoding's prefill)
         t_ph = time.perf_counter()
-        with held(be):
-            lp = ref_lp if (st.backend is None and not ivs) else next_token_logprobs(be, harmless, fmt,
-                                                                                     interventions=ivs, batch_size=16)
+        lp = firsts["kl"][si]
         kl = (ref_lp.double().exp() * (ref_lp.double() - lp.double())).sum(-1).clamp(min=0).tolist()
         phases["kl"] += time.perf_counter() - t_ph
         tick(1, f"{tag}: KL on harmless prompts")
@@ -482,7 +393,8 @@ def run_battery(base: Backend, fmt: ChatFormat | None, settings: Sequence[Batter
         row["scorers"] = ("harm=1-refusal_phrase; refusal_logit; judge (rating>=3 of 5 = harmful); pass_rate=unit "
                           "tests (workbench.codetasks sandbox); answer_nll; kl=kl_last")
         row["config"] = asdict(cfg)
-        row["attention"] = held(be).impl  # what ran (the model's own where it cannot switch)
+        # what ran (the model's own attention where it cannot switch; the default linear without oneDNN)
+        row["attention"], row["linear"] = held(be).attention, held(be).linear_used()
         summary.append(row)
     return BatteryResult(summary, items, time.perf_counter() - t_all, {k: round(v, 2) for k, v in phases.items()})
 
@@ -605,7 +517,8 @@ def cmd_battery(args: Any) -> int:
 
     cfg = BatteryConfig(n_harmful=args.n_harmful, n_tasks=args.n_tasks, n_harmless=args.n_harmless,
                         harm_tokens=args.harm_tokens, code_tokens=args.code_tokens, batch_size=args.batch_size,
-                        n_boot=args.n_boot, seed=args.seed, attention=args.attention)
+                        n_boot=args.n_boot, seed=args.seed, attention=args.attention,
+                        linear=args.linear)
     harmful, tasks, harmless = battery_inputs(cfg)
     if args.backend not in (None, "native"):
         raise WorkbenchError(f"the battery decodes through the native backend; --backend {args.backend} is not "
@@ -705,6 +618,9 @@ def add_battery_parser(ss: Any, common: Callable[[Any], None]) -> None:
     p.add_argument("--attention", choices=list(ATTENTION), default=d.attention,
                    help="attention implementation of the battery's passes (default %(default)s; eager: the loading "
                         "default; the numbers agree to float rounding)")
+    p.add_argument("--linear", choices=list(LINEAR), default=d.linear,
+                   help="float32 linear layers on oneDNN (default) or the default BLAS; the numbers agree to float "
+                        "rounding")
     p.add_argument("--judge-url", default=None, help="an OpenAI-compatible judge endpoint (key: $WORKBENCH_JUDGE_KEY)")
     p.add_argument("--judge-model", default=None)
     p.set_defaults(func=cmd_battery)

@@ -107,15 +107,15 @@ def test_answers_teacher_forced_in_the_prefill_score_as_completion_nll():
         greedy_decode(be, PROMPTS, FMT, max_new_tokens=2, interventions=last, answers=answers, answer_nll=[])
 
 
-def test_battery_attention_switch_is_held_with_the_lock_only():
-    """The battery's forwards run with sdpa attention while the lock is held, the model is back to its own
-    (eager) attention whenever the lock is released, and eager and sdpa batteries give the same numbers
-    (rates exactly, means to float rounding)."""
+def test_battery_kernels_are_switched_with_the_lock_only_and_agree():
+    """The battery's forwards run with sdpa attention and oneDNN linear layers while the lock is held, the model
+    is back to its own (eager) attention whenever the lock is released, and the fast and the default kernels
+    give the same numbers (rates exactly, means to float rounding)."""
     import pytest
 
     from steering.battery import BatteryConfig, BatterySetting, run_battery
-    from workbench.arch import AttentionHeld
     from workbench.errors import WorkbenchError
+    from workbench.kernels import KernelsHeld, onednn_linear_available
 
     be = _backend("qwen2")
     model = be.lm.model
@@ -135,24 +135,128 @@ def test_battery_attention_switch_is_held_with_the_lock_only():
     settings = [BatterySetting("unmodified"), BatterySetting("ablation", [Ablation(Site(1, "resid_pre"), _vec(d, 7))])]
     sizes = dict(n_harmful=3, n_tasks=2, n_harmless=3, harm_tokens=4, code_tokens=8, n_boot=50)
     try:
-        res = {a: run_battery(be, FMT, settings, BatteryConfig(attention=a, **sizes), lock=Lock())
-               for a in ("sdpa", "eager")}
+        res = {k: run_battery(be, FMT, settings, BatteryConfig(attention=a, linear=li, **sizes), lock=Lock())
+               for k, (a, li) in {"fast": ("sdpa", "onednn"), "default": ("eager", "default")}.items()}
     finally:
         handle.remove()
     assert set(Lock.states) == {"eager"} and model.config._attn_implementation == "eager"
-    assert "sdpa" in seen and "eager" in seen  # the sdpa battery's passes, then the eager one's
-    for a, b in zip(res["sdpa"].summary, res["eager"].summary):
-        assert a["attention"] == "sdpa" and b["attention"] == "eager"
+    assert "sdpa" in seen and "eager" in seen  # the fast battery's passes, then the default one's
+    assert onednn_linear_available()  # x86 PyTorch builds carry oneDNN: the fast path is really taken here
+    for a, b in zip(res["fast"].summary, res["default"].summary):
+        assert (a["attention"], a["linear"], b["attention"], b["linear"]) == ("sdpa", "onednn", "eager", "default")
         for k in ("harm_rate", "refusal_rate", "pass_rate"):
             assert a[k] == b[k]
         for k in ("refusal_logit", "answer_nll", "kl"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6)
-    # the lock is released (and eager restored) when a forward fails inside it
-    held = AttentionHeld(Lock(), model, "sdpa")
+    # the lock is released (and eager restored, the linear mode left) when a forward fails inside it
+    held = KernelsHeld(Lock(), model, "sdpa", "onednn")
     with pytest.raises(RuntimeError):
         with held:
             assert model.config._attn_implementation == "sdpa"
             raise RuntimeError("boom")
     assert model.config._attn_implementation == "eager" and Lock.states[-1] == "eager"
-    with pytest.raises(WorkbenchError, match="attention"):
-        BatteryConfig(attention="flash")
+    lin = torch.nn.Linear(4, 2)
+    with KernelsHeld(Lock(), model, None, "onednn") as h:
+        y = lin(torch.randn(3, 4))  # autograd on: the default kernel, gradients flow
+    assert y.requires_grad and h.linear_used() == "default"
+    for bad in (dict(attention="flash"), dict(linear="blas")):
+        with pytest.raises(WorkbenchError, match="must be one of"):
+            BatteryConfig(**bad)
+
+
+def test_parts_decode_in_one_loop_with_the_replies_of_each_part_alone():
+    """Prompt sets of different lengths, own token limits and stop rules, several settings on their own rows:
+    decoded as parts (each prefilled alone, then one loop) they give each part's replies, first-step
+    log-probabilities and answer NLLs decoded alone, in fewer forward passes."""
+    be = _backend("qwen2")
+    d = be.lm.model.config.hidden_size
+    short = ["hi", "Name a colour", "Say yes"]
+    long = ["Explain in detail how a steam engine turns heat into work, step by step",
+            "Write a long story about a lighthouse keeper and a storm at sea, with a twist at the end"]
+
+    def stop(text: str) -> bool:
+        return len(text) >= 9
+
+    calls = [0]
+    handle = be.lm.model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    ivs_b = [Addition(Site(1, "resid_pre"), _vec(d, 8), 3.0)]
+    try:
+        sets = [(short, 7, None, None), (long, 11, stop, ["The engine burns coal.", "Once upon a time"]),
+                (PROMPTS[:2], 1, None, None)]
+        prompts, limits, stops, answers, parts, spans = [], [], [], [], [], []
+        for k, (ps, lim, st, ans) in enumerate(sets):
+            for s in range(2):  # two settings: unmodified, ivs_b
+                spans.append((k, s, len(prompts), len(ps)))
+                prompts += ps
+                limits += [lim] * len(ps)
+                stops += [st] * len(ps)
+                answers += ans if ans else [None] * len(ps)
+                parts += [k] * len(ps)
+        rows_b = [r for k, s, a, n in spans if s == 1 for r in range(a, a + n)]
+        joint_ivs = [OnRows(iv, rows_b) for iv in ivs_b]
+        fs, nl = [], []
+        calls[0] = 0
+        got = greedy_decode(be, prompts, FMT, max_new_tokens=limits, interventions=joint_ivs, stop=stops, parts=parts,
+                            batch_size=16, first_step=fs, answers=answers, answer_nll=nl)
+        n_joint = calls[0]
+        n_alone = 0
+        for k, s, a, n in spans:
+            ps, lim, st, ans = sets[k]
+            f1, n1 = [], []
+            calls[0] = 0
+            alone = greedy_decode(be, ps, FMT, max_new_tokens=lim, stop=st, interventions=ivs_b if s else [],
+                                  batch_size=16, first_step=f1, answers=ans, answer_nll=n1 if ans else None)
+            n_alone += calls[0]
+            assert got[a:a + n] == alone, (k, s)
+            torch.testing.assert_close(fs[0][a:a + n], f1[0], atol=2e-5, rtol=1e-5)
+            if ans:
+                for (x, cx), (y, cy) in zip(nl[0][a:a + n], n1[0]):
+                    assert cx == cy and abs(x - y) < 1e-4 * max(1.0, abs(y))
+    finally:
+        handle.remove()
+    assert any(stop(t) for t in got[6:10]) and got[:3] != got[3:6]
+    assert n_joint < n_alone  # the parts shared their decoding steps
+
+
+def test_battery_numbers_equal_the_independent_scorers_joint_or_not():
+    """Every per-item number of the battery (refusal logit, answer NLL, KL) equals what the plain scorers give
+    for that setting (next_token_logprobs, completion_nll, refusal_scores), joint or one setting at a time, for
+    a setting on all positions, one on the last prompt position only (answers then scored apart) and one on
+    its own backend."""
+    import pytest
+
+    from steering.battery import BatteryConfig, BatterySetting, battery_inputs, run_battery
+    from workbench.scoring import completion_nll, kl_from_logprobs, refusal_scores
+
+    be = _backend("qwen2")
+    other = _backend("llama")  # a setting with a backend of its own (as an orthogonalised copy is)
+    d = be.lm.model.config.hidden_size
+    last = [Addition(Site(1, "resid_pre"), _vec(d, 9), 4.0, apply_to="last")]
+    settings = [BatterySetting("unmodified"), BatterySetting("abl", [Ablation(Site(1, "resid_pre"), _vec(d, 7))]),
+                BatterySetting("last", last), BatterySetting("own", (), other)]
+    cfg = BatteryConfig(n_harmful=3, n_tasks=2, n_harmless=3, harm_tokens=4, code_tokens=8, n_boot=50,
+                        attention="eager")
+    harmful, tasks, harmless = battery_inputs(cfg)
+    runs = {j: run_battery(be, FMT, settings, cfg, joint=j) for j in (True, False)}
+    ref = next_token_logprobs(be, harmless, FMT)
+    for j, res in runs.items():
+        for st in settings:
+            b = st.backend or be
+            ivs = list(st.interventions)
+            items = {(r["set"], r["index"]): r for r in res.items if r["setting"] == st.name}
+            want_nll = completion_nll(b, [t.prompt for t in tasks], [t.reference_reply for t in tasks], FMT,
+                                      interventions=ivs)
+            want_kl = kl_from_logprobs(ref, next_token_logprobs(b, harmless, FMT, interventions=ivs)).tolist()
+            want_rl = refusal_scores(b, harmful, FMT, interventions=ivs).tolist()
+            for i, (s, c) in enumerate(want_nll):
+                assert items[("code", i)]["answer_nll"] == pytest.approx(s / c, rel=1e-4), (j, st.name, i)
+            for i, v in enumerate(want_kl):
+                assert items[("harmless", i)]["kl_last"] == pytest.approx(v, rel=1e-3, abs=1e-6), (j, st.name, i)
+            for i, v in enumerate(want_rl):
+                assert items[("harmful", i)]["refusal_logit"] == pytest.approx(v, rel=1e-4, abs=1e-5), (j, st.name, i)
+    for a, b in zip(runs[True].summary, runs[False].summary):
+        for k in ("harm_rate", "refusal_rate", "pass_rate"):
+            assert a[k] == b[k]
+    assert [r["reply"] for r in runs[True].items if "reply" in r] == \
+        [r["reply"] for r in runs[False].items if "reply" in r]
+    assert runs[True].summary[0]["kl"] == 0 and runs[True].summary[1]["kl"] > 0

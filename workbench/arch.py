@@ -151,48 +151,34 @@ def cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-class AttentionHeld:
-    """A context manager that holds ``lock`` (any context manager, e.g. the app's per-model lock) and, while
-    it is held, runs ``model`` with the attention implementation ``impl`` (``"sdpa"``, ``"eager"``; None:
-    unchanged), restoring the model's own afterwards. Models load with eager attention so that the hooking
-    backends agree; a caller whose forwards only need to agree among themselves (the batteries) can take the
-    faster one without anyone else seeing it: every other forward of a shared model runs under the same lock.
-    Where the model cannot switch (an architecture without the attention interface) it runs unchanged;
-    :attr:`impl` then says what was used.
+def plain_cache(model: Any) -> bool:
+    """Whether ``model``'s KV cache is a plain one (every layer full attention, no sliding window), whose
+    positions can be split off, cut back and joined (shared prefixes, teacher forcing, :func:`join_caches`)."""
+    cfg = model.config
+    kinds = getattr(cfg, "layer_types", None) or []
+    return all(k == "full_attention" for k in kinds) and not getattr(cfg, "use_sliding_window", False)
 
-    >>> from contextlib import nullcontext
-    >>> from workbench.tiny import build_tiny
-    >>> model, _ = build_tiny("llama", n_layers=1)
-    >>> held = AttentionHeld(nullcontext(), model, "sdpa")
-    >>> with held:
-    ...     inside = model.config._attn_implementation
-    >>> inside, model.config._attn_implementation
-    ('sdpa', 'eager')
-    """
 
-    def __init__(self, lock: Any, model: Any, impl: str | None) -> None:
-        self.lock, self.model = lock, model
-        self.own = getattr(model.config, "_attn_implementation", None)
-        self.impl = impl if impl is not None else self.own
+def join_caches(caches: list[Any], widths: list[int]) -> Any:
+    """One KV cache holding the rows of several (plain, :func:`plain_cache`) caches of lengths ``widths``: each
+    left-padded with zeros to the longest (the caller masks those positions), then stacked along the batch.
+    Returns the first cache, changed in place."""
+    from transformers.cache_utils import DynamicLayer
 
-    def __enter__(self) -> "AttentionHeld":
-        self.lock.__enter__()
-        if self.impl != self.own:
-            try:  # switch only while the lock is held, so no other caller of the model sees it
-                self.model.set_attn_implementation(self.impl)
-            except Exception:  # noqa: BLE001 - this model cannot switch: it runs unchanged from now on
-                self.impl = self.own
-                if getattr(self.model.config, "_attn_implementation", None) != self.own:
-                    self.model.set_attn_implementation(self.own)
-        return self
-
-    def __exit__(self, *exc: Any) -> bool:
-        try:
-            if self.impl != self.own:
-                self.model.set_attn_implementation(self.own)
-        finally:
-            self.lock.__exit__(*exc)
-        return False
+    width = max(widths)
+    for layers in zip(*(c.layers for c in caches)):
+        if any(type(x) is not DynamicLayer or not x.is_initialized for x in layers):
+            raise WorkbenchError("only plain dynamic KV caches can be joined")
+        for name in ("keys", "values"):
+            parts = []
+            for x, w in zip(layers, widths):
+                t = getattr(x, name)
+                if int(t.shape[-2]) != w:
+                    raise WorkbenchError(f"a cache holds {t.shape[-2]} positions, not the {w} given")
+                pad = t.new_zeros(t.shape[:-2] + (width - w, t.shape[-1]))
+                parts.append(torch.cat([pad, t], dim=-2) if w < width else t)
+            setattr(layers[0], name, torch.cat(parts, dim=0))
+    return caches[0]
 
 
 def crop_cache(cache: Any, length: int) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from workbench.arch import cache_kwarg
+from workbench.arch import cache_kwarg, plain_cache
 from workbench.backends.base import Backend, RunOutput, SiteFn, logits_kept
 from workbench.chat import Batch
 from workbench.interventions import HookContext, Intervention, OnRows
@@ -91,8 +91,7 @@ class NativeBackend(Backend):
         """How many leading tokens every row of ``batch`` shares and may be computed once (0: do not split)."""
         if not self.share_prefix or batch.size < 2 or not all(prefix_safe(iv) for iv in interventions):
             return 0
-        kinds = getattr(self.lm.model.config, "layer_types", None) or []
-        if any(k != "full_attention" for k in kinds) or getattr(self.lm.model.config, "use_sliding_window", False):
+        if not plain_cache(self.lm.model):
             return 0  # sliding-window / hybrid caches: not split
         m = int(batch.lengths.min())
         reach = batch.n_post  # positions counted from the end must stay out of the prefix
