@@ -15,10 +15,19 @@ control, an orthogonalised copy) it measures:
   distribution at the last prompt position (``kl_last``).
 
 Rates carry 95 % Wilson intervals, means 95 % percentile bootstrap intervals (seeded); every number comes
-with its N. Generation is batched greedy decoding with the KV cache, one forward pass per step; each step
-takes ``lock`` (the app's per-model lock) and registers the setting's hooks only while holding it, so
-concurrent users interleave step by step without seeing each other's interventions. Code replies stop once
-their ```python block is closed.
+with its N. Generation is batched greedy decoding with the KV cache (:mod:`steering.decoding`), one forward
+pass per step; each step takes ``lock`` (the app's per-model lock) and registers the setting's hooks only while
+holding it, so concurrent users interleave step by step without seeing each other's interventions. Code
+replies stop once their ```python block is closed. How it is made fast, each exact to float rounding:
+
+- every setting on the base model decodes in one batch, each on its own rows
+  (:class:`~workbench.interventions.OnRows`), and the three prompt sets in one loop (each prefilled on its
+  own, in batches chosen to minimise padding); the prompts' shared system-prompt prefix runs once per setting;
+- the reference solutions are teacher-forced in the code prompts' prefill (the answer NLL without a second
+  pass) and the harmless prompts' next-token distributions come from their prefill (the KL);
+- the unit tests start in their sandboxes as soon as a reply is final, while the rest decode;
+- while the lock is held, float32 linear layers run on oneDNN and attention on sdpa
+  (:mod:`workbench.kernels`; ``BatteryConfig(attention="eager", linear="default")`` for the plain kernels).
 
 >>> wilson_interval(8, 10)[0] < 0.8 < wilson_interval(8, 10)[1]
 True
@@ -55,8 +64,8 @@ Progress = Callable[[float, str], None]
 
 @dataclass(frozen=True)
 class BatteryConfig:
-    """The battery's size. The defaults are sized to score three settings on the default model in about a
-    minute on a 2-core CPU (see the README of the app)."""
+    """The battery's size and kernels. With the defaults the app's default request (three settings) scores on
+    the default model in about 40 s on this project's 2-core CPU (``benchmarks/battery.py``; apps/README.md)."""
 
     n_harmful: int = 16
     n_tasks: int = 12
@@ -68,7 +77,7 @@ class BatteryConfig:
     seed: int = 0
     #: the kernels of the battery's forward passes (:mod:`workbench.kernels`; switched only while the model's
     #: lock is held): attention "sdpa" (default) or "eager" (the model's loading default, what the other scorers
-    #: use); float32 linear layers on "onednn" (default; 2.3-2.6x faster than MKL on this project's CPUs) or
+    #: use); float32 linear layers on "onednn" (default; ~2x faster than MKL on this project's CPUs) or
     #: "default". The numbers agree to float rounding either way.
     attention: str = "sdpa"
     linear: str = "onednn"

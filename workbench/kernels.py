@@ -5,7 +5,9 @@ Two switches, both exact to float rounding (a different summation order, ~1e-6 r
 - **linear = "onednn"**: every float32 ``torch.nn.functional.linear`` on the CPU without autograd runs through
   oneDNN (``torch.ops.mkldnn._linear_pointwise``) instead of the BLAS PyTorch links (MKL). On this project's
   AMD EPYC machines MKL's sgemm reaches a fraction of the cores' AVX-512 throughput; oneDNN runs the same
-  float32 matmul 2.3-2.6x faster at every batch size (``benchmarks/results/kernels.json``). It is a
+  float32 matmuls of the default model 1.8-3.2x faster at every batch size, a whole decoding step 2.2x and a
+  prefill 1.9-2.0x, with the same greedy tokens (``benchmarks/kernels.py``, ``benchmarks/results/kernels.json``).
+  It is a
   :class:`torch.overrides.TorchFunctionMode`, so it applies to the current thread only, to no tensor that
   needs gradients, and to nothing outside the block.
 - **attention = "sdpa"**: the model's attention implementation, switched on entry and restored on exit.

@@ -41,7 +41,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-pass-rate", action="store_true", help="keep the pass rate already in screenshot.json")
-    ap.add_argument("--dtype", default="auto", help="as `workbench app --dtype` (default auto, its default)")
+    ap.add_argument("--dtype", default="float32", help="as `workbench app --dtype` (default float32, its default)")
     ap.add_argument("--runs", default=str(REPO / "runs"))
     a = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
