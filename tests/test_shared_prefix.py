@@ -31,6 +31,18 @@ def _real(x: torch.Tensor, pads: torch.Tensor) -> list[torch.Tensor]:
     return [x[i, int(p):] for i, p in enumerate(pads)]
 
 
+def _same_run(shared, full, batch, sites, ivs):
+    """Both backends' run of ``batch``: the logits and captures of every row's real tokens agree."""
+    a = shared.run(batch, capture=sites, interventions=ivs)
+    b = full.run(batch, capture=sites, interventions=ivs)
+    for x, y in zip(_real(a.logits, batch.pads), _real(b.logits, batch.pads)):
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
+    for s in sites:
+        for x, y in zip(_real(a.acts[s], batch.pads), _real(b.acts[s], batch.pads)):
+            torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
+    return a, b
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_run_equals_full_forward(arch):
     lm, shared, full = _pair(arch)
@@ -47,13 +59,7 @@ def test_run_equals_full_forward(arch):
              [Addition(Site(1, "resid_pre"), v, 1.0, apply_to=[0, 2, n + 1, -1, -2])]]
     for ivs in cases:
         assert shared.shared_prefix(batch, ivs) >= MIN_SHARED
-        a = shared.run(batch, capture=sites, interventions=ivs)
-        b = full.run(batch, capture=sites, interventions=ivs)
-        for x, y in zip(_real(a.logits, batch.pads), _real(b.logits, batch.pads)):
-            torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
-        for s in sites:
-            for x, y in zip(_real(a.acts[s], batch.pads), _real(b.acts[s], batch.pads)):
-                torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
+        a, b = _same_run(shared, full, batch, sites, ivs)
         last_a = shared.run(batch, interventions=ivs, logits="last").logits
         torch.testing.assert_close(last_a, b.logits[:, -1:], atol=2e-5, rtol=1e-5)
         # the last K positions only: inside the suffix, reaching into the shared prefix, wider than the batch
@@ -139,13 +145,7 @@ def test_settings_on_their_own_rows_share_the_prefix_once_per_setting(arch):
     batch = encode(lm.tokenizer, prompts, FMT)
     assert shared.shared_prefix(batch, ivs) >= MIN_SHARED
     sites = [Site(0, "resid_post"), Site(2, "mlp_out")]
-    a = shared.run(batch, capture=sites, interventions=ivs)
-    b = full.run(batch, capture=sites, interventions=ivs)
-    for x, y in zip(_real(a.logits, batch.pads), _real(b.logits, batch.pads)):
-        torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
-    for s in sites:
-        for x, y in zip(_real(a.acts[s], batch.pads), _real(b.acts[s], batch.pads)):
-            torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
+    a, _ = _same_run(shared, full, batch, sites, ivs)
     assert not torch.allclose(a.logits[k, -1], a.logits[0, -1])  # the settings differ
     # an intervention that is not position-wise inside OnRows keeps the whole batch in one pass
     fn = FunctionIntervention(Site(0, "resid_pre"), lambda x: x - x.mean(1, keepdim=True))
