@@ -63,7 +63,7 @@ def prefix_groups(interventions: Sequence[Intervention], rows: torch.Tensor) -> 
     >>> reps.tolist(), group.tolist()
     ([0, 2], [0, 1, 0, 1])
     """
-    on_rows = [iv.rows.tolist() for iv in interventions if isinstance(iv, OnRows)]
+    on_rows = [set(iv.rows.tolist()) for iv in interventions if isinstance(iv, OnRows)]
     sigs = [tuple(k for k, r in enumerate(on_rows) if int(row) in r) for row in rows.tolist()]
     first: dict[tuple[int, ...], int] = {}
     reps: list[int] = []
@@ -135,7 +135,7 @@ class NativeBackend(Backend):
 
     def prefill_shared(self, batch: Batch, interventions: Sequence[Intervention], rows: torch.Tensor | None = None
                        ) -> tuple[int, Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For a decoding loop of its own (``steering.battery.greedy_decode``): ``(n, cache, ids, mask, pos)``
+        """For a decoding loop of its own (``steering.decoding.greedy_decode``): ``(n, cache, ids, mask, pos)``
         with the shared prefix's ``n`` tokens already in ``cache`` and the inputs of the rest (run them with
         ``HookContext(offset=n, shared=n)``); ``n == 0`` (cache None, the batch's own inputs) when no prefix
         may be split off."""
