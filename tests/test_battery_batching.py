@@ -260,3 +260,45 @@ def test_battery_numbers_equal_the_independent_scorers_joint_or_not():
     assert [r["reply"] for r in runs[True].items if "reply" in r] == \
         [r["reply"] for r in runs[False].items if "reply" in r]
     assert runs[True].summary[0]["kl"] == 0 and runs[True].summary[1]["kl"] > 0
+
+
+def test_another_thread_never_sees_the_battery_kernels():
+    """While a battery runs with the fast kernels in one thread, forwards of the same model in another thread
+    (an app user generating; both take the model's lock) run with the model's own eager attention and no
+    oneDNN routing, and give the same logits as when no battery runs."""
+    import threading
+
+    from steering.battery import BatteryConfig, BatterySetting, run_battery
+
+    be = _backend("qwen2")
+    model = be.lm.model
+    lock = threading.Lock()
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    seen: list[tuple[str, bool]] = []
+    got: list[torch.Tensor] = []
+    done = threading.Event()
+
+    def other_user() -> None:
+        while not done.is_set() or not got:
+            with lock, torch.no_grad():
+                seen.append((model.config._attn_implementation, torch._C._is_torch_function_mode_enabled()))
+                got.append(model(input_ids=ids).logits)
+            done.wait(0.02)  # a user's pace, not a busy loop
+
+    t = threading.Thread(target=other_user)
+    t.start()
+    try:
+        d = model.config.hidden_size
+        res = run_battery(be, FMT, [BatterySetting("unmodified"),
+                                    BatterySetting("abl", [Ablation(Site(1, "resid_pre"), _vec(d, 7))])],
+                          BatteryConfig(n_harmful=3, n_tasks=2, n_harmless=3, harm_tokens=6, code_tokens=12, n_boot=50),
+                          lock=lock)
+    finally:
+        done.set()
+        t.join()
+    assert res.summary[0]["linear"] == "onednn" and res.summary[0]["attention"] == "sdpa"
+    assert len(seen) > 3 and set(seen) == {("eager", False)}
+    for x in got:
+        assert torch.equal(x, want)
