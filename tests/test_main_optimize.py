@@ -1,7 +1,8 @@
 """The main job's optimised-ablation fast path (``workbench main --optimize-trials N``) on a tiny model: the
 stage runs, writes a ``steer optimize``-like folder the app can read, is timed in ``stage_times.json``, and its
 kernel is evaluated beside the selected direction on the same prompts; off by default, where the outputs are
-those of the main job without the stage."""
+those of the main job without the stage. And the job's float32 linear kernels (``--linear``): oneDNN by default,
+with the replies and numbers of PyTorch's default BLAS."""
 
 from __future__ import annotations
 
@@ -158,3 +159,23 @@ def test_stage_helpers_and_option():
 
     with pytest.raises(WorkbenchError, match="at least 2 layers"):
         steering.optimize_stage.index_fractions(1)
+
+
+def test_main_job_linear_kernels_give_the_default_blas_results(tiny_main, tmp_path):
+    fast = _main(tmp_path / "fast")
+    plain = _main(tmp_path / "plain", "--linear", "default")
+    from workbench.kernels import onednn_linear_available
+
+    assert json.loads((fast / "stage_times.json").read_text())["linear"] == "onednn"
+    assert onednn_linear_available()
+    assert json.loads((plain / "stage_times.json").read_text())["linear"] == "default"
+    a, b = _csv(fast / "steering" / "per_prompt.csv"), _csv(plain / "steering" / "per_prompt.csv")
+    assert len(a) == len(b) > 0
+    assert [r["completion"] for r in a] == [r["completion"] for r in b]
+    for x, y in zip(a, b):
+        for k in ("refusal_logit", "kl_last"):
+            if x[k] and y[k]:
+                assert float(x[k]) == pytest.approx(float(y[k]), rel=1e-4, abs=1e-5), k
+    ea, eb = json.loads((fast / "steering" / "acceptance.json").read_text()), \
+        json.loads((plain / "steering" / "acceptance.json").read_text())
+    assert ea["selected_layer"] == eb["selected_layer"] and ea["selected_position"] == eb["selected_position"]

@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/main", help="run folder (an existing one is kept as OUT.previous)")
     p.add_argument("--quick", action="store_true", help="fewer prompts (smoke test)")
     p.add_argument("--skip", default="", help="comma list of stage names to skip")
+    p.add_argument("--linear", choices=["onednn", "default"], default="onednn",
+                   help="float32 linear layers on oneDNN (default; about 2x faster than PyTorch's BLAS on the CPUs "
+                        "measured, same replies, numbers to float rounding: benchmarks/kernels.py) or the default BLAS")
     for m in _plugins():  # a plugin's own options of the main job (e.g. steering's --optimize-trials)
         add = getattr(m, "add_main_args", None)
         if add is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -20,6 +21,7 @@ from workbench.capture import Activations, capture
 from workbench.chat import ChatFormat
 from workbench.prompts import builtin_split
 from workbench.errors import WorkbenchError
+from workbench.kernels import OneDNNLinear
 from workbench.runs import RunFolder, check_out, is_run_folder, seed_everything
 
 
@@ -125,27 +127,34 @@ def run_main(args: argparse.Namespace, stages: list[tuple[int, str, Callable[[Ma
     print(f"[workbench] main job on {lm.model_id} ({lm.dtype}) -> {run.final} (staged in {run.path})")
     times: list[dict[str, Any]] = [{"stage": "load_model", "seconds": round(t_load, 2), "status": "ran"}]
 
+    # float32 linear layers on oneDNN for the whole job (workbench/kernels.py: ~2x on CPUs where PyTorch's BLAS is
+    # slow; same replies, numbers to float rounding); --linear default keeps PyTorch's BLAS
+    mode = OneDNNLinear() if getattr(args, "linear", "onednn") == "onednn" else None
+
     def timed(name: str, fn: Callable[[MainContext], Any]) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         fn(ctx)
         times.append({"stage": name, "seconds": round(time.perf_counter() - t0, 2),
                       "cpu_seconds": round(time.process_time() - c0, 2), "status": "ran"})
         run.write_json("stage_times.json", {"stages": times, "dtype": str(lm.dtype).replace("torch.", ""),
+                                            "linear": "onednn" if mode is not None and mode.routed else "default",
                                             "torch_threads": torch.get_num_threads(),
                                             "total_seconds": round(sum(t["seconds"] for t in times), 2)})
 
-    timed("core", core_stage)
-    for _, name, fn in stages:
-        short = name.split(".")[0]
-        if not getattr(fn, "enabled", lambda a: True)(args):  # an optional stage left off: not run, not listed
-            continue
-        if short in skip:
-            print(f"[workbench] skipping stage {short}")
-            times.append({"stage": short, "seconds": 0.0, "status": "skipped"})
-            continue
-        print(f"\n[workbench] stage: {short}")
-        timed(short, fn)
+    with mode if mode is not None else nullcontext():
+        timed("core", core_stage)
+        for _, name, fn in stages:
+            short = name.split(".")[0]
+            if not getattr(fn, "enabled", lambda a: True)(args):  # an optional stage left off: not run, not listed
+                continue
+            if short in skip:
+                print(f"[workbench] skipping stage {short}")
+                times.append({"stage": short, "seconds": 0.0, "status": "skipped"})
+                continue
+            print(f"\n[workbench] stage: {short}")
+            timed(short, fn)
     print("\n[workbench] stage times: " + ", ".join(f"{t['stage']} {t['seconds']:.0f} s" for t in times))
     final = run.commit()
     print(f"\n[workbench] results in {final}")
     return 0
+
