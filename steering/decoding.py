@@ -43,26 +43,21 @@ def teacher_forcing_exact(backend: Backend, interventions: Sequence[Intervention
     that can be cut back (no sliding window)."""
     if not plain_cache(backend.lm.model):
         return False
-    return all(getattr(iv, "inner", iv).apply_to == "all" and iv.apply_to == "all" for iv in interventions)
+    return all(iv.apply_to == "all" for iv in interventions)  # OnRows carries its inner intervention's rule
 
 
 @dataclass
 class _Rows:
-    """Rows being decoded: their KV cache, mask and next inputs, and the hook context of a decoding step."""
+    """Rows being decoded: their KV cache, mask and next inputs. (A decoding step's positions all lie past every
+    prompt, so its hook context needs no left pads: every position rule reads them as real, generated ones.)"""
 
     rows: list[int]  # the caller's prompt index of each row
     cache: Any
     mask: torch.Tensor
     pos: torch.Tensor  # [B, 1] the position of each row's next input
     nxt: list[int]  # each row's next input token
-    pads: torch.Tensor  # [B] left pads (only the decoding steps' positions, all past the prompt, are hooked)
     width: int  # the cache's length
     ids: dict[int, list[int]] = field(default_factory=dict)
-
-
-def _step_ctx(r: _Rows, n_post: int) -> HookContext:
-    return HookContext(pads=r.pads.clone(), prompt_width=r.width, n_post=n_post, offset=r.width,
-                       rows=torch.tensor(r.rows, dtype=torch.long))
 
 
 def greedy_decode(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | None, *,
@@ -128,20 +123,23 @@ def greedy_decode(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | No
                 if lm.max_positions and int(full.lengths[i]) + len(a) > lm.max_positions:
                     raise WorkbenchError(f"prompt {i} and its answer take {int(full.lengths[i]) + len(a)} tokens, "
                                          f"more than the model's context of {lm.max_positions}")
-    out: dict[int, list[int]] = {}
+    out: dict[int, str] = {}
     first: list[torch.Tensor | None] = [None] * k
     nlls: list[tuple[float, int]] = [(0.0, 0)] * k
     eos = set(backend.eos_ids())
     ivs = list(interventions)
 
     def finish(rows: list[int], ids: dict[int, list[int]]) -> None:
-        for i in rows:
-            out[i] = ids[i]
-            if on_row is not None:
-                with lock:
-                    text = tok.decode(ids[i], skip_special_tokens=True)
+        """Rows whose replies are final: decoded once, reported."""
+        if not rows:
+            return
+        with lock:
+            done = {i: tok.decode(ids[i], skip_special_tokens=True) for i in rows}
+        out.update(done)
+        if on_row is not None:
+            for i, text in done.items():
                 on_row(i, text)
-        if on_batch is not None and rows:
+        if on_batch is not None:
             on_batch(len(rows))
 
     def choose(r: _Rows, new: list[int]) -> list[int]:
@@ -157,14 +155,23 @@ def greedy_decode(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | No
                 ended.append(j)
         return ended
 
-    def drop(r: _Rows, ended: list[int], new: list[int]) -> None:
-        gone = set(ended)
-        kept = [j for j in range(len(r.rows)) if j not in gone]
-        sel = torch.tensor(kept, dtype=torch.long, device=r.mask.device)
-        r.cache.batch_select_indices(sel)
-        r.mask, r.pos, r.pads = r.mask[sel], r.pos[sel], r.pads[sel.cpu()]
-        r.rows = [r.rows[j] for j in kept]
-        r.nxt = [new[j] for j in kept]
+    def advance(r: _Rows, new: list[int]) -> bool:
+        """Take each row's new token; ended rows leave the batch and its cache. False once none is left."""
+        ended = choose(r, new)
+        finish([r.rows[j] for j in ended], r.ids)
+        if len(ended) == len(r.rows):
+            r.rows = []
+            return False
+        if ended:
+            gone = set(ended)
+            kept = [j for j in range(len(r.rows)) if j not in gone]
+            sel = torch.tensor(kept, dtype=torch.long, device=r.mask.device)
+            r.cache.batch_select_indices(sel)
+            r.mask, r.pos = r.mask[sel], r.pos[sel]
+            r.rows = [r.rows[j] for j in kept]
+            new = [new[j] for j in kept]
+        r.nxt = new
+        return True
 
     def prefill(idx: list[int]) -> _Rows | None:
         """The prompts ``idx`` (and their answers) in one forward: their first tokens chosen; None if all ended."""
@@ -208,24 +215,15 @@ def greedy_decode(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | No
                 for r, i in enumerate(idx):
                     first[i] = lps[r]
             new = last.argmax(-1).tolist()
-        st = _Rows(list(idx), cache, mask, pos[:, -1:], [], batch.pads.clone().cpu(), width,
-                   {i: [] for i in idx})
-        ended = choose(st, new)
-        finish([idx[j] for j in ended], st.ids)
-        if len(ended) == len(idx):
-            return None
-        if ended:
-            drop(st, ended, new)
-        else:
-            st.nxt = new
-        return st
+        st = _Rows(list(idx), cache, mask, pos[:, -1:], [], width, {i: [] for i in idx})
+        return st if advance(st, new) else None
 
     def loop(r: _Rows) -> None:
         """Decode ``r`` until every row has ended."""
-        ctx = _step_ctx(r, full.n_post)
+        ctx = HookContext(pads=torch.zeros(len(r.rows), dtype=torch.long), prompt_width=r.width, n_post=full.n_post)
         fns = backend.site_functions((), ivs, ctx, None)
         while r.rows:
-            ctx.pads, ctx.rows = r.pads, torch.tensor(r.rows, dtype=torch.long)
+            ctx.pads, ctx.rows = torch.zeros(len(r.rows), dtype=torch.long), torch.tensor(r.rows, dtype=torch.long)
             r.mask = torch.cat([r.mask, torch.ones((r.mask.shape[0], 1), dtype=r.mask.dtype, device=r.mask.device)],
                                dim=1)
             r.pos = r.pos + 1
@@ -236,14 +234,7 @@ def greedy_decode(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | No
                                   logits_to_keep=1, **{cache_kwarg(lm.model): r.cache}).logits[:, -1]
                 new = logits.argmax(-1).tolist()
             r.width += 1
-            ended = choose(r, new)
-            finish([r.rows[j] for j in ended], r.ids)
-            if len(ended) == len(r.rows):
-                return
-            if ended:
-                drop(r, ended, new)
-            else:
-                r.nxt = new
+            advance(r, new)
 
     def batches(idx: list[int]) -> list[list[int]]:
         order = sorted(idx, key=lambda i: int(full.lengths[i]))
@@ -265,8 +256,7 @@ def greedy_decode(backend: Backend, prompts: Sequence[str], fmt: ChatFormat | No
         else:
             for st in states:
                 loop(st)
-    with lock:
-        texts = [tok.decode(out[i], skip_special_tokens=True) for i in range(k)]
+    texts = [out[i] for i in range(k)]
     if first_step is not None:
         first_step.append(torch.stack(first))  # type: ignore[arg-type]
     if answer_nll is not None and answer_ids is not None:
@@ -324,5 +314,4 @@ def _join(states: list[_Rows]) -> _Rows:
     for s in states:
         ids.update(s.ids)
     return _Rows([i for s in states for i in s.rows], cache, mask, torch.cat([s.pos for s in states]),
-                 [t for s in states for t in s.nxt], torch.cat([s.pads + (width - s.width) for s in states]), width,
-                 ids)
+                 [t for s in states for t in s.nxt], width, ids)

@@ -278,14 +278,23 @@ def test_another_thread_never_sees_the_battery_kernels():
         want = model(input_ids=ids).logits
     seen: list[tuple[str, bool]] = []
     got: list[torch.Tensor] = []
-    done = threading.Event()
+    turn, served, done = threading.Event(), threading.Event(), threading.Event()
 
-    def other_user() -> None:
-        while not done.is_set() or not got:
+    def other_user() -> None:  # one forward each time the battery reports progress (between its steps)
+        while True:
+            turn.wait()
+            turn.clear()
+            if done.is_set():
+                return
             with lock, torch.no_grad():
                 seen.append((model.config._attn_implementation, torch._C._is_torch_function_mode_enabled()))
                 got.append(model(input_ids=ids).logits)
-            done.wait(0.02)  # a user's pace, not a busy loop
+            served.set()
+
+    def progress(fraction: float, message: str) -> None:  # the battery's thread waits for the other user's forward
+        served.clear()
+        turn.set()
+        assert served.wait(30)
 
     t = threading.Thread(target=other_user)
     t.start()
@@ -294,9 +303,10 @@ def test_another_thread_never_sees_the_battery_kernels():
         res = run_battery(be, FMT, [BatterySetting("unmodified"),
                                     BatterySetting("abl", [Ablation(Site(1, "resid_pre"), _vec(d, 7))])],
                           BatteryConfig(n_harmful=3, n_tasks=2, n_harmless=3, harm_tokens=6, code_tokens=12, n_boot=50),
-                          lock=lock)
+                          lock=lock, progress=progress)
     finally:
         done.set()
+        turn.set()
         t.join()
     assert res.summary[0]["linear"] == "onednn" and res.summary[0]["attention"] == "sdpa"
     assert len(seen) > 3 and set(seen) == {("eager", False)}

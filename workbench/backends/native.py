@@ -292,11 +292,9 @@ class NativeBackend(Backend):
         repetition penalty) are appended to it: what a forward over the prompts alone gives."""
         model = self.lm.model
         batch = batch.to(self.lm.device)
-        n = self.shared_prefix(batch, interventions)
+        n, cache, ids, mask, _ = self.prefill_shared(batch, interventions)
         gen_in: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         if n:  # the shared prefix once; generate continues from its repeated cache
-            cache, _, _, _ = self._prefix_pass(batch, n, interventions, (), False)
-            ids, mask, _ = self._suffix(batch, n, self.pad_id())
             prefix = batch.input_ids[:1, int(batch.pads[0]):int(batch.pads[0]) + n].expand(batch.size, n)
             gen_in = {"input_ids": torch.cat([prefix, ids], dim=1), "attention_mask": mask, cache_kwarg(self.lm.model): cache}
             ctx = HookContext(pads=batch.pads.clone(), prompt_width=batch.width, n_post=batch.n_post, offset=n,
